@@ -1,0 +1,1 @@
+"""Prefect flows: compositions of tasks, no logic of their own."""

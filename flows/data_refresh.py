@@ -1,0 +1,22 @@
+"""The data half of the nightly loop: collect -> clean -> validate -> preprocess -> commit."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.data import DATA_STAGES, collect_task, commit_task, stage_task
+
+
+@flow(name="data-refresh")
+def data_refresh(workspace: str, night: int | None = None) -> dict:
+    """Collect what is new and bring the DVC data stages up to date.
+
+    Returns:
+        ``collect`` (what arrived), ``stages`` (which ran), ``commit`` (the workspace commit
+        recording the new data version, or None when nothing changed).
+    """
+    collected = collect_task(workspace, night)
+    ran = {stage: stage_task(workspace, stage) for stage in DATA_STAGES}
+    message = f"data: batch {collected['batch_id']}" if collected["batch_id"] else "data: stages refreshed"
+    commit = commit_task(workspace, message)
+    return {"collect": collected, "stages": ran, "commit": commit}

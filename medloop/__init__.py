@@ -1,0 +1,1 @@
+"""medloop: the command line of the continuous-training loop."""

@@ -1,0 +1,298 @@
+"""Clean (DVC stage): from everything collected to the items fit for the quality gate.
+
+Reads the whole of ``data/raw`` (all batches) and writes:
+
+- ``data/clean/records.parquet``: one row per usable item, labels normalised to
+  ``model.classes``; for images the decoded metadata (size, channels, intensity statistics) and
+  a lossless PNG in the configured channels under ``data/clean/images/``; for tables the typed
+  features.
+- ``data/clean/intake.parquet``: every collected item, accepted or not, with the reason.
+- ``reports/quarantine.csv``: every item that was not accepted, with its source and the reason
+  (unreadable, unknown label, duplicate, wrong type, ...). Nothing is dropped without a row here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines import manifest
+from pipelines.config import DEFAULT_PARAMS_FILE, ImageCleanSpec, Params, load_params
+from pipelines.errors import MedloopError
+from pipelines.workspace import Layout
+
+log = logging.getLogger("medloop.clean")
+
+QUARANTINE_COLUMNS = ["item", "source", "reason", "batch_id", "record_id"]
+RECORD_BASE_COLUMNS = [
+    "record_id", "content_hash", "batch_id", "arrival_time", "source", "source_ref",
+    "patient_id", "study_year", "label", "label_provenance",
+]
+IMAGE_COLUMNS = [
+    "image_path", "width", "height", "channels", "mean_intensity", "std_intensity",
+    "min_intensity", "max_intensity", "conversion",
+]
+PARALLEL_FROM = 200  # below this many images a process pool costs more than it saves
+
+
+@dataclass(frozen=True)
+class CleanResult:
+    accepted: int
+    quarantined: int
+    records: str
+    quarantine: str
+
+
+def run(params: Params, layout: Layout) -> CleanResult:
+    """Clean every collected item; see the module docstring for the outputs."""
+    raw = manifest.read(layout)
+    if raw.empty:
+        raise MedloopError(f"{layout.raw}: nothing collected yet; run `medloop collect` first")
+    if layout.clean.exists():
+        shutil.rmtree(layout.clean)
+    layout.clean.mkdir(parents=True)
+    layout.reports.mkdir(parents=True, exist_ok=True)
+
+    verdicts = Verdicts(raw)
+    verdicts.quarantine_unstored()
+    verdicts.normalise_labels(params.model.classes, params.clean.label_aliases)
+    if params.model.modality == "image":
+        records = _clean_images(params.clean.image, layout, verdicts)
+    else:
+        records = _clean_rows(params, layout, verdicts)
+    records.to_parquet(layout.clean_records, index=False)
+    verdicts.intake().to_parquet(layout.clean_intake, index=False)
+    quarantine = verdicts.quarantine()
+    quarantine.to_csv(layout.quarantine_csv, index=False)
+    log.info("clean: %d accepted, %d quarantined (%s)", len(records), len(quarantine), layout.quarantine_csv)
+    return CleanResult(len(records), len(quarantine), str(layout.clean_records), str(layout.quarantine_csv))
+
+
+class Verdicts:
+    """The manifest plus one verdict per item: accepted, or quarantined with a reason."""
+
+    def __init__(self, raw: pd.DataFrame):
+        self.raw = raw.reset_index(drop=True)
+        self.reason = pd.Series("", index=self.raw.index, dtype="object")
+        self.label = pd.Series(pd.NA, index=self.raw.index, dtype="string")
+
+    @property
+    def accepted(self) -> pd.Series:
+        return self.reason == ""
+
+    def reject(self, index, reason: str) -> None:
+        """Quarantine one item (or several), keeping the first reason found."""
+        index = pd.Index(np.atleast_1d(index))
+        still_open = index[self.reason.loc[index] == ""]
+        self.reason.loc[still_open] = reason
+
+    def quarantine_unstored(self) -> None:
+        unstored = self.raw["status"] != "stored"
+        self.reason.loc[unstored] = self.raw.loc[unstored, "reason"].fillna("not stored").astype(str)
+
+    def normalise_labels(self, classes: list[str], aliases: dict[str, str]) -> None:
+        lookup = {name.lower(): name for name in classes}
+        lookup.update({raw.lower(): target for raw, target in aliases.items()})
+        raw_labels = self.raw["label"].astype("string")
+        self.label = raw_labels.str.strip().str.lower().map(lookup).astype("string")
+        expected = ", ".join(classes)
+        for index in self.raw.index[self.label.isna() & self.accepted]:
+            given = raw_labels.loc[index]
+            if given is pd.NA or not str(given).strip():
+                self.reject(index, f"no label (expected one of {expected})")
+            else:
+                self.reject(index, f"unknown label {str(given)[:40]!r} (expected one of {expected}; "
+                                   f"map it with clean.label_aliases)")
+
+    def intake(self) -> pd.DataFrame:
+        raw = self.raw
+        return pd.DataFrame({
+            "record_id": raw["record_id"].fillna(raw["source_ref"]).astype("string"),
+            "batch_id": raw["batch_id"].astype("string"),
+            "accepted": self.accepted.astype(bool),
+            "reason": self.reason.astype("string"),
+        })
+
+    def quarantine(self) -> pd.DataFrame:
+        rejected = ~self.accepted
+        raw = self.raw[rejected]
+        return pd.DataFrame({
+            "item": raw["source_ref"].astype("string"),
+            "source": raw["source"].astype("string"),
+            "reason": self.reason[rejected].astype("string"),
+            "batch_id": raw["batch_id"].astype("string"),
+            "record_id": raw["record_id"].astype("string"),
+        }, columns=QUARANTINE_COLUMNS)
+
+    def records(self, extra: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Accepted items with the base columns (and the given per-item columns)."""
+        keep = self.accepted
+        frame = self.raw.loc[keep, [c for c in RECORD_BASE_COLUMNS if c != "label"]].copy()
+        frame.insert(RECORD_BASE_COLUMNS.index("label"), "label", self.label[keep])
+        for column in manifest.SUBGROUP_COLUMNS:
+            frame[column] = self.raw.loc[keep, column]
+        if extra is not None:
+            frame = frame.join(extra.loc[keep[keep].index.intersection(extra.index)])
+        return frame.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+
+
+def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> pd.DataFrame:
+    images_dir = layout.clean / "images"
+    images_dir.mkdir()
+    todo = verdicts.raw.index[verdicts.accepted]
+    jobs = [
+        (str(layout.raw / verdicts.raw.at[i, "record_id"]), str(images_dir), verdicts.raw.at[i, "content_hash"],
+         spec.channels, spec.min_side, spec.max_pixels)
+        for i in todo
+    ]
+    if len(jobs) >= PARALLEL_FROM and (os.cpu_count() or 1) > 1:
+        with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+            outcomes = list(pool.map(_clean_one_image, jobs, chunksize=32))
+    else:
+        outcomes = [_clean_one_image(job) for job in jobs]
+
+    metadata: dict[int, dict] = {}
+    first_with_pixels: dict[str, str] = {}
+    kept_paths: set[str] = set()
+    for index, outcome in zip(todo, outcomes):
+        if "problem" in outcome:
+            verdicts.reject(index, outcome["problem"])
+            continue
+        pixel_hash = outcome.pop("pixel_hash")
+        if pixel_hash in first_with_pixels:
+            verdicts.reject(index, f"duplicate image: same pixels as {first_with_pixels[pixel_hash]}")
+            if outcome["image_path"] not in kept_paths:
+                Path(layout.clean / outcome["image_path"]).unlink(missing_ok=True)
+            continue
+        first_with_pixels[pixel_hash] = verdicts.raw.at[index, "source_ref"]
+        kept_paths.add(outcome["image_path"])
+        metadata[index] = outcome
+    extra = pd.DataFrame.from_dict(metadata, orient="index", columns=IMAGE_COLUMNS)
+    records = verdicts.records(extra)
+    for column in ("width", "height", "channels"):
+        records[column] = records[column].astype("int64")
+    return records
+
+
+def _clean_one_image(job: tuple) -> dict:
+    """Decode, check and convert one stored image (runs in a worker process)."""
+    from pipelines.images import ImageProblem, decode_image, encode_png, intensity_stats
+
+    path, images_dir, digest, channels, min_side, max_pixels = job
+    try:
+        data = Path(path).read_bytes()
+        image = decode_image(data, channels=channels, min_side=min_side, max_pixels=max_pixels)
+    except ImageProblem as exc:
+        return {"problem": str(exc)}
+    except OSError as exc:
+        return {"problem": f"stored file unreadable: {exc.strerror or exc}"}
+    pixels = image.pixels
+    name = f"images/{digest}.png"
+    Path(images_dir, f"{digest}.png").write_bytes(encode_png(pixels))
+    shape = "x".join(str(d) for d in pixels.shape).encode()
+    return {
+        "pixel_hash": hashlib.sha256(shape + pixels.tobytes()).hexdigest(),
+        "image_path": name,
+        "width": int(pixels.shape[1]),
+        "height": int(pixels.shape[0]),
+        "channels": int(pixels.shape[2]),
+        **intensity_stats(pixels),
+        "conversion": image.conversion,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------------------------
+
+
+def _clean_rows(params: Params, layout: Layout, verdicts: Verdicts) -> pd.DataFrame:
+    schema = params.tabular
+    rows = _stored_rows(layout, verdicts.raw)
+    features = pd.DataFrame(index=verdicts.raw.index)
+    for name, spec in schema.features.items():
+        given = rows[name]
+        values = pd.to_numeric(given, errors="coerce").astype("float64")
+        not_number = given.notna() & values.isna()
+        for index in not_number[not_number].index:
+            verdicts.reject(index, f"field {name!r} is not a number ({_describe_value(given.loc[index])})")
+        infinite = np.isinf(values)
+        for index in infinite[infinite].index:
+            verdicts.reject(index, f"field {name!r} is infinite ({given.loc[index]})")
+        if spec.dtype == "int":
+            fractional = values.notna() & ~infinite & (values != np.floor(values))
+            for index in fractional[fractional].index:
+                verdicts.reject(index, f"field {name!r} must be a whole number (got {values.loc[index]})")
+        features[name] = values.where(~infinite)
+    for name in schema.subgroups:
+        if name not in manifest.SUBGROUP_COLUMNS:
+            features[name] = rows[name].astype("string") if name in rows else pd.NA
+    # Same de-identified content as an earlier item: keep the first, quarantine the rest.
+    content = verdicts.raw["content_hash"]
+    first_ref = {}
+    for index in verdicts.raw.index[verdicts.accepted]:
+        digest = content.loc[index]
+        if digest in first_ref:
+            verdicts.reject(index, f"duplicate row: same values as {first_ref[digest]}")
+        else:
+            first_ref[digest] = verdicts.raw.at[index, "source_ref"]
+    return verdicts.records(features)
+
+
+def _stored_rows(layout: Layout, raw: pd.DataFrame) -> pd.DataFrame:
+    """The stored rows of every batch, aligned with the manifest's index (missing for unstored)."""
+    parts = []
+    stored = raw[raw["status"] == "stored"]
+    for batch_file, group in stored.groupby(stored["record_id"].str.split("#").str[0], sort=False):
+        table = pd.read_parquet(layout.raw / batch_file)
+        positions = group["record_id"].str.split("#").str[1].astype(int).to_numpy()
+        part = table.iloc[positions].copy()
+        part.index = group.index
+        parts.append(part)
+    if not parts:
+        return pd.DataFrame(index=raw.index)
+    return pd.concat(parts).reindex(raw.index)
+
+
+def _describe_value(value) -> str:
+    # Never echo free text into a report: it could be an identifier typed into the wrong column.
+    text = str(value)
+    if len(text) <= 12 and all(ch in "0123456789.,-+eE " for ch in text):
+        return f"got {text!r}"
+    return f"got text of {len(text)} characters"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.clean", description="Clean stage")
+    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE)
+    args = parser.parse_args(argv)
+    from pipelines.logs import setup_logging
+
+    layout = Layout.at(".")
+    setup_logging(layout)
+    try:
+        result = run(load_params(args.params), layout)
+    except MedloopError as exc:
+        print(f"clean failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"clean: {result.accepted} accepted, {result.quarantined} quarantined -> {result.quarantine}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

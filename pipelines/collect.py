@@ -1,0 +1,354 @@
+"""Collect: bring what is new from the configured source into ``data/raw/``, de-identified.
+
+Collect reads the outside world, so it is a task and not a DVC stage. It is incremental: an item
+whose keyed content hash is already in the manifest is not collected again, so running collect
+twice with nothing new changes nothing. New items are de-identified in memory, written into a
+staging folder with their batch manifest, and published by one rename, so a failure half-way
+leaves the previous data version exactly as it was. Then ``dvc add data/raw`` records the new
+version.
+
+Items that cannot be stored (unreadable, impossible to de-identify, vanished from the source,
+duplicated within the batch) are still recorded in the manifest as ``rejected`` or
+``duplicate`` with the reason; clean turns them into quarantine entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines import manifest
+from pipelines.config import DEFAULT_PARAMS_FILE, Params, load_params
+from pipelines.deid.keys import content_hash, keyed_hash, load_salt, pseudonym
+from pipelines.errors import DeidentificationError, MedloopError
+from pipelines.sources import open_source
+from pipelines.sources.base import ImageItem, ItemUnavailable, SourceState
+from pipelines.versioning import track
+from pipelines.workspace import Layout
+
+log = logging.getLogger("medloop.collect")
+
+STORED, REJECTED, DUPLICATE = "stored", "rejected", "duplicate"
+EXTENSIONS = {"dicom": "dcm", "jpeg": "jpg", "png": "png"}
+NIGHT_REF = re.compile(r"^night-(\d+)")
+
+
+@dataclass(frozen=True)
+class CollectResult:
+    """What one collect run did.
+
+    Attributes:
+        batch_id: the new batch, or None when nothing new arrived.
+        stored: items de-identified and stored.
+        rejected: items recorded but not stored (reason in the manifest).
+        duplicates: items repeated within this batch (recorded, not stored twice).
+        already_collected: items skipped because an earlier batch has them.
+        dvc_file: the ``.dvc`` file that tracks data/raw.
+    """
+
+    batch_id: str | None
+    stored: int
+    rejected: int
+    duplicates: int
+    already_collected: int
+    dvc_file: str | None
+
+    @property
+    def changed(self) -> bool:
+        return self.batch_id is not None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectResult:
+    """Collect new items from the source into a new batch under data/raw.
+
+    Args:
+        params: the workspace's params.
+        layout: the workspace.
+        night: for the built-in sources, release this night instead of the next one.
+
+    Returns:
+        What was collected; ``batch_id`` is None when nothing was new.
+    """
+    layout.require()
+    salt = load_salt(params.deid.salt_env)
+    known = manifest.read(layout)
+    source = open_source(params)
+    state = _source_state(known, source.name, night)
+    batch_id = manifest.new_batch_id()
+    arrival = datetime.now(timezone.utc)
+    staging = layout.tmp / batch_id
+    staging.mkdir(parents=True)
+    try:
+        seen = set(known["item_id"].dropna())
+        if params.model.modality == "image":
+            rows = _collect_images(source, state, salt, seen, staging, batch_id)
+        else:
+            rows = _collect_tables(params, source, state, salt, seen, staging, batch_id)
+        counts = _count(rows)
+        if not counts["new"]:
+            log.info("nothing new from %s (%d already collected)", source.name, counts["already"])
+            return CollectResult(None, 0, 0, 0, counts["already"], None)
+        frame = pd.DataFrame(rows["manifest"])
+        frame["batch_id"] = batch_id
+        frame["arrival_time"] = arrival
+        frame["source"] = source.name
+        manifest.write_batch(frame, staging)
+        layout.batches.mkdir(parents=True, exist_ok=True)
+        staging.rename(layout.batches / batch_id)  # publish: one atomic rename
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    dvc_file = track(layout, layout.raw)
+    result = CollectResult(
+        batch_id=batch_id,
+        stored=counts[STORED],
+        rejected=counts[REJECTED],
+        duplicates=counts[DUPLICATE],
+        already_collected=counts["already"],
+        dvc_file=dvc_file.relative_to(layout.root).as_posix(),
+    )
+    log.info(
+        "batch %s from %s: %d stored, %d rejected, %d duplicates, %d already collected",
+        batch_id, source.name, result.stored, result.rejected, result.duplicates, result.already_collected,
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+
+
+def _collect_images(source, state: SourceState, salt: bytes, seen: set[str], staging: Path, batch_id: str) -> dict:
+    from pipelines.deid.dicom import deidentify_dicom
+    from pipelines.deid.image_metadata import sniff_format, strip_jpeg_metadata, strip_png_metadata
+
+    rows: list[dict] = []
+    already = 0
+    stored_hashes: dict[str, str] = {}
+    batch_refs: dict[str, str] = {}  # item_id -> source_ref of its first copy in this batch
+    images = staging / "images"
+    images.mkdir()
+    for item in source.items(state):
+        base = {"source_ref": item.source_ref, "label": item.label, "label_provenance": "dataset"}
+        if item.problem:
+            # Known-bad without reading it; keyed on the reference so it is recorded once.
+            rows.append({**base, **_rejected(keyed_hash(salt, item.source_ref.encode(), "ref"), item.problem)})
+            continue
+        try:
+            data = item.read()
+        except ItemUnavailable as exc:
+            # Keyed on reference *and* batch: if the item comes back, it is collected then.
+            attempt = keyed_hash(salt, f"{item.source_ref}@{batch_id}".encode(), "ref")
+            rows.append({**base, **_rejected(attempt, str(exc))})
+            continue
+        item_id = keyed_hash(salt, data)
+        if item_id in batch_refs:
+            rows.append({**base, "item_id": item_id, "status": DUPLICATE,
+                         "reason": f"same file content as {batch_refs[item_id]} in this batch"})
+            continue
+        if item_id in seen:
+            already += 1
+            continue
+        batch_refs[item_id] = item.source_ref
+        file_format = sniff_format(data)
+        try:
+            if not data:
+                raise DeidentificationError("zero-byte file")
+            if file_format == "dicom":
+                deid = deidentify_dicom(data, salt)
+                stored, meta = deid.data, {
+                    "patient_id": deid.patient_id, "study_year": deid.study_year, "sex": deid.sex,
+                    "age_band": deid.age_band, "view": deid.view, "site": deid.site,
+                }
+            elif file_format == "jpeg":
+                stored, meta = strip_jpeg_metadata(data), {}
+            elif file_format == "png":
+                stored, meta = strip_png_metadata(data), {}
+            else:
+                raise DeidentificationError(f"not an image (unrecognised format, starts with {data[:4]!r})")
+        except DeidentificationError as exc:
+            rows.append({**base, **_rejected(item_id, str(exc)), "file_format": file_format})
+            continue
+        digest = content_hash(stored)
+        if digest in stored_hashes:
+            rows.append({**base, "item_id": item_id, "content_hash": digest, "status": DUPLICATE,
+                         "file_format": file_format,
+                         "reason": f"same de-identified content as {stored_hashes[digest]} in this batch"})
+            continue
+        name = f"{digest}.{EXTENSIONS[file_format]}"
+        (images / name).write_bytes(stored)
+        stored_hashes[digest] = item.source_ref
+        if not meta.get("patient_id"):
+            # No patient in the header: the file name's hint, else the image is its own patient.
+            hint = item.patient_hint or f"item:{item_id}"
+            meta["patient_id"] = pseudonym(salt, hint)
+        rows.append({
+            **base, **meta,
+            "record_id": f"batches/{batch_id}/images/{name}",
+            "item_id": item_id,
+            "content_hash": digest,
+            "file_format": file_format,
+            "status": STORED,
+            "reason": "",
+        })
+    return {"manifest": rows, "already": already}
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------------------------
+
+
+def _collect_tables(params: Params, source, state: SourceState, salt: bytes, seen: set[str],
+                    staging: Path, batch_id: str) -> dict:
+    from pipelines.deid.tabular import check_columns, deidentify_table
+
+    schema, deid = params.tabular, params.deid
+    manifest_rows: list[dict] = []
+    stored_frames: list[pd.DataFrame] = []
+    already = 0
+    next_row = 0
+    for chunk in source.chunks(state):
+        frame = chunk.frame
+        frame.columns = [str(c) for c in frame.columns]
+        check_columns(frame, schema, deid, chunk.origin)
+        item_ids = _row_hashes(frame, salt)
+        refs = [f"{chunk.origin}#row={chunk.first_row + i}" for i in range(len(frame))]
+        is_old = item_ids.isin(seen)
+        already += int(is_old.sum())
+        repeated = item_ids.duplicated(keep="first") & ~is_old
+        first_ref: dict[str, str] = {}
+        for item_id, ref, old in zip(item_ids, refs, is_old):
+            if not old and item_id not in first_ref:
+                first_ref[item_id] = ref
+        for index in repeated[repeated].index:
+            manifest_rows.append({
+                "source_ref": refs[index], "item_id": item_ids[index], "status": DUPLICATE,
+                "file_format": "row", "label": _as_label(frame[schema.label].iloc[index]),
+                "label_provenance": "dataset",
+                "reason": f"duplicate row: same values as {first_ref.get(item_ids[index], 'an earlier row')}",
+            })
+        fresh = ~is_old & ~repeated
+        if not fresh.any():
+            continue
+        seen.update(item_ids[fresh])
+        clean = deidentify_table(frame[fresh.to_numpy()], schema, deid, salt)
+        clean = _storable(clean)
+        # Without a pseudonymised patient column every row is its own patient.
+        missing = clean["patient_id"].isna().to_numpy()
+        if missing.any():
+            clean.loc[missing, "patient_id"] = [
+                pseudonym(salt, f"item:{item_id}") for item_id in item_ids[fresh][missing]
+            ]
+        count = len(clean)
+        row_numbers = range(next_row, next_row + count)
+        next_row += count
+        clean.insert(0, "item_id", item_ids[fresh].to_numpy())
+        clean.insert(1, "content_hash", _row_hashes(clean.drop(columns=["item_id"]), None).to_numpy())
+        stored_frames.append(clean)
+        subgroups = {name: clean[name] for name in ("sex", "age_band", "view", "site") if name in clean.columns}
+        batch_manifest = pd.DataFrame({
+            "record_id": [f"batches/{batch_id}/rows.parquet#{n}" for n in row_numbers],
+            "item_id": clean["item_id"],
+            "content_hash": clean["content_hash"],
+            "source_ref": pd.Series(refs)[fresh.to_numpy()].to_numpy(),
+            "file_format": "row",
+            "patient_id": clean["patient_id"],
+            "study_year": clean["study_year"],
+            "label": clean[schema.label].astype("string"),
+            "label_provenance": "dataset",
+            "status": STORED,
+            "reason": "",
+            **{name: values.astype("string") for name, values in subgroups.items()},
+        })
+        manifest_rows.extend(batch_manifest.to_dict("records"))
+    if stored_frames:
+        rows = pd.concat(stored_frames, ignore_index=True)
+        rows.to_parquet(staging / "rows.parquet", index=False)
+    return {"manifest": manifest_rows, "already": already}
+
+
+def _row_hashes(frame: pd.DataFrame, salt: bytes | None) -> pd.Series:
+    """One hash per row over its values (keyed when a salt is given); column order ignored."""
+    import hashlib
+
+    columns = sorted(frame.columns)
+    text = pd.Series("", index=frame.index, dtype="object")
+    for column in columns:
+        text = text + column + "=" + frame[column].astype("string").fillna("<NA>").astype(object) + "\x1f"
+    if salt is None:
+        return pd.Series([hashlib.sha256(t.encode()).hexdigest() for t in text], index=frame.index)
+    return pd.Series([keyed_hash(salt, t.encode()) for t in text], index=frame.index)
+
+
+def _storable(frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns of mixed types (a text in a number column) are stored as text: clean judges them."""
+    frame = frame.copy()
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            frame[column] = frame[column].astype("string")
+    return frame
+
+
+def _as_label(value) -> str | None:
+    return None if pd.isna(value) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _rejected(item_id: str, reason: str) -> dict:
+    return {"item_id": item_id, "status": REJECTED, "reason": reason}
+
+
+def _count(rows: dict) -> dict:
+    statuses = pd.Series([row["status"] for row in rows["manifest"]], dtype="object")
+    counts = {status: int((statuses == status).sum()) for status in (STORED, REJECTED, DUPLICATE)}
+    counts["new"] = len(rows["manifest"])
+    counts["already"] = rows["already"]
+    return counts
+
+
+def _source_state(known: pd.DataFrame, source_name: str, night: int | None) -> SourceState:
+    """How far a night-by-night source has got, read from the manifest itself."""
+    if night is not None:
+        return SourceState(nights_released=night - 1)
+    refs = known.loc[known["source"] == source_name, "source_ref"].dropna()
+    nights = refs.str.extract(NIGHT_REF, expand=False).dropna()
+    released = int(nights.astype(int).max()) if len(nights) else 0
+    return SourceState(nights_released=released)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.collect", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE)
+    parser.add_argument("--night", type=int, default=None)
+    args = parser.parse_args(argv)
+    from pipelines.logs import setup_logging
+
+    layout = Layout.at(".")
+    setup_logging(layout)
+    try:
+        result = run(load_params(args.params), layout, night=args.night)
+    except MedloopError as exc:
+        print(f"collect failed: {exc}", file=sys.stderr)
+        return 1
+    print(result.as_dict())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

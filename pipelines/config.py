@@ -1,0 +1,382 @@
+"""One typed configuration, loaded from params.yaml.
+
+Every setting of medloop lives in params.yaml and is described here. Unknown keys, missing keys
+and values of the wrong type are errors that name the key (``source.nights: Input should be a
+valid integer``). Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.errors import ConfigError
+
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are an error, values are not coerced loosely."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# model: what is being diagnosed
+# --------------------------------------------------------------------------------------------
+
+
+class ModelSpec(Strict):
+    """What the model diagnoses.
+
+    Attributes:
+        name: registered model name (also used for folder and run names).
+        modality: ``image`` (radiographs) or ``tabular`` (clinical measurements).
+        classes: the label set, in a fixed order; index i of the model output is classes[i].
+        positive_class: the finding the model screens for (used for sensitivity).
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    modality: Literal["image", "tabular"]
+    classes: list[str] = Field(min_length=2)
+    positive_class: str
+
+    @model_validator(mode="after")
+    def _positive_is_a_class(self) -> "ModelSpec":
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be unique, got {self.classes}")
+        if self.positive_class not in self.classes:
+            raise ValueError(
+                f"positive_class {self.positive_class!r} is not one of classes {self.classes}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# source: where collect reads from
+# --------------------------------------------------------------------------------------------
+
+
+class ImageFolderSource(Strict):
+    """A folder of class subfolders (``NORMAL/``, ``PNEUMONIA/``), optionally under split
+    folders (``train/``, ``test/``, ``val/``), holding JPEG, PNG and DICOM files."""
+
+    kind: Literal["image_folder"]
+    path: str
+    # Regular expression with one group that finds the patient in a file name, e.g. the public
+    # pneumonia set's ``person123_bacteria_456.jpeg``. Without it (or without a match) every
+    # image counts as its own patient, unless the DICOM header names one.
+    patient_id_pattern: str | None = None
+
+
+class TableFileSource(Strict):
+    """A CSV or Parquet file (or a folder of them) of one row per case."""
+
+    kind: Literal["csv", "parquet"]
+    path: str
+
+
+class SqlSource(Strict):
+    """A table or a query reached through an SQLAlchemy URL."""
+
+    kind: Literal["sql"]
+    url: str
+    table: str | None = None
+    query: str | None = None
+
+    @model_validator(mode="after")
+    def _table_or_query(self) -> "SqlSource":
+        if (self.table is None) == (self.query is None):
+            raise ValueError("give exactly one of source.table or source.query")
+        return self
+
+
+class S3Source(Strict):
+    """Objects under a prefix of an S3 bucket (any S3-compatible store via endpoint_url).
+
+    Image objects are laid out like the image folder (``<prefix>/NORMAL/x.dcm``); tabular
+    objects are CSV or Parquet files.
+    """
+
+    kind: Literal["s3"]
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    patient_id_pattern: str | None = None
+
+
+class BreastCancerSource(Strict):
+    """Built-in: the Wisconsin diagnostic breast cancer data that scikit-learn ships, released
+    in batches as if it arrived over several nights, with fake identifier columns added so that
+    de-identification has something to remove."""
+
+    kind: Literal["builtin_breast_cancer"]
+    seed: int
+    nights: int = Field(ge=1)
+
+
+class SyntheticCxrSource(Strict):
+    """Built-in: a seeded generator of synthetic chest radiographs (not real patients)."""
+
+    kind: Literal["synthetic_cxr"]
+    seed: int
+    nights: int = Field(ge=1)
+    images_per_night: int = Field(ge=1)
+    patients: int = Field(ge=1)
+    image_size: int = Field(ge=32, le=2048)
+    pneumonia_fraction: float = Field(ge=0.0, le=1.0)
+    jpeg_fraction: float = Field(ge=0.0, le=1.0)
+
+
+SourceSpec = Annotated[
+    Union[
+        ImageFolderSource,
+        TableFileSource,
+        SqlSource,
+        S3Source,
+        BreastCancerSource,
+        SyntheticCxrSource,
+    ],
+    Field(discriminator="kind"),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# tabular schema and de-identification
+# --------------------------------------------------------------------------------------------
+
+
+class FeatureSpec(Strict):
+    """One measured feature of a tabular case."""
+
+    dtype: Literal["float", "int"]
+    min: float | None = None
+    max: float | None = None
+
+
+class TabularSchema(Strict):
+    """The columns a tabular source must have after de-identification (besides identifiers).
+
+    Every column of the source must be declared here or under ``deid.columns``: an undeclared
+    column is refused, because it might carry an identifier nobody meant to keep.
+    """
+
+    label: str
+    features: dict[str, FeatureSpec] = Field(min_length=1)
+    subgroups: list[str] = []
+    # A date column (declared in deid.columns with action ``year``) that gives the study year.
+    study_date: str | None = None
+
+
+IdentifierAction = Literal["drop", "pseudonymize", "year", "age_band", "age"]
+
+
+class DeidSpec(Strict):
+    """De-identification before anything is written under data/.
+
+    Attributes:
+        salt_env: environment variable holding the secret salt of pseudonyms and keyed hashes.
+        columns: tabular identifier columns and what happens to them (HIPAA Safe Harbor):
+            ``drop``; ``pseudonymize`` (salted hash, becomes ``patient_id``); ``year`` (a date
+            kept as its year, column renamed ``<name>_year``); ``age_band`` (a birth date turned
+            into a ten-year age band at the study, column ``age_band``); ``age`` (ages over 89
+            become 90, the Safe Harbor "90 or older").
+    """
+
+    salt_env: str = Field(min_length=1)
+    columns: dict[str, IdentifierAction] = {}
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------------
+
+
+class ImageCleanSpec(Strict):
+    channels: Literal[1, 3]
+    min_side: int = Field(ge=1)
+    max_pixels: int = Field(ge=1)
+
+
+class CleanSpec(Strict):
+    """Clean: label normalisation and image conversion.
+
+    ``label_aliases`` maps raw labels (folder names, CSV values; compared case-insensitively)
+    onto ``model.classes``; a label equal to a class name needs no alias.
+    """
+
+    label_aliases: dict[str, str] = {}
+    image: ImageCleanSpec | None = None
+
+
+class Bounds(Strict):
+    min: float | None = None
+    max: float | None = None
+
+
+class ImageValidateSpec(Strict):
+    width: Bounds
+    height: Bounds
+    mean_intensity: Bounds
+    std_intensity: Bounds
+
+
+class ValidateSpec(Strict):
+    """Validate: the data quality gate (Great Expectations suites built from these)."""
+
+    min_new_items: int = Field(ge=0)
+    min_total_items: int = Field(ge=0)
+    max_null_fraction: float = Field(ge=0.0, le=1.0)
+    # Of the newest batch, the largest share that clean may quarantine before the gate fails.
+    max_quarantined_fraction: float = Field(ge=0.0, le=1.0)
+    class_fraction: Bounds
+    image: ImageValidateSpec | None = None
+
+
+class PreprocessSpec(Strict):
+    """Preprocess: patient-level split, frozen test set, shards and scaling."""
+
+    seed: int
+    test_fraction: float = Field(gt=0.0, lt=1.0)
+    validation_fraction: float = Field(gt=0.0, lt=1.0)
+    image_size: tuple[int, int] | None = None
+    shard_size: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "PreprocessSpec":
+        if self.test_fraction + self.validation_fraction >= 1.0:
+            raise ValueError("test_fraction + validation_fraction must be below 1")
+        return self
+
+
+class StorageSpec(Strict):
+    """Where DVC pushes data: a local folder (relative to the workspace) or ``s3://bucket/x``."""
+
+    dvc_remote: str
+    s3_endpoint_url: str | None = None
+
+
+class Params(Strict):
+    """The whole of params.yaml."""
+
+    model: ModelSpec
+    source: SourceSpec
+    deid: DeidSpec
+    tabular: TabularSchema | None = None
+    clean: CleanSpec
+    validate_: ValidateSpec = Field(alias="validate")
+    preprocess: PreprocessSpec
+    storage: StorageSpec
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _modality_fits(self) -> "Params":
+        image_kinds = {"image_folder", "synthetic_cxr"}
+        tabular_kinds = {"csv", "parquet", "sql", "builtin_breast_cancer"}
+        kind = self.source.kind
+        if self.model.modality == "image":
+            if kind in tabular_kinds:
+                raise ValueError(f"source.kind {kind!r} gives tables, but model.modality is image")
+            for key, value in (
+                ("clean.image", self.clean.image),
+                ("validate.image", self.validate_.image),
+                ("preprocess.image_size", self.preprocess.image_size),
+            ):
+                if value is None:
+                    raise ValueError(f"{key} is required when model.modality is image")
+        else:
+            if kind in image_kinds:
+                raise ValueError(f"source.kind {kind!r} gives images, but model.modality is tabular")
+            if self.tabular is None:
+                raise ValueError("tabular is required when model.modality is tabular")
+        for raw, target in self.clean.label_aliases.items():
+            if target not in self.model.classes:
+                raise ValueError(
+                    f"clean.label_aliases.{raw} maps to {target!r}, not one of {self.model.classes}"
+                )
+        return self
+
+    @property
+    def validate_spec(self) -> ValidateSpec:
+        """The ``validate`` section (``validate`` is a pydantic method name, hence the alias)."""
+        return self.validate_
+
+    def digest(self) -> str:
+        """A stable hash of the resolved params, for lineage."""
+        payload = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:
+    """Read and check a params file.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The typed configuration.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a key is unknown, missing or of the
+            wrong type; the message names the file and every offending key.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(raw, origin=str(path))
+
+
+def parse_params(raw: dict[str, Any], origin: str = "params") -> Params:
+    """Check a params mapping (already parsed from YAML) against the schema."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: invalid params:\n" + _describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        # Discriminated unions put the chosen kind into the location; keep only real keys.
+        raw_loc = error["loc"]
+        loc = [
+            str(part)
+            for index, part in enumerate(raw_loc)
+            if not (index == 1 and raw_loc[0] == "source" and part in _SOURCE_KINDS)
+        ]
+        key = ".".join(loc) or "(top level)"
+        kind = error["type"]
+        if kind == "missing":
+            message = "missing key"
+        elif kind == "extra_forbidden":
+            message = "unknown key"
+        else:
+            message = error["msg"]
+            if "input" in error and kind not in ("model_type", "dict_type"):
+                message += f" (got {error['input']!r})"
+        lines.append(f"  - {key}: {message}")
+    return "\n".join(lines)
+
+
+_SOURCE_KINDS = {
+    "image_folder",
+    "csv",
+    "parquet",
+    "sql",
+    "s3",
+    "builtin_breast_cancer",
+    "synthetic_cxr",
+}

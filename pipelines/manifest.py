@@ -1,0 +1,81 @@
+"""The raw-data manifest: one row per item collect ever saw, append-only.
+
+Each collect run that finds something new writes one batch folder,
+``data/raw/batches/<batch_id>/``, holding the stored (de-identified) items and the batch's
+``manifest.parquet``. The manifest of the workspace is the union of all batches. Items that could
+not be stored (unreadable, impossible to de-identify, vanished) still get a row, with
+``status = "rejected"`` and the reason, so clean can put them on the quarantine list: nothing
+disappears without a trace.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.workspace import Layout
+
+MANIFEST_FILE = "manifest.parquet"
+
+# column -> pandas dtype; the order is the order on disk
+COLUMNS: dict[str, str] = {
+    "record_id": "string",  # unique: path of the stored item under data/raw (or file#row)
+    "item_id": "string",  # keyed hash of the item as the source gave it: "seen before?"
+    "content_hash": "string",  # sha256 of what is stored (de-identified bytes or row)
+    "batch_id": "string",
+    "arrival_time": "datetime64[us, UTC]",
+    "source": "string",  # e.g. "image_folder:/data/cxr", "synthetic_cxr"
+    "source_ref": "string",  # where in the source: relative path, object key, row number
+    "file_format": "string",  # dicom | jpeg | png | row
+    "patient_id": "string",  # pseudonym (salted hash)
+    "study_year": "Int64",  # Safe Harbor keeps the year of dates only
+    "label": "string",  # as the source gave it; clean normalises it
+    "label_provenance": "string",  # dataset | clinician
+    "sex": "string",
+    "age_band": "string",
+    "view": "string",
+    "site": "string",
+    "status": "string",  # stored | rejected
+    "reason": "string",  # why rejected (empty when stored)
+}
+
+SUBGROUP_COLUMNS = ("sex", "age_band", "view", "site")
+
+
+def new_batch_id(now: datetime | None = None) -> str:
+    """A sortable batch id such as ``20261122T063700123456Z``."""
+    now = now or datetime.now(timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def empty() -> pd.DataFrame:
+    """A manifest with no rows and the right dtypes."""
+    return conform(pd.DataFrame({name: [] for name in COLUMNS}))
+
+
+def conform(frame: pd.DataFrame) -> pd.DataFrame:
+    """Give a manifest frame exactly the manifest columns, in order, with their dtypes."""
+    frame = frame.copy()
+    for name in COLUMNS:
+        if name not in frame.columns:
+            frame[name] = pd.NA
+    frame = frame[list(COLUMNS)]
+    return frame.astype(COLUMNS)
+
+
+def read(layout: Layout) -> pd.DataFrame:
+    """The workspace manifest: every batch's rows, oldest batch first."""
+    files = sorted(layout.batches.glob(f"*/{MANIFEST_FILE}"))
+    if not files:
+        return empty()
+    frames = [conform(pd.read_parquet(path)) for path in files]
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_batch(frame: pd.DataFrame, batch_dir: Path) -> Path:
+    """Write a batch's manifest into its (not yet published) batch folder."""
+    path = batch_dir / MANIFEST_FILE
+    conform(frame).to_parquet(path, index=False)
+    return path

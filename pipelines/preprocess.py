@@ -1,0 +1,319 @@
+"""Preprocess (DVC stage): patient-level split, the frozen test set, and training-ready data.
+
+- Every patient belongs to exactly one split, so no patient's images are in both training and
+  test. Splits are stratified by the patient's label.
+- The test set is frozen: the first run chooses it and writes it to ``data/splits/``; later runs
+  read it back and never change its membership, so every model is judged on the same yardstick.
+  New patients go to train or validation only; a new item of a test patient is held out (it can
+  go neither to test, which is frozen, nor to training, which would leak the patient).
+- Images are resized and contrast-normalised once and written as TFRecord shards of raw uint8
+  pixels, which tf.data reads without decoding. Tabular features are imputed and scaled with
+  statistics fitted on the training split only; the statistics are saved for serving.
+
+Outputs: ``data/processed/`` (``index.parquet``, ``preprocess.json``, ``images/*.tfrecord`` or
+``tabular/*.parquet`` + ``scaler.json``) and ``data/splits/`` (``patients.parquet``,
+``frozen_test_set.parquet``; a persistent DVC output, kept between runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.config import DEFAULT_PARAMS_FILE, Params, PreprocessSpec, load_params
+from pipelines.errors import MedloopError
+from pipelines.workspace import Layout
+
+log = logging.getLogger("medloop.preprocess")
+
+TRAIN, VALIDATION, TEST, HELD_OUT = "train", "validation", "test", "held_out"
+SPLITS = (TRAIN, VALIDATION, TEST)
+PATIENTS_FILE = "patients.parquet"
+FROZEN_TEST_FILE = "frozen_test_set.parquet"
+PARALLEL_FROM = 200
+
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    counts: dict[str, int]
+    frozen_test_set: int
+    test_set_created: bool
+    output: str
+
+
+def run(params: Params, layout: Layout) -> PreprocessResult:
+    """Split by patient, freeze the test set on first use, and write training-ready data."""
+    records = pd.read_parquet(layout.clean_records)
+    if records.empty:
+        raise MedloopError(f"{layout.clean_records}: no usable records to preprocess")
+    spec = params.preprocess
+    splits_dir = layout.splits
+    splits_dir.mkdir(parents=True, exist_ok=True)
+    patients_path, frozen_path = splits_dir / PATIENTS_FILE, splits_dir / FROZEN_TEST_FILE
+    previous = pd.read_parquet(patients_path) if patients_path.exists() else None
+    frozen = pd.read_parquet(frozen_path) if frozen_path.exists() else None
+
+    patients = assign_patients(records, previous, spec, params.model.classes)
+    created = frozen is None
+    if created:
+        frozen = freeze_test_set(records, patients)
+    items = split_items(records, patients, frozen)
+    missing = sorted(set(frozen["record_id"]) - set(items["record_id"]))
+    if missing:
+        log.warning("%d items of the frozen test set are no longer in data/clean (quarantined since?)", len(missing))
+
+    patients.to_parquet(patients_path, index=False)
+    frozen.to_parquet(frozen_path, index=False)
+    if layout.processed.exists():
+        shutil.rmtree(layout.processed)
+    layout.processed.mkdir(parents=True)
+    classes = params.model.classes
+    items["label_index"] = items["label"].map({name: i for i, name in enumerate(classes)}).astype("int64")
+    if params.model.modality == "image":
+        details = _write_image_shards(items, layout, params)
+    else:
+        details = _write_tables(items, layout, params)
+    counts = {name: int((items["split"] == name).sum()) for name in (*SPLITS, HELD_OUT)}
+    summary = {
+        "modality": params.model.modality,
+        "classes": classes,
+        "counts": counts,
+        "class_counts": {
+            split: {c: int(((items["split"] == split) & (items["label"] == c)).sum()) for c in classes}
+            for split in SPLITS
+        },
+        "patients": {name: int((patients["split"] == name).sum()) for name in SPLITS},
+        "frozen_test_set": {"items": len(frozen), "missing_from_clean": len(missing)},
+        **details,
+    }
+    (layout.processed / "preprocess.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    log.info("preprocess: %s (frozen test set: %d items%s)", counts, len(frozen), ", created now" if created else "")
+    return PreprocessResult(counts, len(frozen), created, str(layout.processed))
+
+
+# ---------------------------------------------------------------------------------------------
+# splitting
+# ---------------------------------------------------------------------------------------------
+
+
+def assign_patients(
+    records: pd.DataFrame, previous: pd.DataFrame | None, spec: PreprocessSpec, classes: list[str]
+) -> pd.DataFrame:
+    """Give every patient a split, keeping earlier assignments.
+
+    A patient's stratum is the label of most of their items. On the first run the test set is
+    drawn: per stratum, the patients with the smallest keyed order hash until the stratum's
+    share of test patients reaches ``test_fraction``. Patients seen for the first time later go
+    to validation or train only, keeping each stratum's validation share at its target.
+
+    Returns:
+        One row per patient: ``patient_id``, ``stratum``, ``split``.
+    """
+    rank = {name: i for i, name in enumerate(classes)}
+    strata = (
+        records.assign(_rank=records["label"].map(rank))
+        .groupby("patient_id")["_rank"]
+        .agg(lambda ranks: ranks.value_counts().sort_index(kind="stable").idxmax())
+    )
+    patients = pd.DataFrame({"patient_id": strata.index.astype(str), "stratum": [classes[r] for r in strata]})
+    patients["order"] = [_order_key(spec.seed, p) for p in patients["patient_id"]]
+    patients = patients.sort_values(["stratum", "order"], kind="stable").reset_index(drop=True)
+    patients["split"] = pd.NA
+    if previous is not None:
+        patients = patients.merge(previous[["patient_id", "split"]], on="patient_id", how="left", suffixes=("_new", ""))
+        patients = patients.drop(columns=["split_new"])
+    first_run = previous is None
+    validation_share = spec.validation_fraction / (1.0 - spec.test_fraction)
+    for _, group in patients.groupby("stratum", sort=True):
+        new = group.index[group["split"].isna()]
+        if first_run:
+            n_test = _share(len(group), spec.test_fraction)
+            patients.loc[new[:n_test], "split"] = TEST
+            new = new[n_test:]
+        eligible = group[group["split"] != TEST]
+        known_validation = int((eligible["split"] == VALIDATION).sum())
+        wanted = _share(len(eligible), validation_share) - known_validation
+        n_validation = min(max(wanted, 0), len(new))
+        patients.loc[new[:n_validation], "split"] = VALIDATION
+        patients.loc[new[n_validation:], "split"] = TRAIN
+    return patients[["patient_id", "stratum", "split"]].sort_values("patient_id").reset_index(drop=True)
+
+
+def freeze_test_set(records: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
+    """The frozen test set: every current item of the test patients, with its label now."""
+    test_patients = set(patients.loc[patients["split"] == TEST, "patient_id"])
+    members = records[records["patient_id"].isin(test_patients)]
+    return pd.DataFrame({
+        "record_id": members["record_id"].astype(str),
+        "patient_id": members["patient_id"].astype(str),
+        "label": members["label"].astype(str),
+        "frozen_in_batch": members["batch_id"].max() if len(members) else "",
+    }).sort_values("record_id").reset_index(drop=True)
+
+
+def split_items(records: pd.DataFrame, patients: pd.DataFrame, frozen: pd.DataFrame) -> pd.DataFrame:
+    """Every item's split; test items keep the label they were frozen with."""
+    items = records.merge(patients[["patient_id", "split"]], on="patient_id", how="left")
+    in_frozen = items["record_id"].isin(set(frozen["record_id"]))
+    items.loc[in_frozen, "split"] = TEST
+    items.loc[(items["split"] == TEST) & ~in_frozen, "split"] = HELD_OUT
+    frozen_labels = frozen.set_index("record_id")["label"]
+    items.loc[in_frozen, "label"] = items.loc[in_frozen, "record_id"].map(frozen_labels)
+    return items.sort_values("record_id").reset_index(drop=True)
+
+
+def _share(count: int, fraction: float) -> int:
+    """How many of ``count`` make ``fraction``; at least one when the stratum has two or more."""
+    if count < 2:
+        return 0
+    return min(count - 1, max(1, int(round(count * fraction))))
+
+
+def _order_key(seed: int, patient_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{patient_id}".encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# images: resized, normalised, sharded
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_image_shards(items: pd.DataFrame, layout: Layout, params: Params) -> dict:
+    import tensorflow as tf
+
+    height, width = params.preprocess.image_size
+    channels = params.clean.image.channels
+    out_dir = layout.processed / "images"
+    out_dir.mkdir()
+    usable = items[items["split"].isin(SPLITS)].reset_index(drop=True)
+    jobs = [(str(layout.clean / p), height, width) for p in usable["image_path"]]
+    if len(jobs) >= PARALLEL_FROM and (os.cpu_count() or 1) > 1:
+        with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+            pixels = list(pool.map(_prepare_image, jobs, chunksize=64))
+    else:
+        pixels = [_prepare_image(job) for job in jobs]
+
+    shard_size = params.preprocess.shard_size
+    shards: dict[str, list[str]] = {}
+    shard_of = np.empty(len(usable), dtype=object)
+    for split in SPLITS:
+        positions = np.flatnonzero(usable["split"].to_numpy() == split)
+        count = max(1, -(-len(positions) // shard_size))
+        shards[split] = []
+        for shard in range(count):
+            name = f"images/{split}-{shard:05d}-of-{count:05d}.tfrecord"
+            shards[split].append(name)
+            chosen = positions[shard * shard_size : (shard + 1) * shard_size]
+            with tf.io.TFRecordWriter(str(layout.processed / name)) as writer:
+                for position in chosen:
+                    writer.write(_example(pixels[position], usable, position).SerializeToString())
+            shard_of[chosen] = name
+    usable["shard"] = shard_of
+    index = items.merge(usable[["record_id", "shard"]], on="record_id", how="left")
+    index.to_parquet(layout.processed / "index.parquet", index=False)
+    return {
+        "image": {"height": height, "width": width, "channels": channels, "dtype": "uint8",
+                  "normalisation": "per-image contrast stretch of the 0.5-99.5 percentile range to 0-255"},
+        "shards": shards,
+        "tfrecord_features": {"image": "bytes (raw uint8, row-major HxWxC)", "label": "int64",
+                              "record_id": "bytes"},
+    }
+
+
+def _prepare_image(job: tuple) -> bytes:
+    """Resize and contrast-normalise one cleaned PNG; returns raw uint8 bytes (H x W x C)."""
+    from PIL import Image
+
+    path, height, width = job
+    with Image.open(path) as image:
+        resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+    if resized.ndim == 2:
+        resized = resized[:, :, None]
+    return normalise_intensity(resized).tobytes()
+
+
+def normalise_intensity(pixels: np.ndarray) -> np.ndarray:
+    """Stretch the 0.5-99.5 percentile range to 0-255 (robust to burned-in labels and borders)."""
+    low, high = np.percentile(pixels, [0.5, 99.5])
+    if high <= low:
+        return pixels.astype(np.uint8)
+    stretched = (pixels.astype(np.float32) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(stretched), 0, 255).astype(np.uint8)
+
+
+def _example(pixels: bytes, usable: pd.DataFrame, position: int):
+    import tensorflow as tf
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[pixels])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(usable.at[position, "label_index"])])),
+        "record_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[usable.at[position, "record_id"].encode()])),
+    }))
+
+
+# ---------------------------------------------------------------------------------------------
+# tables: imputed and scaled with training statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_tables(items: pd.DataFrame, layout: Layout, params: Params) -> dict:
+    features = list(params.tabular.features)
+    train = items.loc[items["split"] == TRAIN, features]
+    if train.empty:
+        raise MedloopError("preprocess: the training split is empty; collect more data first")
+    median = train.median()
+    filled = train.fillna(median)
+    mean, std = filled.mean(), filled.std(ddof=0).replace(0.0, 1.0)
+    scaler = {
+        "features": features,
+        "impute_median": {k: float(v) for k, v in median.items()},
+        "mean": {k: float(v) for k, v in mean.items()},
+        "std": {k: float(v) for k, v in std.items()},
+        "fitted_on": "train",
+        "fitted_rows": int(len(train)),
+    }
+    (layout.processed / "scaler.json").write_text(json.dumps(scaler, indent=2) + "\n")
+    out_dir = layout.processed / "tabular"
+    out_dir.mkdir()
+    scaled = ((items[features].fillna(median) - mean) / std).astype("float32")
+    keep = ["record_id", "patient_id", "label", "label_index", *params.tabular.subgroups]
+    table = pd.concat([items[[c for c in keep if c in items.columns]], scaled], axis=1)
+    files = {}
+    for split in SPLITS:
+        name = f"tabular/{split}.parquet"
+        table[items["split"] == split].to_parquet(layout.processed / name, index=False)
+        files[split] = name
+    items.drop(columns=features).to_parquet(layout.processed / "index.parquet", index=False)
+    return {"tables": files, "scaler": "scaler.json", "features": features}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.preprocess", description="Preprocess stage")
+    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE)
+    args = parser.parse_args(argv)
+    from pipelines.logs import setup_logging
+
+    layout = Layout.at(".")
+    setup_logging(layout)
+    try:
+        result = run(load_params(args.params), layout)
+    except MedloopError as exc:
+        print(f"preprocess failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"preprocess: {result.counts}; frozen test set {result.frozen_test_set} items -> {result.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

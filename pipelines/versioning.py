@@ -1,0 +1,107 @@
+"""Git and DVC in a workspace, through their command lines.
+
+DVC is driven through ``python -m dvc`` (the same interpreter as medloop) rather than its
+internal Python API, which changes between releases; its own caching, lock file and lineage are
+then exactly the ones a user gets from the shell.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.config import StorageSpec
+from pipelines.errors import WorkspaceError
+from pipelines.workspace import Layout
+
+REMOTE_NAME = "storage"
+
+
+def dvc(layout: Layout, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``dvc <args>`` in the workspace; a failure raises WorkspaceError with DVC's words."""
+    return _run([sys.executable, "-m", "dvc", *args], layout.root, check=check, tool="dvc")
+
+
+def git(layout: Layout, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``git <args>`` in the workspace."""
+    return _run(["git", *args], layout.root, check=check, tool="git")
+
+
+def track(layout: Layout, path: Path) -> Path:
+    """``dvc add`` a data folder so its new version is recorded in ``<path>.dvc``."""
+    relative = path.relative_to(layout.root).as_posix()
+    dvc(layout, "add", "--quiet", relative)
+    return path.with_name(path.name + ".dvc")
+
+
+def configure_remote(layout: Layout, storage: StorageSpec) -> str:
+    """Point the default DVC remote at ``storage.dvc_remote`` (a folder or ``s3://...``)."""
+    url = storage.dvc_remote
+    if "://" not in url:
+        folder = Path(url)
+        folder = folder if folder.is_absolute() else (layout.root / folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        url = str(folder.resolve())
+    dvc(layout, "remote", "add", "--force", "--default", REMOTE_NAME, url)
+    if storage.s3_endpoint_url:
+        dvc(layout, "remote", "modify", REMOTE_NAME, "endpointurl", storage.s3_endpoint_url)
+    return url
+
+
+def push(layout: Layout, *targets: str) -> None:
+    """Upload tracked data to the default remote."""
+    dvc(layout, "push", "--quiet", *targets)
+
+
+def _run(command: list[str], cwd: Path, *, check: bool, tool: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.setdefault("GIT_TERMINAL_PROMPT", "0")
+    # Stage commands say `python`: make it this interpreter, whatever PATH the caller had.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    try:
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise WorkspaceError(f"{tool} is not installed (needed in {cwd})") from None
+    if check and done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip()
+        raise WorkspaceError(f"`{tool} {' '.join(command[3 if tool == 'dvc' else 1:])}` failed in {cwd}:\n{detail}")
+    return done
+
+
+def repro(layout: Layout, stage: str) -> bool:
+    """``dvc repro <stage>`` (and what it depends on); True when something was rerun.
+
+    Raises:
+        StageFailed: the stage command failed; the message carries its own error output.
+    """
+    done = dvc(layout, "repro", stage, check=False)
+    output = (done.stdout + done.stderr).strip()
+    if done.returncode != 0:
+        raise StageFailed(stage, _stage_message(output))
+    return "Running stage" in output
+
+
+def commit(layout: Layout, message: str) -> str | None:
+    """Commit everything git tracks in the workspace (dvc.lock, .dvc files); the new commit or None."""
+    git(layout, "add", "-A")
+    if not git(layout, "status", "--porcelain").stdout.strip():
+        return None
+    git(layout, "-c", "user.name=medloop", "-c", "user.email=medloop@localhost", "commit", "--quiet", "-m", message)
+    return git(layout, "rev-parse", "HEAD").stdout.strip()
+
+
+class StageFailed(WorkspaceError):
+    """A DVC stage's command exited with an error (a failed gate among them)."""
+
+    def __init__(self, stage: str, detail: str):
+        self.stage = stage
+        super().__init__(f"stage {stage!r} failed; nothing downstream ran.\n{detail}")
+
+
+def _stage_message(output: str) -> str:
+    # Keep the stage's own words, not DVC's generic "failed to reproduce" wrapper lines.
+    lines = [line for line in output.splitlines() if not line.startswith(("ERROR: failed to reproduce", "Running stage", "> python"))]
+    return "\n".join(lines[-40:])

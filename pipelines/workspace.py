@@ -1,0 +1,103 @@
+"""Where things live in a medloop workspace.
+
+A workspace is a git repository with DVC initialised, holding ``params.yaml``, ``dvc.yaml``, the
+stage code (``pipelines/``), the ``.dvc`` files of collected data and ``dvc.lock``. Every stage
+and task takes a `Layout` and never builds paths by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.errors import WorkspaceError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of one workspace, all under ``root``."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | Path = ".") -> "Layout":
+        return cls(Path(root).resolve())
+
+    # data/raw: append-only, one folder per collect batch, tracked with `dvc add`
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def batches(self) -> Path:
+        return self.raw / "batches"
+
+    @property
+    def feedback(self) -> Path:
+        return self.root / "data" / "feedback"
+
+    # DVC stage outputs
+    @property
+    def clean(self) -> Path:
+        return self.root / "data" / "clean"
+
+    @property
+    def clean_records(self) -> Path:
+        return self.clean / "records.parquet"
+
+    @property
+    def clean_intake(self) -> Path:
+        return self.clean / "intake.parquet"
+
+    @property
+    def splits(self) -> Path:
+        """Patient splits and the frozen test set: kept between runs (DVC ``persist``)."""
+        return self.root / "data" / "splits"
+
+    @property
+    def processed(self) -> Path:
+        return self.root / "data" / "processed"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def quarantine_csv(self) -> Path:
+        return self.reports / "quarantine.csv"
+
+    @property
+    def validation_json(self) -> Path:
+        return self.reports / "validation.json"
+
+    @property
+    def data_docs(self) -> Path:
+        return self.reports / "data_docs"
+
+    # medloop's own scratch space: never tracked, never under data/
+    @property
+    def state(self) -> Path:
+        return self.root / ".medloop"
+
+    @property
+    def tmp(self) -> Path:
+        return self.state / "tmp"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.yaml"
+
+    def require(self) -> "Layout":
+        """Check that this is an initialised workspace (DVC and params present)."""
+        if not (self.root / ".dvc").is_dir():
+            raise WorkspaceError(
+                f"{self.root} is not a medloop workspace (no .dvc folder); "
+                f"create one with `medloop init {self.root}`"
+            )
+        if not self.params_file.is_file():
+            raise WorkspaceError(f"{self.params_file} is missing")
+        return self

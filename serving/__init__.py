@@ -1,0 +1,1 @@
+"""The prediction service (built with the deploy and feedback issue)."""

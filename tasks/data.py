@@ -1,0 +1,54 @@
+"""Tasks of the data half of the loop: collect, the DVC data stages, and the workspace commit."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from pipelines import collect
+from pipelines.config import load_params
+from pipelines.versioning import commit, repro
+from pipelines.workspace import Layout
+
+DATA_STAGES = ("clean", "validate", "preprocess")
+NETWORK_SOURCES = {"sql", "s3"}
+
+
+@task(name="collect")
+def collect_task(workspace: str, night: int | None = None) -> dict:
+    """Collect new items into data/raw and ``dvc add`` them; returns the CollectResult as a dict.
+
+    Network and database sources are retried with backoff (see `collect_with_retries`); a
+    local folder or built-in source is not, since trying again would fail the same way.
+    """
+    layout = Layout.at(workspace)
+    params = load_params(layout.params_file)
+    runner = collect_with_retries if params.source.kind in NETWORK_SOURCES else collect_once
+    return runner(workspace, night)
+
+
+@task(name="collect-from-network", retries=3, retry_delay_seconds=[10, 60, 300])
+def collect_with_retries(workspace: str, night: int | None) -> dict:
+    return collect_once.fn(workspace, night)
+
+
+@task(name="collect-local")
+def collect_once(workspace: str, night: int | None) -> dict:
+    layout = Layout.at(workspace)
+    result = collect.run(load_params(layout.params_file), layout, night=night)
+    get_run_logger().info("collect: %s", result.as_dict())
+    return result.as_dict()
+
+
+@task(name="dvc-stage")
+def stage_task(workspace: str, stage: str) -> bool:
+    """``dvc repro <stage>``; True when DVC reran it, False when its inputs had not changed."""
+    ran = repro(Layout.at(workspace), stage)
+    get_run_logger().info("stage %s: %s", stage, "ran" if ran else "unchanged, skipped by DVC")
+    return ran
+
+
+@task(name="commit-workspace")
+def commit_task(workspace: str, message: str) -> str | None:
+    """Commit dvc.lock and the .dvc files in the workspace's git repository."""
+    return commit(Layout.at(workspace), message)
