@@ -141,8 +141,9 @@ def assign_patients(
             n_test = _share(len(group), spec.test_fraction)
             patients.loc[new[:n_test], "split"] = TEST
             new = new[n_test:]
-        eligible = group[group["split"] != TEST]
-        known_validation = int((eligible["split"] == VALIDATION).sum())
+        current = patients.loc[group.index, "split"]
+        eligible = current[current.fillna("") != TEST]
+        known_validation = int((eligible == VALIDATION).sum())
         wanted = _share(len(eligible), validation_share) - known_validation
         n_validation = min(max(wanted, 0), len(new))
         patients.loc[new[:n_validation], "split"] = VALIDATION

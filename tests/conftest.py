@@ -1,0 +1,70 @@
+"""Shared fixtures: every workspace and store lives under pytest's tmp_path."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SALT = "test-salt-0123456789abcdef-not-secret"
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(autouse=True)
+def deid_salt(monkeypatch):
+    monkeypatch.setenv("MEDLOOP_DEID_SALT", SALT)
+    return SALT
+
+
+def profile(name: str = "params.yaml") -> dict:
+    """A shipped profile as a mutable dict (``params.yaml`` or ``profiles/<name>``)."""
+    path = ROOT / name if name == "params.yaml" else ROOT / "profiles" / name
+    return copy.deepcopy(yaml.safe_load(path.read_text()))
+
+
+def image_params(**source) -> dict:
+    """The default (image) profile, small: tiny synthetic nights unless a source is given."""
+    params = profile()
+    params["source"] = source or {
+        "kind": "synthetic_cxr", "seed": 3, "nights": 3, "images_per_night": 24,
+        "patients": 30, "image_size": 96, "pneumonia_fraction": 0.45, "jpeg_fraction": 0.25,
+    }
+    params["validate"]["min_new_items"] = 1
+    params["validate"]["min_total_items"] = 1
+    params["preprocess"]["image_size"] = [64, 64]
+    params["preprocess"]["shard_size"] = 16
+    return params
+
+
+def tabular_params(**source) -> dict:
+    params = profile("breast_cancer.yaml")
+    if source:
+        params["source"] = source
+    params["validate"]["min_new_items"] = 1
+    params["validate"]["min_total_items"] = 1
+    return params
+
+
+def make_workspace(tmp_path: Path, params: dict, name: str = "ws"):
+    """A real workspace (git + DVC) with these params; its DVC remote is a folder in tmp_path."""
+    from pipelines.scaffold import create_workspace
+
+    params = copy.deepcopy(params)
+    params["storage"]["dvc_remote"] = str(tmp_path / f"{name}-remote")
+    params_file = tmp_path / f"{name}-params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    return create_workspace(tmp_path / name, params_file)
+
+
+def load(layout):
+    from pipelines.config import load_params
+
+    return load_params(layout.params_file)

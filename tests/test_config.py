@@ -1,0 +1,81 @@
+"""params.yaml is one typed config: every mistake names its key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import ROOT, image_params, profile, tabular_params
+from pipelines.config import load_params, parse_params
+from pipelines.errors import ConfigError
+
+
+def test_both_shipped_profiles_load():
+    image = load_params(ROOT / "params.yaml")
+    tabular = load_params(ROOT / "profiles" / "breast_cancer.yaml")
+    assert image.model.modality == "image" and image.source.kind == "synthetic_cxr"
+    assert tabular.model.modality == "tabular" and len(tabular.tabular.features) == 30
+    assert image.digest() != tabular.digest()
+    assert image.digest() == load_params(ROOT / "params.yaml").digest()
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda p: p["preprocess"].update(shard_sise=3), "preprocess.shard_sise: unknown key"),
+        (lambda p: p.update(trainig={}), "trainig: unknown key"),
+        (lambda p: p["preprocess"].pop("seed"), "preprocess.seed: missing key"),
+        (lambda p: p.pop("validate"), "validate: missing key"),
+        (lambda p: p["source"].update(nights="many"), "source.nights: Input should be a valid integer"),
+        (lambda p: p["source"].update(images_per_night=-4), "source.images_per_night: Input should be greater than or equal to 1"),
+        (lambda p: p["source"].update(kind="ftp"), "source: Input tag 'ftp' found using 'kind' does not match"),
+        (lambda p: p["clean"]["image"].update(channels=2), "clean.image.channels: Input should be 1 or 3"),
+        (lambda p: p["model"].update(positive_class="COVID"), "positive_class 'COVID' is not one of classes"),
+        (lambda p: p["clean"]["label_aliases"].update(covid="COVID"), "clean.label_aliases.covid maps to 'COVID'"),
+        (lambda p: p["preprocess"].update(test_fraction=0.6, validation_fraction=0.5), "must be below 1"),
+        (lambda p: p["preprocess"].update(image_size=None), "preprocess.image_size is required"),
+    ],
+)
+def test_mistakes_name_the_key(mutate, expected):
+    params = profile()
+    mutate(params)
+    with pytest.raises(ConfigError) as error:
+        parse_params(params, origin="params.yaml")
+    assert expected in str(error.value)
+    assert str(error.value).startswith("params.yaml: invalid params")
+
+
+def test_several_mistakes_are_all_reported():
+    params = tabular_params()
+    params["tabular"]["features"]["mean_radius"]["dtype"] = "decimal"
+    params["deid"]["columns"]["mrn"] = "encrypt"
+    with pytest.raises(ConfigError) as error:
+        parse_params(params)
+    message = str(error.value)
+    assert "tabular.features.mean_radius.dtype" in message
+    assert "deid.columns.mrn" in message
+
+
+def test_tabular_source_with_image_model_is_refused():
+    params = image_params(kind="csv", path="x.csv")
+    with pytest.raises(ConfigError, match="source.kind 'csv' gives tables, but model.modality is image"):
+        parse_params(params)
+
+
+def test_sql_source_needs_exactly_one_of_table_or_query():
+    params = tabular_params(kind="sql", url="sqlite:///x.db", table="cases", query="select 1")
+    with pytest.raises(ConfigError, match="exactly one of source.table or source.query"):
+        parse_params(params)
+
+
+def test_unreadable_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: params file not found"):
+        load_params(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_params(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_params(listed)

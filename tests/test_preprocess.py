@@ -1,0 +1,105 @@
+"""Preprocess: patient-level split, the frozen test set, scaling fitted on train only, shards."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import image_params, load, make_workspace, tabular_params
+from pipelines import clean, collect, preprocess
+from pipelines.config import parse_params
+
+
+def records(patients: int, per_patient: int, seed: int = 0, batch: str = "b1") -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(patients):
+        label = "malignant" if rng.random() < 0.35 else "benign"
+        for k in range(per_patient):
+            rows.append({"record_id": f"{batch}/p{p}-{k}", "patient_id": f"pt-{seed}-{p}", "label": label,
+                         "batch_id": batch})
+    return pd.DataFrame(rows)
+
+
+def spec(**changes):
+    params = tabular_params()
+    params["preprocess"].update(changes)
+    return parse_params(params).preprocess
+
+
+def test_no_patient_is_in_two_splits_and_strata_are_balanced():
+    items = records(200, 3)
+    patients = preprocess.assign_patients(items, None, spec(), ["benign", "malignant"])
+    assert patients["patient_id"].is_unique
+    merged = items.merge(patients, on="patient_id")
+    assert (merged.groupby("patient_id")["split"].nunique() == 1).all()
+    for label, group in patients.groupby("stratum"):
+        share = group["split"].value_counts(normalize=True)
+        assert share["test"] == pytest.approx(0.2, abs=0.02), label
+        assert share["validation"] == pytest.approx(0.15, abs=0.02), label
+
+
+def test_frozen_test_set_never_changes_and_new_patients_avoid_it():
+    first = records(100, 2, seed=1, batch="b1")
+    patients = preprocess.assign_patients(first, None, spec(), ["benign", "malignant"])
+    frozen = preprocess.freeze_test_set(first, patients)
+    later = pd.concat([first, records(120, 2, seed=2, batch="b2")], ignore_index=True)
+    # a test patient comes back with a new study, and a train patient too
+    test_patient = frozen["patient_id"].iloc[0]
+    train_patient = patients.loc[patients["split"] == "train", "patient_id"].iloc[0]
+    later = pd.concat([later, pd.DataFrame([
+        {"record_id": "b2/again-test", "patient_id": test_patient, "label": "benign", "batch_id": "b2"},
+        {"record_id": "b2/again-train", "patient_id": train_patient, "label": "benign", "batch_id": "b2"},
+    ])], ignore_index=True)
+    patients2 = preprocess.assign_patients(later, patients, spec(), ["benign", "malignant"])
+    items = preprocess.split_items(later, patients2, frozen)
+    assert set(items.loc[items["split"] == "test", "record_id"]) == set(frozen["record_id"])
+    assert items.set_index("record_id").at["b2/again-test", "split"] == "held_out"
+    assert items.set_index("record_id").at["b2/again-train", "split"] == "train"
+    kept = patients.merge(patients2, on="patient_id", suffixes=("_before", "_after"))
+    assert (kept["split_before"] == kept["split_after"]).all()
+    newcomers = patients2[~patients2["patient_id"].isin(patients["patient_id"])]
+    assert "test" not in set(newcomers["split"])
+    assert (newcomers["split"] == "validation").mean() == pytest.approx(0.15 / 0.8, abs=0.05)
+
+
+def test_test_labels_stay_as_frozen():
+    first = records(40, 1, seed=3)
+    patients = preprocess.assign_patients(first, None, spec(), ["benign", "malignant"])
+    frozen = preprocess.freeze_test_set(first, patients)
+    relabelled = first.copy()
+    relabelled["label"] = "malignant"
+    items = preprocess.split_items(relabelled, patients, frozen)
+    test = items[items["split"] == "test"].set_index("record_id")["label"]
+    assert test.to_dict() == frozen.set_index("record_id")["label"].to_dict()
+
+
+def test_tabular_scaler_is_fitted_on_train_only(tmp_path):
+    layout = make_workspace(tmp_path, tabular_params())
+    params = load(layout)
+    collect.run(params, layout)
+    clean.run(params, layout)
+    result = preprocess.run(params, layout)
+    assert result.test_set_created
+    scaler = json.loads((layout.processed / "scaler.json").read_text())
+    index = pd.read_parquet(layout.processed / "index.parquet")
+    records_ = pd.read_parquet(layout.clean_records).set_index("record_id")
+    train_ids = index.loc[index["split"] == "train", "record_id"]
+    expected = records_.loc[train_ids, "mean_radius"].mean()
+    assert scaler["mean"]["mean_radius"] == pytest.approx(expected)
+    assert scaler["fitted_rows"] == len(train_ids)
+    train = pd.read_parquet(layout.processed / "tabular" / "train.parquet")
+    assert train["mean_radius"].mean() == pytest.approx(0.0, abs=1e-5)
+    assert train["mean_radius"].dtype == np.float32
+    # second night: the frozen test set is read back, not drawn again
+    frozen_before = pd.read_parquet(layout.splits / "frozen_test_set.parquet")
+    collect.run(params, layout)
+    clean.run(params, layout)
+    again = preprocess.run(params, layout)
+    assert not again.test_set_created
+    pd.testing.assert_frame_equal(pd.read_parquet(layout.splits / "frozen_test_set.parquet"), frozen_before)
+    test = pd.read_parquet(layout.processed / "tabular" / "test.parquet")
+    assert set(test["record_id"]) == set(frozen_before["record_id"])
