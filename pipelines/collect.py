@@ -143,7 +143,12 @@ def _collect_images(source, state: SourceState, salt: bytes, seen: set[str], sta
         base = {"source_ref": item.source_ref, "label": item.label, "label_provenance": "dataset"}
         if item.problem:
             # Known-bad without reading it; keyed on the reference so it is recorded once.
-            rows.append({**base, **_rejected(keyed_hash(salt, item.source_ref.encode(), "ref"), item.problem)})
+            ref_id = keyed_hash(salt, item.source_ref.encode(), "ref")
+            if ref_id in seen:
+                already += 1
+            else:
+                seen.add(ref_id)
+                rows.append({**base, **_rejected(ref_id, item.problem)})
             continue
         try:
             data = item.read()

@@ -68,3 +68,41 @@ def load(layout):
     from pipelines.config import load_params
 
     return load_params(layout.params_file)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto's) on 127.0.0.1 for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "medloop-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "medloop-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, s3_credentials, request):
+    """A fresh bucket on the local S3 server; returns (client, bucket name)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    name = "medloop-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    client.create_bucket(Bucket=name)
+    return client, name
