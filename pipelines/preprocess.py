@@ -68,13 +68,16 @@ def run(params: Params, layout: Layout) -> PreprocessResult:
     created = frozen is None
     if created:
         frozen = freeze_test_set(records, patients)
+    # Write, then read back: a later run reads these files, and must see exactly what this run
+    # used (same dtypes), or a reproduction from a fresh clone would differ in its bytes.
+    _as_text(patients).to_parquet(patients_path, index=False)
+    _as_text(frozen).to_parquet(frozen_path, index=False)
+    patients, frozen = pd.read_parquet(patients_path), pd.read_parquet(frozen_path)
     items = split_items(records, patients, frozen)
     missing = sorted(set(frozen["record_id"]) - set(items["record_id"]))
     if missing:
         log.warning("%d items of the frozen test set are no longer in data/clean (quarantined since?)", len(missing))
 
-    patients.to_parquet(patients_path, index=False)
-    frozen.to_parquet(frozen_path, index=False)
     if layout.processed.exists():
         shutil.rmtree(layout.processed)
     layout.processed.mkdir(parents=True)
@@ -172,6 +175,11 @@ def split_items(records: pd.DataFrame, patients: pd.DataFrame, frozen: pd.DataFr
     frozen_labels = frozen.set_index("record_id")["label"]
     items.loc[in_frozen, "label"] = items.loc[in_frozen, "record_id"].map(frozen_labels)
     return items.sort_values("record_id").reset_index(drop=True)
+
+
+def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every column as pandas' string dtype, so the file's bytes do not depend on how it was made."""
+    return frame.astype({column: "string" for column in frame.columns})
 
 
 def _share(count: int, fraction: float) -> int:

@@ -8,6 +8,7 @@ then exactly the ones a user gets from the shell.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,8 @@ def repro(layout: Layout, stage: str) -> bool:
     done = dvc(layout, "repro", stage, check=False)
     output = (done.stdout + done.stderr).strip()
     if done.returncode != 0:
-        raise StageFailed(stage, _stage_message(output))
+        failed = re.search(r"failed to reproduce '([^']+)'", output)
+        raise StageFailed(failed.group(1) if failed else stage, _stage_message(output))
     return "Running stage" in output
 
 

@@ -8,16 +8,12 @@ import pytest
 from conftest import load, make_workspace, tabular_params
 from pipelines import clean, collect, manifest
 from pipelines.errors import DeidentificationError, SourceError
-from pipelines.sources.breast_cancer import BreastCancerReader
-from pipelines.config import BreastCancerSource
+from tests_support import breast_cancer_frame
 
 POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 
-def breast_cancer_rows(n: int = 40, seed: int = 5) -> pd.DataFrame:
-    """Rows in the shape of a hospital export: identifiers, measurements, diagnosis."""
-    table = BreastCancerReader(BreastCancerSource(kind="builtin_breast_cancer", seed=seed, nights=1)).full_table()
-    return table.head(n).reset_index(drop=True)
+breast_cancer_rows = breast_cancer_frame
 
 
 def csv_workspace(tmp_path, frame: pd.DataFrame, name="ws"):
