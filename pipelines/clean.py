@@ -13,7 +13,6 @@ Reads the whole of ``data/raw`` (all batches) and writes:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -27,8 +26,9 @@ import numpy as np
 import pandas as pd
 
 from pipelines import manifest
-from pipelines.config import DEFAULT_PARAMS_FILE, ImageCleanSpec, Params, load_params
+from pipelines.config import ImageCleanSpec, Params
 from pipelines.errors import MedloopError
+from pipelines.stage import stage_main
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.clean")
@@ -278,20 +278,9 @@ def _describe_value(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.clean", description="Clean stage")
-    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE)
-    args = parser.parse_args(argv)
-    from pipelines.logs import setup_logging
-
-    layout = Layout.at(".")
-    setup_logging(layout)
-    try:
-        result = run(load_params(args.params), layout)
-    except MedloopError as exc:
-        print(f"clean failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"clean: {result.accepted} accepted, {result.quarantined} quarantined -> {result.quarantine}")
-    return 0
+    return stage_main(
+        "clean", run, lambda r: f"clean: {r.accepted} accepted, {r.quarantined} quarantined -> {r.quarantine}", argv
+    )
 
 
 if __name__ == "__main__":

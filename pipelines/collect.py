@@ -30,7 +30,7 @@ from pipelines.config import DEFAULT_PARAMS_FILE, Params, load_params
 from pipelines.deid.keys import content_hash, keyed_hash, load_salt, pseudonym
 from pipelines.errors import DeidentificationError, MedloopError
 from pipelines.sources import open_source
-from pipelines.sources.base import ImageItem, ItemUnavailable, SourceState
+from pipelines.sources.base import ItemUnavailable, SourceState
 from pipelines.versioning import track
 from pipelines.workspace import Layout
 

@@ -17,7 +17,6 @@ Outputs: ``data/processed/`` (``index.parquet``, ``preprocess.json``, ``images/*
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -26,13 +25,13 @@ import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipelines.config import DEFAULT_PARAMS_FILE, Params, PreprocessSpec, load_params
+from pipelines.config import Params, PreprocessSpec
 from pipelines.errors import MedloopError
+from pipelines.stage import stage_main
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.preprocess")
@@ -308,20 +307,10 @@ def _write_tables(items: pd.DataFrame, layout: Layout, params: Params) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.preprocess", description="Preprocess stage")
-    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE)
-    args = parser.parse_args(argv)
-    from pipelines.logs import setup_logging
-
-    layout = Layout.at(".")
-    setup_logging(layout)
-    try:
-        result = run(load_params(args.params), layout)
-    except MedloopError as exc:
-        print(f"preprocess failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"preprocess: {result.counts}; frozen test set {result.frozen_test_set} items -> {result.output}")
-    return 0
+    return stage_main(
+        "preprocess", run,
+        lambda r: f"preprocess: {r.counts}; frozen test set {r.frozen_test_set} items -> {r.output}", argv,
+    )
 
 
 if __name__ == "__main__":

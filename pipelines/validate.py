@@ -22,7 +22,6 @@ compare Great Expectations with, and a cross-check in the tests.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -34,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from pipelines.config import DEFAULT_PARAMS_FILE, Bounds, Params, load_params
-from pipelines.errors import GateError, MedloopError, WorkspaceError
+from pipelines.config import Bounds, Params
+from pipelines.errors import GateError, WorkspaceError
+from pipelines.stage import stage_main
 from pipelines.workspace import Layout
 
 if TYPE_CHECKING:
@@ -854,21 +854,10 @@ def _error(message: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.validate [--params params.yaml]``, run from the workspace root."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.validate",
-        description="Check data/clean against the data quality gate of params.yaml.",
-    )
-    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="the params file")
-    args = parser.parse_args(argv)
-    try:
-        result = run(load_params(args.params), Layout.at("."))
-    except MedloopError as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(1) from None
-    print(result.summary())
+    return stage_main("validate", run, lambda result: result.summary(), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,7 +18,6 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from conftest import image_params, load, make_workspace, tabular_params
-from pipelines import collect
 from tests_support import breast_cancer_frame
 
 CANARIES = {

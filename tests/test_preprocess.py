@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import image_params, load, make_workspace, tabular_params
+from conftest import load, make_workspace, tabular_params
 from pipelines import clean, collect, preprocess
 from pipelines.config import parse_params
 
