@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import load, make_workspace, tabular_params
+from conftest import image_params, load, make_workspace, tabular_params
 from pipelines import clean, collect, preprocess
 from pipelines.config import parse_params
 
@@ -103,3 +103,34 @@ def test_tabular_scaler_is_fitted_on_train_only(tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(layout.splits / "frozen_test_set.parquet"), frozen_before)
     test = pd.read_parquet(layout.processed / "tabular" / "test.parquet")
     assert set(test["record_id"]) == set(frozen_before["record_id"])
+
+
+def test_image_shards_read_back_with_tf_data(tmp_path):
+    import tensorflow as tf
+
+    layout = make_workspace(tmp_path, image_params())
+    params = load(layout)
+    for _ in range(2):
+        collect.run(params, layout)
+    clean.run(params, layout)
+    preprocess.run(params, layout)
+    summary = json.loads((layout.processed / "preprocess.json").read_text())
+    index = pd.read_parquet(layout.processed / "index.parquet")
+    # no patient in two splits, in the real output
+    used = index[index["split"].isin(["train", "validation", "test"])]
+    assert (used.groupby("patient_id")["split"].nunique() == 1).all()
+    features = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+        "record_id": tf.io.FixedLenFeature([], tf.string),
+    }
+    seen = {}
+    for split, files in summary["shards"].items():
+        dataset = tf.data.TFRecordDataset([str(layout.processed / f) for f in files])
+        for example in dataset.map(lambda x: tf.io.parse_single_example(x, features)):
+            pixels = tf.reshape(tf.io.decode_raw(example["image"], tf.uint8), (64, 64, 3))
+            assert pixels.dtype == tf.uint8 and int(tf.reduce_max(pixels)) > 200
+            seen[example["record_id"].numpy().decode()] = (split, int(example["label"]))
+    expected = {r.record_id: (r.split, r.label_index) for r in used.itertuples()}
+    assert seen == expected
+    assert summary["image"] == {**summary["image"], "height": 64, "width": 64, "channels": 3}
