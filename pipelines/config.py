@@ -255,6 +255,71 @@ class PreprocessSpec(Strict):
         return self
 
 
+class AugmentationSpec(Strict):
+    """Training-time augmentation suited to radiographs (no left-right flip by default: anatomy
+    is not symmetric, a flipped chest shows the heart on the wrong side)."""
+
+    rotation_degrees: float = Field(ge=0.0, le=45.0)
+    zoom: float = Field(ge=0.0, lt=1.0)
+    contrast: float = Field(ge=0.0, lt=1.0)
+    horizontal_flip: bool
+
+
+class TrainSpec(Strict):
+    """Train: the model and how it is fitted.
+
+    ``architecture``: ``seed_cnn`` (the reference pneumonia CNN), ``cxr_small`` (medloop's
+    default chest X-ray CNN: batch norm, global pooling) or ``mlp`` (tabular).
+    ``mixed_precision``: ``auto`` uses float16 compute on a GPU and float32 on a CPU.
+    """
+
+    architecture: Literal["seed_cnn", "cxr_small", "mlp"]
+    seed: int
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0.0)
+    early_stopping_patience: int = Field(ge=0)
+    mlp_hidden_units: int = Field(ge=1)
+    augmentation: AugmentationSpec | None = None
+    mixed_precision: Literal["auto", "on", "off"]
+    deterministic: bool
+
+
+class TrackingSpec(Strict):
+    """MLflow: where runs and registered models live.
+
+    ``uri`` may be relative to the workspace (``sqlite:///.medloop/mlflow.db`` is resolved
+    against the workspace root) or a server (``http://127.0.0.1:5000``).
+    """
+
+    uri: str
+    artifact_root: str
+    experiment: str
+
+
+class EvaluateSpec(Strict):
+    """Evaluate: on the frozen test set, with the threshold chosen on validation."""
+
+    target_sensitivity: float = Field(gt=0.0, le=1.0)
+    bootstrap_samples: int = Field(ge=0)
+    calibration_bins: int = Field(ge=2)
+    subgroups: list[str]
+    gradcam_per_class: int = Field(ge=0)
+
+
+class PromoteSpec(Strict):
+    """Promote: the clinical gates a model must pass to be registered and made champion."""
+
+    min_auroc: float = Field(ge=0.0, le=1.0)
+    min_sensitivity: float = Field(ge=0.0, le=1.0)
+    min_specificity: float = Field(ge=0.0, le=1.0)
+    max_ece: float = Field(ge=0.0, le=1.0)
+    subgroup_min_count: int = Field(ge=1)
+    subgroup_min_auroc: float = Field(ge=0.0, le=1.0)
+    subgroup_min_sensitivity: float = Field(ge=0.0, le=1.0)
+    non_inferiority_margin: float = Field(ge=0.0, le=1.0)
+
+
 class StorageSpec(Strict):
     """Where DVC pushes data: a local folder (relative to the workspace) or ``s3://bucket/x``."""
 
@@ -272,6 +337,10 @@ class Params(Strict):
     clean: CleanSpec
     validate_: ValidateSpec = Field(alias="validate")
     preprocess: PreprocessSpec
+    train: TrainSpec
+    tracking: TrackingSpec
+    evaluate: EvaluateSpec
+    promote: PromoteSpec
     storage: StorageSpec
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -74,6 +74,31 @@ class Layout:
     def data_docs(self) -> Path:
         return self.reports / "data_docs"
 
+    # the model and its evaluation (train and evaluate stage outputs)
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def model_file(self) -> Path:
+        return self.models / "model.keras"
+
+    @property
+    def train_json(self) -> Path:
+        return self.models / "train.json"
+
+    @property
+    def metrics_json(self) -> Path:
+        return self.reports / "metrics.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.reports / "plots"
+
+    @property
+    def model_card(self) -> Path:
+        return self.reports / "model_card.md"
+
     # medloop's own scratch space: never tracked, never under data/
     @property
     def state(self) -> Path:

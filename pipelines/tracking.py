@@ -1,0 +1,111 @@
+"""MLflow set-up and lineage, shared by train, evaluate and promote.
+
+Relative locations in ``tracking`` are resolved against the workspace root, so the default
+(SQLite store and artifact folder under ``.medloop/``) needs no server. MLflow is imported inside
+the functions that use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from pipelines.config import Params
+from pipelines.workspace import Layout
+
+FLOW_RUN_ENV = "MEDLOOP_FLOW_RUN_ID"  # set by the Prefect tasks; pipelines never import Prefect
+
+
+def tracking_uri(params: Params, layout: Layout) -> str:
+    """The MLflow tracking URI with a relative SQLite path made absolute."""
+    uri = params.tracking.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = layout.root / uri[len(prefix):]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    return uri
+
+
+def artifact_location(params: Params, layout: Layout) -> str:
+    """Where new experiments store artifacts (a file URI for a relative folder)."""
+    root = params.tracking.artifact_root
+    if "://" in root:
+        return root
+    path = Path(root) if Path(root).is_absolute() else layout.root / root
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve().as_uri()
+
+
+def configure(params: Params, layout: Layout) -> str:
+    """Point MLflow at the workspace's store; create the experiment when missing; its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(params, layout))
+    name = params.tracking.experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        return mlflow.create_experiment(name, artifact_location=artifact_location(params, layout))
+    return experiment.experiment_id
+
+
+def lineage(params: Params, layout: Layout) -> dict[str, str]:
+    """What a run or model version was made from: git commit, DVC data hashes, params hash,
+    flow run id. Every value is a string (MLflow tags)."""
+    tags = {
+        "medloop.git_commit": _git_commit(layout),
+        "medloop.params_hash": params.digest(),
+        "medloop.data.raw": _dvc_file_hash(layout.root / "data" / "raw.dvc"),
+        "medloop.data.feedback": _dvc_file_hash(layout.root / "data" / "feedback.dvc"),
+        "medloop.data.processed": _lock_out_hash(layout, "preprocess", "data/processed"),
+        "medloop.data.frozen_test_set": _lock_out_hash(layout, "preprocess", "data/splits"),
+    }
+    flow_run = os.environ.get(FLOW_RUN_ENV)
+    if flow_run:
+        tags["medloop.flow_run_id"] = flow_run
+    return tags
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _git_commit(layout: Layout) -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=layout.root, capture_output=True, text=True)
+    if done.returncode != 0:
+        return "none"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=layout.root,
+                           capture_output=True, text=True).stdout.strip()
+    return done.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def _dvc_file_hash(path: Path) -> str:
+    if not path.is_file():
+        return "none"
+    outs = yaml.safe_load(path.read_text()).get("outs", [])
+    return str(outs[0].get("md5", "none")) if outs else "none"
+
+
+def _lock_out_hash(layout: Layout, stage: str, out: str) -> str:
+    lock = layout.root / "dvc.lock"
+    if not lock.is_file():
+        return "none"
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for entry in stages.get(stage, {}).get("outs", []):
+        if entry.get("path") == out:
+            return str(entry.get("md5", "none"))
+    return "none"
+
+
+def dumps(payload: dict) -> str:
+    """Deterministic JSON for reports that DVC tracks."""
+    return json.dumps(payload, indent=2, sort_keys=True) + "\n"
