@@ -108,7 +108,12 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
         staging.rename(layout.batches / batch_id)  # publish: one atomic rename
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    dvc_file = track(layout, layout.raw)
+    try:
+        dvc_file = track(layout, layout.raw)
+    except MedloopError:
+        # Unpublish: data/raw must match the version DVC last recorded.
+        shutil.rmtree(layout.batches / batch_id, ignore_errors=True)
+        raise
     result = CollectResult(
         batch_id=batch_id,
         stored=counts[STORED],
