@@ -99,7 +99,10 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
         if not counts["new"]:
             log.info("nothing new from %s (%d already collected)", source.name, counts["already"])
             return CollectResult(None, 0, 0, 0, counts["already"], None)
-        frame = pd.DataFrame(rows["manifest"])
+        parts = [manifest.conform(f) for f in rows.get("frames", [])]
+        if rows["manifest"]:
+            parts.insert(0, manifest.conform(pd.DataFrame(rows["manifest"])))
+        frame = pd.concat(parts, ignore_index=True)
         frame["batch_id"] = batch_id
         frame["arrival_time"] = arrival
         frame["source"] = source.name
@@ -225,7 +228,8 @@ def _collect_tables(params: Params, source, state: SourceState, salt: bytes, see
     from pipelines.deid.tabular import check_columns, deidentify_table
 
     schema, deid = params.tabular, params.deid
-    manifest_rows: list[dict] = []
+    manifest_rows: list[dict] = []  # rows not stored (duplicates), one dict each
+    manifest_frames: list[pd.DataFrame] = []  # stored rows, a frame per chunk
     stored_frames: list[pd.DataFrame] = []
     already = 0
     next_row = 0
@@ -282,24 +286,34 @@ def _collect_tables(params: Params, source, state: SourceState, salt: bytes, see
             "reason": "",
             **{name: values.astype("string") for name, values in subgroups.items()},
         })
-        manifest_rows.extend(batch_manifest.to_dict("records"))
+        manifest_frames.append(batch_manifest)
     if stored_frames:
         rows = pd.concat(stored_frames, ignore_index=True)
         rows.to_parquet(staging / "rows.parquet", index=False)
-    return {"manifest": manifest_rows, "already": already}
+    return {"manifest": manifest_rows, "frames": manifest_frames, "already": already}
 
 
 def _row_hashes(frame: pd.DataFrame, salt: bytes | None) -> pd.Series:
-    """One hash per row over its values (keyed when a salt is given); column order ignored."""
+    """One hash per row over its values (keyed when a salt is given); column order ignored.
+
+    A row's text is the sorted column names, then its values as text joined by a separator
+    (Arrow builds the joined strings in C; only the hashing is a Python loop).
+    """
     import hashlib
 
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     columns = sorted(frame.columns)
-    text = pd.Series("", index=frame.index, dtype="object")
-    for column in columns:
-        text = text + column + "=" + frame[column].astype("string").fillna("<NA>").astype(object) + "\x1f"
+    header = ("\x1e".join(columns) + "\x1d").encode()
+    values = [pa.array(frame[c].astype("string").fillna("<NA>").to_numpy(dtype=object), type=pa.string())
+              for c in columns]
+    joined = pc.binary_join_element_wise(*values, "\x1f").to_pylist() if values else [""] * len(frame)
     if salt is None:
-        return pd.Series([hashlib.sha256(t.encode()).hexdigest() for t in text], index=frame.index)
-    return pd.Series([keyed_hash(salt, t.encode()) for t in text], index=frame.index)
+        hashes = [hashlib.sha256(header + text.encode()).hexdigest() for text in joined]
+    else:
+        hashes = [keyed_hash(salt, header + text.encode()) for text in joined]
+    return pd.Series(hashes, index=frame.index)
 
 
 def _storable(frame: pd.DataFrame) -> pd.DataFrame:
@@ -325,9 +339,13 @@ def _rejected(item_id: str, reason: str) -> dict:
 
 
 def _count(rows: dict) -> dict:
-    statuses = pd.Series([row["status"] for row in rows["manifest"]], dtype="object")
+    statuses = pd.concat(
+        [pd.Series([row["status"] for row in rows["manifest"]], dtype="object")]
+        + [frame["status"].astype(object) for frame in rows.get("frames", [])],
+        ignore_index=True,
+    )
     counts = {status: int((statuses == status).sum()) for status in (STORED, REJECTED, DUPLICATE)}
-    counts["new"] = len(rows["manifest"])
+    counts["new"] = len(statuses)
     counts["already"] = rows["already"]
     return counts
 

@@ -123,12 +123,17 @@ def assign_patients(
         One row per patient: ``patient_id``, ``stratum``, ``split``.
     """
     rank = {name: i for i, name in enumerate(classes)}
-    strata = (
+    # The label of most of the patient's items; a tie goes to the class listed first.
+    counts = (
         records.assign(_rank=records["label"].map(rank))
-        .groupby("patient_id")["_rank"]
-        .agg(lambda ranks: ranks.value_counts().sort_index(kind="stable").idxmax())
+        .groupby(["patient_id", "_rank"]).size().rename("items").reset_index()
+        .sort_values(["patient_id", "items", "_rank"], ascending=[True, False, True], kind="stable")
+        .drop_duplicates("patient_id")
     )
-    patients = pd.DataFrame({"patient_id": strata.index.astype(str), "stratum": [classes[r] for r in strata]})
+    patients = pd.DataFrame({
+        "patient_id": counts["patient_id"].astype(str).to_numpy(),
+        "stratum": [classes[int(r)] for r in counts["_rank"]],
+    })
     patients["order"] = [_order_key(spec.seed, p) for p in patients["patient_id"]]
     patients = patients.sort_values(["stratum", "order"], kind="stable").reset_index(drop=True)
     patients["split"] = pd.NA
@@ -206,27 +211,33 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, params: Params) -> 
     out_dir.mkdir()
     usable = items[items["split"].isin(SPLITS)].reset_index(drop=True)
     jobs = [(str(layout.clean / p), height, width) for p in usable["image_path"]]
-    if len(jobs) >= PARALLEL_FROM and (os.cpu_count() or 1) > 1:
-        with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-            pixels = list(pool.map(_prepare_image, jobs, chunksize=64))
-    else:
-        pixels = [_prepare_image(job) for job in jobs]
+    parallel = len(jobs) >= PARALLEL_FROM and (os.cpu_count() or 1) > 1
+    pool = ProcessPoolExecutor(max_workers=os.cpu_count()) if parallel else None
 
     shard_size = params.preprocess.shard_size
     shards: dict[str, list[str]] = {}
     shard_of = np.empty(len(usable), dtype=object)
-    for split in SPLITS:
-        positions = np.flatnonzero(usable["split"].to_numpy() == split)
-        count = max(1, -(-len(positions) // shard_size))
-        shards[split] = []
-        for shard in range(count):
-            name = f"images/{split}-{shard:05d}-of-{count:05d}.tfrecord"
-            shards[split].append(name)
-            chosen = positions[shard * shard_size : (shard + 1) * shard_size]
-            with tf.io.TFRecordWriter(str(layout.processed / name)) as writer:
-                for position in chosen:
-                    writer.write(_example(pixels[position], usable, position).SerializeToString())
-            shard_of[chosen] = name
+    try:
+        for split in SPLITS:
+            positions = np.flatnonzero(usable["split"].to_numpy() == split)
+            count = max(1, -(-len(positions) // shard_size))
+            shards[split] = []
+            for shard in range(count):
+                name = f"images/{split}-{shard:05d}-of-{count:05d}.tfrecord"
+                shards[split].append(name)
+                chosen = positions[shard * shard_size : (shard + 1) * shard_size]
+                # One shard's pixels in memory at a time, however large the data set.
+                shard_jobs = [jobs[position] for position in chosen]
+                pixels = list(pool.map(_prepare_image, shard_jobs, chunksize=16)) if pool else [
+                    _prepare_image(job) for job in shard_jobs
+                ]
+                with tf.io.TFRecordWriter(str(layout.processed / name)) as writer:
+                    for position, image in zip(chosen, pixels):
+                        writer.write(_example(image, usable, position).SerializeToString())
+                shard_of[chosen] = name
+    finally:
+        if pool:
+            pool.shutdown()
     usable["shard"] = shard_of
     index = items.merge(usable[["record_id", "shard"]], on="record_id", how="left")
     index.to_parquet(layout.processed / "index.parquet", index=False)
