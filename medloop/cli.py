@@ -85,6 +85,46 @@ def refresh(workspace: Path = WorkspaceOption, night: Optional[int] = typer.Opti
 
 
 @app.command()
+def promote(
+    workspace: Path = WorkspaceOption,
+    run: Optional[str] = typer.Option(None, "--run", help="Override: register and promote this refused run."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why (required with --run); recorded."),
+) -> None:
+    """Gate the evaluated model and register it as champion if it passes (or override with --run)."""
+    from pipelines import promote as promotion
+    from pipelines.config import load_params
+    from pipelines.errors import MedloopError
+    from pipelines.workspace import Layout
+
+    layout = Layout.at(workspace).require()
+    params = load_params(layout.params_file)
+    if run:
+        if not reason:
+            raise MedloopError("--reason is required with --run: an override is recorded with who and why")
+        result = promotion.override(params, layout, run, reason, actor=None)
+    else:
+        if reason:
+            raise MedloopError("--reason goes with --run (a human override); a gated promotion records its gates")
+        result = promotion.run(params, layout, actor=promotion.default_actor(), require_promotion=True)
+    _console().print(result.describe())
+
+
+@app.command()
+def rollback(
+    workspace: Path = WorkspaceOption,
+    reason: str = typer.Option("", "--reason", help="Why; recorded in the promotion history."),
+) -> None:
+    """Make the previous champion the champion again (recorded)."""
+    from pipelines import promote as promotion
+    from pipelines.config import load_params
+    from pipelines.workspace import Layout
+
+    layout = Layout.at(workspace).require()
+    result = promotion.rollback(load_params(layout.params_file), layout, reason=reason)
+    _console().print(result.describe())
+
+
+@app.command()
 def demo(
     workspace: Path = typer.Option(Path("workspace/demo"), "--workspace", "-w"),
     params: Optional[Path] = typer.Option(None, "--params", help="Profile (default: params.yaml)."),

@@ -1,0 +1,272 @@
+"""The clinical gates a candidate model must pass to become champion (pure logic, no MLflow).
+
+Modelled on TFX's Evaluator: absolute thresholds (floors a model must reach on the frozen test
+set, overall and in every subgroup large enough to judge) plus change thresholds against the
+last blessed model (the champion), on point estimates, on the AUROC interval and per subgroup.
+
+Both inputs are ``reports/metrics.json`` dicts (see the shared contract) measured on the SAME
+frozen test set; when their ``frozen_test_set_sha256`` differ the comparison is refused, because
+two models are only comparable on the same yardstick.
+
+Every gate yields a `GateResult`, passed or not, so the decision can be shown in full: a gate
+that does not apply (no champion yet, a subgroup too small to judge) is listed with
+``passed=True`` and a detail that says why it was not gated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipelines.config import PromoteSpec
+
+# Metrics in metrics.json are floats computed by sklearn; a threshold met "exactly" must not fail
+# on the last bit (0.85 - 0.02 is 0.8300000000000001), so comparisons allow this much slack.
+TOLERANCE = 1e-9
+
+_LABELS = {"auroc": "AUROC", "sensitivity": "sensitivity", "specificity": "specificity", "ece": "ECE"}
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One gate's verdict.
+
+    Attributes:
+        gate: the gate's name, e.g. ``min_auroc``, ``subgroup_min_sensitivity[sex=F]``,
+            ``non_inferiority.auroc``.
+        observed: what the candidate showed (None when not measured or not applicable).
+        required: the bound it had to meet (None when not applicable).
+        passed: whether the gate passed (True for gates that do not apply).
+        detail: one sentence for a clinician, e.g. "AUROC 0.7800 is below the floor 0.8000".
+    """
+
+    gate: str
+    observed: float | str | None
+    required: float | str | None
+    passed: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """All gates' verdicts; ``passed`` only when every gate passed."""
+
+    passed: bool
+    reasons: list[GateResult] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[GateResult]:
+        return [reason for reason in self.reasons if not reason.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reasons": [reason.to_dict() for reason in self.reasons]}
+
+    def summary(self) -> str:
+        """One line per failed gate (observed vs required), or a line saying all passed."""
+        if self.passed:
+            return f"all {len(self.reasons)} gates passed"
+        return "\n".join(
+            f"  - {failure.gate}: {failure.detail} (observed {_fmt(failure.observed)}, "
+            f"required {_fmt(failure.required)})"
+            for failure in self.failures
+        )
+
+
+def evaluate_gates(candidate: dict, champion: dict | None, spec: PromoteSpec) -> Decision:
+    """Judge a candidate against the clinical floors and, when there is one, the champion.
+
+    Args:
+        candidate: the candidate's metrics.json.
+        champion: the champion's metrics.json on the same frozen test set, or None for the
+            first model (judged on the floors alone).
+        spec: the ``promote`` section of params.yaml.
+
+    Returns:
+        The decision with every gate's result, failed or not, in a stable order: floors,
+        subgroups, same frozen test set, non-inferiority.
+    """
+    test = candidate.get("test") or {}
+    reasons = [
+        _floor("min_auroc", "auroc", test.get("auroc"), spec.min_auroc),
+        _floor("min_sensitivity", "sensitivity", test.get("sensitivity"), spec.min_sensitivity),
+        _floor("min_specificity", "specificity", test.get("specificity"), spec.min_specificity),
+        _ceiling("max_ece", "ece", test.get("ece"), spec.max_ece),
+    ]
+    reasons += _subgroup_floors(candidate.get("subgroups") or {}, spec)
+    if champion is None:
+        reasons.append(GateResult("non_inferiority", None, None, True, "no champion: not applicable"))
+    else:
+        same_set = _same_frozen_test_set(candidate, champion)
+        reasons.append(same_set)
+        if same_set.passed:
+            reasons += _non_inferiority(candidate, champion, spec)
+        else:
+            reasons.append(GateResult(
+                "non_inferiority", None, None, True,
+                "not compared: the candidate and the champion were scored on different frozen "
+                "test sets",
+            ))
+    return Decision(passed=all(reason.passed for reason in reasons), reasons=reasons)
+
+
+# --------------------------------------------------------------------------------------------
+# absolute floors
+# --------------------------------------------------------------------------------------------
+
+
+def _floor(
+    gate: str, metric: str, observed: float | None, required: float, where: str = ""
+) -> GateResult:
+    label = _LABELS[metric] + where
+    if observed is None:
+        detail = f"{label} was not measured, so the floor {_fmt(required)} cannot be checked"
+        return GateResult(gate, None, required, False, detail)
+    if observed >= required - TOLERANCE:
+        detail = f"{label} {_fmt(observed)} meets the floor {_fmt(required)}"
+        return GateResult(gate, observed, required, True, detail)
+    detail = (f"{label} {_fmt(observed)} is below the floor {_fmt(required)} "
+              f"(short by {_fmt(required - observed)})")
+    return GateResult(gate, observed, required, False, detail)
+
+
+def _ceiling(gate: str, metric: str, observed: float | None, required: float) -> GateResult:
+    label = _LABELS[metric]
+    if observed is None:
+        detail = f"{label} was not measured, so the ceiling {_fmt(required)} cannot be checked"
+        return GateResult(gate, None, required, False, detail)
+    if observed <= required + TOLERANCE:
+        detail = f"{label} {_fmt(observed)} is within the ceiling {_fmt(required)}"
+        return GateResult(gate, observed, required, True, detail)
+    detail = (f"{label} {_fmt(observed)} is above the ceiling {_fmt(required)} "
+              f"(over by {_fmt(observed - required)})")
+    return GateResult(gate, observed, required, False, detail)
+
+
+def _subgroup_floors(subgroups: dict, spec: PromoteSpec) -> list[GateResult]:
+    results = []
+    for column in sorted(subgroups):
+        for value in sorted(subgroups[column], key=str):
+            group = subgroups[column][value]
+            key = f"{column}={value}"
+            n = int(group.get("n") or 0)
+            for metric, floor in (
+                ("auroc", getattr(spec, "subgroup_min_auroc", None)),
+                ("sensitivity", getattr(spec, "subgroup_min_sensitivity", None)),
+            ):
+                if floor is None:
+                    continue
+                gate = f"subgroup_min_{metric}[{key}]"
+                observed = group.get(metric)
+                if n < spec.subgroup_min_count:
+                    results.append(GateResult(
+                        gate, observed, floor, True,
+                        f"not gated (n={n} < {spec.subgroup_min_count}): subgroup {key} is too small to judge",
+                    ))
+                elif observed is None:
+                    why = "only one class present" if metric == "auroc" else "no positive cases"
+                    results.append(GateResult(
+                        gate, None, floor, True,
+                        f"not gated: {_LABELS[metric]} is undefined in subgroup {key} (n={n}, {why})",
+                    ))
+                else:
+                    results.append(_floor(gate, metric, observed, floor, where=f" in subgroup {key} (n={n})"))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# change thresholds against the champion
+# --------------------------------------------------------------------------------------------
+
+
+def _same_frozen_test_set(candidate: dict, champion: dict) -> GateResult:
+    ours = candidate.get("frozen_test_set_sha256")
+    theirs = champion.get("frozen_test_set_sha256")
+    if ours and theirs and ours == theirs:
+        return GateResult("same_frozen_test_set", ours, theirs, True,
+                          f"both were scored on frozen test set {ours[:12]}")
+    if not theirs:
+        detail = ("the champion's frozen test set is not recorded, so its metrics cannot be "
+                  "compared with the candidate's; re-score the champion on the current frozen test set")
+    elif not ours:
+        detail = "the candidate's metrics do not name their frozen test set; re-run evaluate"
+    else:
+        detail = (f"the candidate was scored on frozen test set {ours[:12]} but the champion on "
+                  f"{theirs[:12]}; compare them on the same yardstick by re-scoring the champion "
+                  "on the current frozen test set")
+    return GateResult("same_frozen_test_set", ours, theirs, False, detail)
+
+
+def _non_inferiority(candidate: dict, champion: dict, spec: PromoteSpec) -> list[GateResult]:
+    margin = spec.non_inferiority_margin
+    ours, theirs = candidate.get("test") or {}, champion.get("test") or {}
+    results = [
+        _not_worse(f"non_inferiority.{metric}", _LABELS[metric], ours.get(metric), theirs.get(metric), margin)
+        for metric in ("auroc", "sensitivity", "specificity")
+    ]
+    results.append(_interval_not_below(ours.get("auroc_ci"), theirs.get("auroc")))
+    our_groups, their_groups = candidate.get("subgroups") or {}, champion.get("subgroups") or {}
+    for column in sorted(set(our_groups) & set(their_groups)):
+        for value in sorted(set(our_groups[column]) & set(their_groups[column]), key=str):
+            group, reference = our_groups[column][value], their_groups[column][value]
+            key = f"{column}={value}"
+            n = int(group.get("n") or 0)
+            if n < spec.subgroup_min_count or group.get("auroc") is None or reference.get("auroc") is None:
+                continue  # not gated: too small or undefined (already listed with the floors)
+            results.append(_not_worse(
+                f"non_inferiority.subgroup_auroc[{key}]", f"AUROC in subgroup {key} (n={n})",
+                group["auroc"], reference["auroc"], margin,
+            ))
+    return results
+
+
+def _not_worse(
+    gate: str, label: str, observed: float | None, reference: float | None, margin: float
+) -> GateResult:
+    if reference is None:
+        detail = f"the champion's {label} is not recorded: not gated"
+        return GateResult(gate, observed, None, True, detail)
+    required = reference - margin
+    if observed is None:
+        detail = (f"{label} was not measured, so it cannot be compared with the champion's "
+                  f"{_fmt(reference)}")
+        return GateResult(gate, None, required, False, detail)
+    if observed >= required - TOLERANCE:
+        return GateResult(
+            gate, observed, required, True,
+            f"{label} {_fmt(observed)} is no worse than the champion's {_fmt(reference)} "
+            f"by more than the margin {_fmt(margin)}",
+        )
+    return GateResult(
+        gate, observed, required, False,
+        f"{label} {_fmt(observed)} is worse than the champion's {_fmt(reference)} by "
+        f"{_fmt(reference - observed)}, more than the margin {_fmt(margin)} (required at least {_fmt(required)})",
+    )
+
+
+def _interval_not_below(interval: list | None, reference: float | None) -> GateResult:
+    gate = "non_inferiority.auroc_ci"
+    if reference is None:
+        return GateResult(gate, None, None, True, "the champion's AUROC is not recorded: not gated")
+    if not interval or len(interval) != 2 or interval[1] is None:
+        return GateResult(gate, None, reference, True,
+                          "not gated: the candidate has no AUROC interval (evaluate.bootstrap_samples is 0?)")
+    low, high = interval
+    shown = f"[{_fmt(low)}, {_fmt(high)}]"
+    if high >= reference - TOLERANCE:
+        return GateResult(gate, high, reference, True,
+                          f"the AUROC 95% interval {shown} reaches the champion's AUROC {_fmt(reference)}: "
+                          "the candidate is not confidently worse")
+    return GateResult(gate, high, reference, False,
+                      f"the AUROC 95% interval {shown} lies wholly below the champion's AUROC "
+                      f"{_fmt(reference)}: the candidate is confidently worse")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != 0 and abs(value) < 1e-4:
+            return f"{value:.1e}"
+        return f"{value:.4f}"
+    return str(value)

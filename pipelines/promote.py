@@ -1,0 +1,563 @@
+"""Promote (a task, not a DVC stage: it changes the model registry): bless a model or refuse it.
+
+The candidate is the run named by ``models/train.json``, judged on ``reports/metrics.json``
+(the frozen test set) by `pipelines.gates.evaluate_gates`, against the clinical floors and the
+current champion.
+
+- Passed: the run's logged model is registered as a new version of ``model.name``; the decision,
+  every gate's verdict, the operating threshold, a metrics summary, the full metrics.json and
+  the run's lineage are copied onto the version as tags; alias ``champion`` moves to it and
+  ``previous-champion`` to the former champion (which keeps its version number).
+- Refused: the registry is not touched at all. The run gets tags
+  ``medloop.promotion.decision=refused`` and ``medloop.promotion.reasons`` (every failed gate);
+  the full decision is logged with the run as ``promotion/decision.json``.
+
+A human may `override` a refusal (registering and promoting the refused run, recording who and
+why) and may `rollback` to the previous champion. Every action is appended to the promotion
+history, a JSON list kept as tags of the registered model (see `history`).
+
+Champions are compared on the candidate's frozen test set: the metrics recorded on the champion's
+version are used when they were measured on the same set. When they were not, a ``rescore``
+callable (model URI -> metrics.json dict on the current frozen test set) re-scores the champion;
+without one the ``same_frozen_test_set`` gate fails and says so.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from pipelines.config import Params
+from pipelines.errors import GateError, MedloopError
+from pipelines.gates import Decision, evaluate_gates
+from pipelines.stage import stage_main
+from pipelines.tracking import configure, tracking_uri
+from pipelines.workspace import Layout
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger("medloop.promote")
+
+CHAMPION = "champion"
+PREVIOUS_CHAMPION = "previous-champion"
+MODEL_ARTIFACT = "model"  # the artifact path (logged model name) train uses
+
+TAG = "medloop.promotion."
+DECISION_TAG = TAG + "decision"
+REASONS_TAG = TAG + "reasons"
+HISTORY_TAG = TAG + "history"
+HISTORY_PAGES_TAG = TAG + "history.pages"
+METRICS_TAG = "medloop.metrics"  # the full metrics.json on a version, JSON
+
+DECISION_ARTIFACT = "promotion/decision.json"
+METRICS_ARTIFACT = "promotion/metrics.json"
+
+# Run tags are cut at 8000 characters by MLflow and registered-model tags are VARCHAR(5000) on
+# PostgreSQL: JSON kept in them must fit, or it would be cut into invalid JSON.
+RUN_TAG_LIMIT = 8000
+HISTORY_PAGE_LIMIT = 4500
+
+
+class PromotionError(MedloopError):
+    """Promotion cannot be attempted: a file, run, model or alias it needs is missing."""
+
+
+class PromotionRefused(GateError):
+    """The candidate failed the promotion gates (raised only with ``require_promotion=True``)."""
+
+    def __init__(self, message: str, decision: Decision, run_id: str):
+        super().__init__(message)
+        self.decision = decision
+        self.run_id = run_id
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    """What a promotion, refusal, override or rollback did.
+
+    Attributes:
+        action: ``promoted``, ``refused``, ``override``, ``rollback``, or ``unchanged`` (the run
+            was registered before; nothing was done).
+        passed: True when the registry now serves ``version`` as champion.
+        model_name: the registered model.
+        run_id: the run judged, registered or restored.
+        version: the champion's version after the action (None when refused).
+        previous_version: the version aliased ``previous-champion`` after the action.
+        decision: every gate's verdict (None for a rollback).
+        actor: who acted.
+        reason: why (gate summary, the human's reason).
+        at: when (UTC, ISO 8601).
+    """
+
+    action: str
+    passed: bool
+    model_name: str
+    run_id: str | None
+    version: str | None
+    previous_version: str | None
+    decision: Decision | None
+    actor: str
+    reason: str
+    at: str
+
+    def describe(self) -> str:
+        if self.action == "unchanged":
+            return f"{self.model_name}: {self.reason}"
+        if self.action == "refused":
+            assert self.decision is not None
+            return (f"run {self.run_id} refused, registry untouched; failed gates:\n"
+                    + self.decision.summary())
+        previous = f", previous-champion is v{self.previous_version}" if self.previous_version else ""
+        verb = {"promoted": "promoted", "override": "promoted by override", "rollback": "restored by rollback"}
+        return f"{self.model_name} v{self.version} {verb[self.action]} as champion{previous}"
+
+
+def run(
+    params: Params,
+    layout: Layout,
+    *,
+    actor: str = "medloop",
+    require_promotion: bool = False,
+    rescore: Callable[[str], dict] | None = None,
+) -> PromotionResult:
+    """Judge the latest trained and evaluated model and promote it when every gate passes.
+
+    Args:
+        params: the configuration (``model.name``, ``tracking``, ``promote`` gates).
+        layout: the workspace (reads ``models/train.json`` and ``reports/metrics.json``).
+        actor: who asks (the nightly flow by default).
+        require_promotion: raise `PromotionRefused` instead of returning a refused result.
+        rescore: given a champion's ``models:/<name>/<version>`` URI, its metrics.json on the
+            current frozen test set; used only when the champion's recorded metrics are from a
+            different frozen test set.
+
+    Returns:
+        The result: ``promoted`` (new champion version), ``refused`` (registry untouched) or
+        ``unchanged`` (this run is registered already; ``passed`` says whether it is champion).
+
+    Raises:
+        PromotionError: train.json or metrics.json is missing or they disagree, the run is not in
+            the tracking store, or (when the gates pass) it has no logged model.
+        PromotionRefused: the gates failed and ``require_promotion`` is set.
+    """
+    from mlflow import MlflowClient
+
+    train_info = _read_json(layout.train_json, "train")
+    candidate = _read_json(layout.metrics_json, "evaluate")
+    run_id = train_info.get("run_id")
+    if not run_id:
+        raise PromotionError(f"{layout.train_json} names no run_id; re-run train")
+    if candidate.get("run_id") != run_id:
+        raise PromotionError(
+            f"{layout.metrics_json} is for run {candidate.get('run_id')} but {layout.train_json} "
+            f"names run {run_id}: re-run evaluate before promoting"
+        )
+    configure(params, layout)
+    client = MlflowClient()
+    name = params.model.name
+    mlflow_run = _get_run(client, run_id, params, layout)
+
+    champion = _alias(client, name, CHAMPION)
+    registered = _version_of_run(client, name, run_id)
+    if registered is not None:
+        # A retried task, or a night with nothing retrained: never register the same run twice.
+        serving = champion is not None and str(champion.version) == registered
+        state = "is champion" if serving else "is not champion now (rolled back?)"
+        log.info("run %s is already %s v%s and %s; registry unchanged", run_id, name, registered, state)
+        return PromotionResult("unchanged", serving, name, run_id, registered, None, None, actor,
+                               f"run {run_id} is already registered as v{registered} and {state}", _now())
+    champion_metrics = _champion_metrics(champion, candidate, name, rescore)
+    decision = evaluate_gates(candidate, champion_metrics, params.promote)
+    at = _now()
+    _log_decision(client, run_id, candidate, decision, actor, at)
+
+    if not decision.passed:
+        client.set_tag(run_id, DECISION_TAG, "refused")
+        client.set_tag(run_id, REASONS_TAG, _fit_json([f.to_dict() for f in decision.failures], RUN_TAG_LIMIT))
+        client.set_tag(run_id, TAG + "actor", actor)
+        client.set_tag(run_id, TAG + "at", at)
+        log.warning("run %s refused: %d gate(s) failed\n%s", run_id, len(decision.failures), decision.summary())
+        result = PromotionResult("refused", False, name, run_id, None, None, decision, actor,
+                                 decision.summary(), at)
+        if require_promotion:
+            raise PromotionRefused(
+                f"model {name} run {run_id} was not promoted; the registry is unchanged. Failed gates:\n"
+                f"{decision.summary()}\nFull report: {layout.metrics_json} and the run's artifact "
+                f"{DECISION_ARTIFACT}",
+                decision, run_id,
+            )
+        return result
+
+    model_id, source = _logged_model(client, mlflow_run)
+    reason = f"passed all {len(decision.reasons)} gates"
+    tags = _version_tags(mlflow_run, candidate, decision, "promoted", actor, at, reason)
+    return _register_and_crown(client, params, layout, run_id, model_id, source, tags, champion,
+                               "promoted", actor, reason, at, decision)
+
+
+def override(
+    params: Params,
+    layout: Layout,
+    run_id: str,
+    reason: str,
+    actor: str | None = None,
+) -> PromotionResult:
+    """A human promotes a run the gates refused, on their own authority.
+
+    Args:
+        params: the configuration.
+        layout: the workspace.
+        run_id: the refused MLflow run.
+        reason: why the refusal is overridden (required; recorded on the version and in history).
+        actor: who overrides (default: ``$MEDLOOP_ACTOR`` or the login name).
+
+    Returns:
+        The result: action ``override``, the run's new version is champion.
+
+    Raises:
+        PromotionError: no reason given; the run is unknown, was never judged by promote, was
+            already promoted, or has no logged model.
+    """
+    from mlflow import MlflowClient
+
+    actor = actor or default_actor()
+    if not reason or not reason.strip():
+        raise PromotionError("an override needs a reason: say why the refused gates may be set aside")
+    configure(params, layout)
+    client = MlflowClient()
+    name = params.model.name
+    mlflow_run = _get_run(client, run_id, params, layout)
+    judged = mlflow_run.data.tags.get(DECISION_TAG)
+    if judged is None:
+        raise PromotionError(
+            f"run {run_id} was never judged by promote, so there is no refusal to override; "
+            "run `medloop promote` first"
+        )
+    if judged != "refused":
+        version = mlflow_run.data.tags.get(TAG + "version", "?")
+        raise PromotionError(f"run {run_id} was already registered ({judged}) as {name} v{version}; "
+                             "nothing to override")
+    model_id, source = _logged_model(client, mlflow_run)
+    candidate = _run_metrics(run_id)
+    refused = _load_json_list(mlflow_run.data.tags.get(REASONS_TAG))
+    champion = _alias(client, name, CHAMPION)
+    at = _now()
+    tags = _version_tags(mlflow_run, candidate, None, "override", actor, at, reason)
+    tags[REASONS_TAG] = json.dumps(refused)  # the gates that were set aside
+    tags[TAG + "overridden_at"] = mlflow_run.data.tags.get(TAG + "at", "")
+    result = _register_and_crown(client, params, layout, run_id, model_id, source, tags, champion,
+                                 "override", actor, reason, at, None)
+    log.warning("%s v%s promoted by override of %s: %s", name, result.version, actor, reason)
+    return result
+
+
+def rollback(params: Params, layout: Layout, actor: str | None = None, reason: str = "") -> PromotionResult:
+    """Make the previous champion champion again.
+
+    The version that was champion becomes ``previous-champion``, so a second rollback undoes the
+    first. Nothing is registered or deleted.
+
+    Args:
+        params: the configuration.
+        layout: the workspace.
+        actor: who rolls back (default: ``$MEDLOOP_ACTOR`` or the login name).
+        reason: why (recorded in the history).
+
+    Returns:
+        The result: action ``rollback``; ``version`` is the restored champion.
+
+    Raises:
+        PromotionError: the model is not registered or has no previous champion.
+    """
+    from mlflow import MlflowClient
+
+    actor = actor or default_actor()
+    configure(params, layout)
+    client = MlflowClient()
+    name = params.model.name
+    if not _registered(client, name):
+        raise PromotionError(f"model {name} is not registered in {tracking_uri(params, layout)}: "
+                             "nothing to roll back")
+    previous = _alias(client, name, PREVIOUS_CHAMPION)
+    if previous is None:
+        raise PromotionError(f"model {name} has no {PREVIOUS_CHAMPION} alias: there is no earlier "
+                             "champion to roll back to")
+    current = _alias(client, name, CHAMPION)
+    at = _now()
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
+        client.set_model_version_tag(name, current.version, TAG + "rolled_back", json.dumps(
+            {"at": at, "actor": actor, "reason": reason, "restored_version": str(previous.version)}))
+    else:
+        client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    demoted = str(current.version) if current is not None else None
+    _append_history(client, name, {
+        "version": str(previous.version), "alias": CHAMPION, "action": "rollback", "actor": actor,
+        "reason": reason, "at": at, "replaced": demoted,
+    })
+    log.warning("%s rolled back to v%s (was v%s) by %s", name, previous.version, demoted, actor)
+    return PromotionResult("rollback", True, name, previous.run_id, str(previous.version), demoted,
+                           None, actor, reason, at)
+
+
+def history(params: Params, layout: Layout) -> list[dict]:
+    """Every promotion, override and rollback of ``model.name``, oldest first.
+
+    Each entry: ``version``, ``alias``, ``action`` (promoted | override | rollback), ``actor``,
+    ``reason``, ``at`` (and ``replaced``: the champion it displaced). Empty before the first.
+    """
+    from mlflow import MlflowClient
+
+    configure(params, layout)
+    client = MlflowClient()
+    if not _registered(client, params.model.name):
+        return []
+    return _read_history(client.get_registered_model(params.model.name).tags)
+
+
+def default_actor() -> str:
+    """Who is acting: ``$MEDLOOP_ACTOR`` or the login name."""
+    return os.environ.get("MEDLOOP_ACTOR") or getpass.getuser()
+
+
+# --------------------------------------------------------------------------------------------
+# reading inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, stage: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PromotionError(f"{path} is missing: run {stage} before promoting") from None
+    except json.JSONDecodeError as exc:
+        raise PromotionError(f"{path} is not valid JSON ({exc}): re-run {stage}") from None
+
+
+def _get_run(client: "MlflowClient", run_id: str, params: Params, layout: Layout):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise PromotionError(
+            f"run {run_id} is not in the tracking store {tracking_uri(params, layout)}"
+        ) from None
+
+
+def _logged_model(client: "MlflowClient", mlflow_run) -> tuple[str | None, str]:
+    """The run's logged model ``model``: (model id, source URI to register)."""
+    run_id = mlflow_run.info.run_id
+    outputs = mlflow_run.outputs.model_outputs if mlflow_run.outputs else []
+    # MLflow 3 logs a model as a LoggedModel linked to the run (the newest step wins).
+    for output in sorted(outputs, key=lambda o: o.step, reverse=True):
+        logged = client.get_logged_model(output.model_id)
+        if logged.name == MODEL_ARTIFACT:
+            return logged.model_id, f"models:/{logged.model_id}"
+    # A model saved among the run's own artifacts (MLflow 2 layout).
+    if any(item.path.endswith("MLmodel") for item in client.list_artifacts(run_id, MODEL_ARTIFACT)):
+        return None, f"runs:/{run_id}/{MODEL_ARTIFACT}"
+    raise PromotionError(
+        f"run {run_id} has no logged model {MODEL_ARTIFACT!r}, so there is nothing to register; "
+        "re-run train"
+    )
+
+
+def _run_metrics(run_id: str) -> dict:
+    import mlflow
+
+    try:
+        return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{METRICS_ARTIFACT}"))
+    except Exception:  # noqa: BLE001 - any failure means the same thing to the user
+        raise PromotionError(f"run {run_id} has no {METRICS_ARTIFACT} artifact: run promote on it first") from None
+
+
+# --------------------------------------------------------------------------------------------
+# the registry
+# --------------------------------------------------------------------------------------------
+
+
+def _registered(client: "MlflowClient", name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
+def _version_of_run(client: "MlflowClient", name: str, run_id: str) -> str | None:
+    """The version already registered from this run, if any."""
+    if not _registered(client, name):
+        return None
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return str(max(int(v.version) for v in versions)) if versions else None
+
+
+def _alias(client: "MlflowClient", name: str, alias: str) -> "ModelVersion | None":
+    """The version behind an alias; None when the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def _champion_metrics(champion, candidate: dict, name: str, rescore) -> dict | None:
+    if champion is None:
+        return None
+    recorded = champion.tags.get(METRICS_TAG)
+    metrics = json.loads(recorded) if recorded else {}
+    if metrics.get("frozen_test_set_sha256") != candidate.get("frozen_test_set_sha256") and rescore:
+        log.info("re-scoring champion v%s on the current frozen test set", champion.version)
+        metrics = rescore(f"models:/{name}/{champion.version}")
+    return metrics
+
+
+def _register_and_crown(
+    client: "MlflowClient", params: Params, layout: Layout, run_id: str, model_id: str | None,
+    source: str, tags: dict[str, str], champion, action: str, actor: str, reason: str, at: str,
+    decision: Decision | None,
+) -> PromotionResult:
+    import mlflow
+
+    name = params.model.name
+    if not _registered(client, name):
+        client.create_registered_model(
+            name,
+            tags={"medloop.modality": params.model.modality,
+                  "medloop.positive_class": params.model.positive_class,
+                  "medloop.classes": json.dumps(params.model.classes)},
+            description=f"medloop {params.model.modality} model screening for "
+                        f"{params.model.positive_class}; served alias: {CHAMPION}",
+        )
+    version = mlflow.register_model(source, name, tags=tags).version
+    version = str(version)
+    former = str(champion.version) if champion is not None else None
+    # previous-champion first: a crash between the two leaves both aliases on the old champion,
+    # which still serves correctly.
+    if former is not None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, former)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    _append_history(client, name, {"version": version, "alias": CHAMPION, "action": action,
+                                   "actor": actor, "reason": reason, "at": at, "replaced": former})
+    client.set_tag(run_id, DECISION_TAG, action)
+    client.set_tag(run_id, TAG + "version", version)
+    client.set_tag(run_id, TAG + "actor", actor)
+    client.set_tag(run_id, TAG + "at", at)
+    if action != "override":
+        client.set_tag(run_id, REASONS_TAG, "[]")
+    log.info("%s v%s is champion (%s by %s)", name, version, action, actor)
+    return PromotionResult(action, True, name, run_id, version, former, decision, actor, reason, at)
+
+
+def _version_tags(mlflow_run, metrics: dict, decision: Decision | None, action: str, actor: str,
+                  at: str, reason: str) -> dict[str, str]:
+    """Everything a version carries: decision, lineage, threshold, metrics (all strings)."""
+    tags = {key: value for key, value in mlflow_run.data.tags.items()
+            if key.startswith("medloop.") and not key.startswith(TAG)}
+    test = metrics.get("test") or {}
+    tags.update({
+        DECISION_TAG: action,
+        TAG + "actor": actor,
+        TAG + "at": at,
+        TAG + "reason": reason,
+        "medloop.run_id": mlflow_run.info.run_id,
+        "medloop.operating_threshold": str(metrics.get("operating_threshold")),
+        "medloop.positive_class": str(metrics.get("positive_class")),
+        "medloop.frozen_test_set_sha256": str(metrics.get("frozen_test_set_sha256")),
+        "medloop.weights_sha256": str(metrics.get("weights_sha256")),
+        METRICS_TAG: json.dumps(metrics, sort_keys=True),
+    })
+    for key in ("auroc", "sensitivity", "specificity", "ece", "n"):
+        if test.get(key) is not None:
+            tags[f"medloop.metrics.test_{key}"] = str(test[key])
+    if decision is not None:
+        tags[REASONS_TAG] = json.dumps([verdict.to_dict() for verdict in decision.reasons])
+    return tags
+
+
+def _log_decision(client: "MlflowClient", run_id: str, metrics: dict, decision: Decision,
+                  actor: str, at: str) -> None:
+    """The full decision and the metrics judged, kept with the run (the tags may be cut short)."""
+    record = {"actor": actor, "at": at, **decision.to_dict()}
+    client.log_text(run_id, json.dumps(record, indent=2), DECISION_ARTIFACT)
+    client.log_text(run_id, json.dumps(metrics, indent=2, sort_keys=True), METRICS_ARTIFACT)
+
+
+# --------------------------------------------------------------------------------------------
+# promotion history: pages of a JSON list in registered-model tags
+# --------------------------------------------------------------------------------------------
+
+
+def _append_history(client: "MlflowClient", name: str, entry: dict[str, Any]) -> None:
+    """Append one entry. The newest page is ``medloop.promotion.history``; a full page is moved
+    to ``medloop.promotion.history.<k>`` (k = 1, 2, ...) so that no tag outgrows its column."""
+    tags = client.get_registered_model(name).tags
+    page = _load_json_list(tags.get(HISTORY_TAG)) + [entry]
+    if len(json.dumps(page)) > HISTORY_PAGE_LIMIT and len(page) > 1:
+        archived = int(tags.get(HISTORY_PAGES_TAG, "0")) + 1
+        client.set_registered_model_tag(name, f"{HISTORY_TAG}.{archived}", json.dumps(page[:-1]))
+        client.set_registered_model_tag(name, HISTORY_PAGES_TAG, str(archived))
+        page = [entry]
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(page))
+
+
+def _read_history(tags: dict[str, str]) -> list[dict]:
+    entries: list[dict] = []
+    for number in range(1, int(tags.get(HISTORY_PAGES_TAG, "0")) + 1):
+        entries += _load_json_list(tags.get(f"{HISTORY_TAG}.{number}"))
+    return entries + _load_json_list(tags.get(HISTORY_TAG))
+
+
+def _load_json_list(value: str | None) -> list:
+    return json.loads(value) if value else []
+
+
+def _fit_json(items: list[dict], limit: int) -> str:
+    """JSON of ``items`` within ``limit`` characters: details dropped, then the tail summarised."""
+    text = json.dumps(items)
+    if len(text) <= limit:
+        return text
+    short = [{k: v for k, v in item.items() if k != "detail"} for item in items]
+    for keep in range(len(short), -1, -1):
+        rest = len(short) - keep
+        tail = [{"gate": f"... {rest} more", "detail": f"see {DECISION_ARTIFACT}"}] if rest else []
+        text = json.dumps(short[:keep] + tail)
+        if len(text) <= limit:
+            return text
+    return "[]"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.promote``: judge and promote; a refusal exits with status 1."""
+    return stage_main(
+        "promote",
+        lambda params, layout: run(params, layout, actor=default_actor(), require_promotion=True),
+        PromotionResult.describe,
+        argv,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The promotion gates, table-driven: floors, subgroups, non-inferiority, intervals, yardstick."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from pipelines.config import PromoteSpec
+from pipelines.gates import evaluate_gates
+
+SPEC = PromoteSpec(
+    min_auroc=0.80, min_sensitivity=0.85, min_specificity=0.50, max_ece=0.15,
+    subgroup_min_count=20, subgroup_min_auroc=0.70, subgroup_min_sensitivity=0.70,
+    non_inferiority_margin=0.02,
+)
+FROZEN = "a" * 64
+
+
+def metrics(**test) -> dict:
+    """A metrics.json that passes every floor, with ``test`` values overridden."""
+    values = {"n": 200, "n_positive": 80, "auroc": 0.90, "sensitivity": 0.90, "specificity": 0.80,
+              "ece": 0.05, "auroc_ci": [0.86, 0.94]}
+    values.update(test)
+    return {
+        "positive_class": "malignant", "classes": ["benign", "malignant"],
+        "operating_threshold": 0.4, "threshold_source": "validation",
+        "test": values,
+        "subgroups": {
+            "site": {
+                "A": {"n": 120, "n_positive": 50, "auroc": 0.91, "sensitivity": 0.90, "specificity": 0.8},
+                "B": {"n": 80, "n_positive": 30, "auroc": 0.88, "sensitivity": 0.87, "specificity": 0.8},
+            },
+            "age_band": {
+                "90+": {"n": 5, "n_positive": 3, "auroc": 0.40, "sensitivity": 0.33, "specificity": 0.5},
+            },
+        },
+        "frozen_test_set_sha256": FROZEN, "weights_sha256": "w", "run_id": "r",
+    }
+
+
+def with_subgroup(base: dict, column: str, value: str, **group) -> dict:
+    out = copy.deepcopy(base)
+    out["subgroups"].setdefault(column, {}).setdefault(value, {}).update(group)
+    return out
+
+
+def gate(decision, name):
+    (found,) = [reason for reason in decision.reasons if reason.gate == name]
+    return found
+
+
+def test_first_model_is_judged_on_the_floors_alone():
+    decision = evaluate_gates(metrics(), None, SPEC)
+    assert decision.passed and not decision.failures
+    assert gate(decision, "non_inferiority").detail == "no champion: not applicable"
+    assert not any(r.gate.startswith("non_inferiority.") for r in decision.reasons)
+    assert gate(decision, "min_auroc").observed == 0.90
+    assert gate(decision, "min_auroc").required == 0.80
+
+
+@pytest.mark.parametrize(
+    "name, test, observed, required, words",
+    [
+        ("min_auroc", {"auroc": 0.799}, 0.799, 0.80, "AUROC 0.7990 is below the floor 0.8000"),
+        ("min_sensitivity", {"sensitivity": 0.849}, 0.849, 0.85, "sensitivity 0.8490 is below the floor 0.8500"),
+        ("min_specificity", {"specificity": 0.499}, 0.499, 0.50, "specificity 0.4990 is below the floor 0.5000"),
+        ("max_ece", {"ece": 0.151}, 0.151, 0.15, "ECE 0.1510 is above the ceiling 0.1500"),
+        ("min_auroc", {"auroc": None}, None, 0.80, "AUROC was not measured"),
+    ],
+)
+def test_each_floor_fails_by_a_small_amount_with_observed_and_required(name, test, observed, required, words):
+    decision = evaluate_gates(metrics(**test), None, SPEC)
+    assert not decision.passed
+    assert [f.gate for f in decision.failures] == [name]
+    failure = decision.failures[0]
+    assert (failure.observed, failure.required) == (observed, required)
+    assert words in failure.detail
+    assert name in decision.summary()
+
+
+def test_a_floor_met_exactly_passes():
+    assert evaluate_gates(metrics(auroc=0.80, sensitivity=0.85, specificity=0.50, ece=0.15), None, SPEC).passed
+
+
+@pytest.mark.parametrize(
+    "n, sensitivity, passed, words",
+    [
+        (20, 0.69, False, "sensitivity in subgroup sex=F (n=20) 0.6900 is below the floor 0.7000"),
+        (19, 0.10, True, "not gated (n=19 < 20)"),
+        (20, 0.70, True, "meets the floor"),
+        (40, None, True, "not gated: sensitivity is undefined"),
+    ],
+)
+def test_subgroup_sensitivity_is_gated_only_from_min_count(n, sensitivity, passed, words):
+    candidate = with_subgroup(metrics(), "sex", "F", n=n, n_positive=10, auroc=0.9, sensitivity=sensitivity)
+    decision = evaluate_gates(candidate, None, SPEC)
+    result = gate(decision, "subgroup_min_sensitivity[sex=F]")
+    assert result.passed is passed and decision.passed is passed
+    assert words in result.detail
+
+
+def test_subgroup_auroc_failure_and_small_subgroups_listed_as_not_gated():
+    candidate = with_subgroup(metrics(), "site", "B", auroc=0.65)
+    decision = evaluate_gates(candidate, None, SPEC)
+    assert [f.gate for f in decision.failures] == ["subgroup_min_auroc[site=B]"]
+    small = gate(decision, "subgroup_min_auroc[age_band=90+]")
+    assert small.passed and "not gated (n=5" in small.detail
+
+
+@pytest.mark.parametrize(
+    "metric, champion_value, candidate_value, passed",
+    [
+        ("auroc", 0.92, 0.90, True),          # exactly at the margin
+        ("auroc", 0.93, 0.90, False),         # 0.03 worse, margin 0.02
+        ("sensitivity", 0.91, 0.895, True),   # within
+        ("sensitivity", 0.95, 0.90, False),
+        ("specificity", 0.85, 0.83, True),
+        ("specificity", 0.85, 0.82, False),
+    ],
+)
+def test_non_inferiority_against_the_champion(metric, champion_value, candidate_value, passed):
+    candidate = metrics(**{metric: candidate_value})
+    champion = metrics(**{metric: champion_value})
+    decision = evaluate_gates(candidate, champion, SPEC)
+    result = gate(decision, f"non_inferiority.{metric}")
+    assert result.passed is passed and decision.passed is passed
+    assert result.required == pytest.approx(champion_value - 0.02)
+    if not passed:
+        assert "more than the margin 0.0200" in result.detail
+
+
+def test_interval_rule_fails_when_the_candidate_is_confidently_worse():
+    champion = metrics(auroc=0.90)
+    # Within the point-estimate margin (0.885 >= 0.88), but the whole interval lies below 0.90.
+    decision = evaluate_gates(metrics(auroc=0.885, auroc_ci=[0.87, 0.895]), champion, SPEC)
+    assert [f.gate for f in decision.failures] == ["non_inferiority.auroc_ci"]
+    failure = decision.failures[0]
+    assert (failure.observed, failure.required) == (0.895, 0.90)
+    assert "confidently worse" in failure.detail
+    assert evaluate_gates(metrics(auroc=0.885, auroc_ci=[0.86, 0.91]), champion, SPEC).passed
+
+
+def test_subgroup_non_inferiority_for_gated_subgroups_present_in_both():
+    champion = with_subgroup(metrics(), "site", "B", auroc=0.95)
+    candidate = with_subgroup(metrics(), "site", "B", auroc=0.90)
+    decision = evaluate_gates(candidate, champion, SPEC)
+    assert [f.gate for f in decision.failures] == ["non_inferiority.subgroup_auroc[site=B]"]
+    # Too small to judge: no comparison even when much worse.
+    champion = with_subgroup(metrics(), "age_band", "90+", auroc=0.99)
+    assert evaluate_gates(metrics(), champion, SPEC).passed
+
+
+def test_different_frozen_test_sets_are_not_compared():
+    champion = metrics()
+    champion["frozen_test_set_sha256"] = "b" * 64
+    decision = evaluate_gates(metrics(), champion, SPEC)
+    assert [f.gate for f in decision.failures] == ["same_frozen_test_set"]
+    assert "different" in gate(decision, "non_inferiority").detail
+    assert "re-scoring the champion" in decision.failures[0].detail
+    # A champion without recorded metrics cannot be compared either.
+    decision = evaluate_gates(metrics(), {}, SPEC)
+    assert [f.gate for f in decision.failures] == ["same_frozen_test_set"]
+    assert "not recorded" in decision.failures[0].detail

@@ -1,0 +1,289 @@
+"""Promotion against a real MLflow registry (SQLite under tmp_path) with real logged models.
+
+Each "training run" logs a tiny real pyfunc model (fixed probabilities, no TensorFlow) and the
+test writes models/train.json and reports/metrics.json as train and evaluate would.
+(No ``from __future__ import annotations`` here: MLflow reads the model's predict() type hints,
+which must be real types, not strings.)
+"""
+
+import json
+import shutil
+import warnings
+
+import pytest
+
+from pipelines import promote
+from pipelines.errors import GateError, MedloopError
+from pipelines.tracking import configure, dumps, lineage, tracking_uri
+from pipelines.workspace import Layout
+from conftest import load, make_workspace, tabular_params
+
+FROZEN = "f" * 64
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """One real workspace (git + DVC) per module; each test promotes in its own copy of it.
+
+    The MLflow database is created here once (its schema migrations take seconds); each copy
+    creates its own experiment, with artifacts inside the copy.
+    """
+    from mlflow import MlflowClient
+
+    layout = make_workspace(tmp_path_factory.mktemp("template"), tabular_params())
+    MlflowClient(tracking_uri(load(layout), layout)).search_experiments()
+    return layout
+
+
+@pytest.fixture
+def workspace(template, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDLOOP_ACTOR", "dr.test")
+    layout = Layout.at(shutil.copytree(template.root, tmp_path / "ws", symlinks=True))
+    params = load(layout)
+    configure(params, layout)
+    return params, layout
+
+
+def candidate(params, layout, *, log_model=True, subgroup_auroc=0.90, **test):
+    """A finished training run with a real logged model, plus train.json and metrics.json."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    class FixedProbabilities(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+            n = len(model_input)
+            return pd.DataFrame({"benign": np.full(n, 0.3), "malignant": np.full(n, 0.7)})
+
+    experiment_id = configure(params, layout)
+    with mlflow.start_run(experiment_id=experiment_id) as run, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlflow.set_tags(lineage(params, layout))
+        if log_model:
+            mlflow.pyfunc.log_model(name="model", python_model=FixedProbabilities(), pip_requirements=["mlflow"])
+    run_id = run.info.run_id
+    values = {"n": 114, "n_positive": 42, "auroc": 0.95, "auprc": 0.9, "sensitivity": 0.92,
+              "specificity": 0.85, "ece": 0.05, "auroc_ci": [0.92, 0.98]}
+    values.update(test)
+    metrics = {
+        "positive_class": "malignant", "classes": ["benign", "malignant"],
+        "operating_threshold": 0.42, "threshold_source": "validation", "test": values,
+        "validation": values,
+        "subgroups": {"site": {
+            "north": {"n": 60, "n_positive": 22, "auroc": subgroup_auroc, "sensitivity": 0.9, "specificity": 0.8},
+            "south": {"n": 54, "n_positive": 20, "auroc": 0.93, "sensitivity": 0.9, "specificity": 0.8},
+        }},
+        "frozen_test_set_sha256": FROZEN, "weights_sha256": "w-" + run_id, "run_id": run_id,
+    }
+    layout.models.mkdir(parents=True, exist_ok=True)
+    layout.reports.mkdir(parents=True, exist_ok=True)
+    layout.train_json.write_text(dumps({"run_id": run_id, "experiment_id": experiment_id}))
+    layout.metrics_json.write_text(dumps(metrics))
+    return run_id
+
+
+def registry(params):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name = '{params.model.name}'")
+    return client, sorted(int(v.version) for v in versions)
+
+
+def aliases(client, params) -> dict[str, str]:
+    return {alias: str(version) for alias, version in client.get_registered_model(params.model.name).aliases.items()}
+
+
+@pytest.mark.slow
+def test_promotion_story_promote_refuse_override_rollback(workspace):
+    params, layout = workspace
+    name = params.model.name
+
+    # 1. The first model passes the floors: version 1, champion, no previous champion.
+    first_run = candidate(params, layout, auroc=0.90, auroc_ci=[0.86, 0.94])
+    first = promote.run(params, layout)
+    assert (first.action, first.passed, first.version, first.previous_version) == ("promoted", True, "1", None)
+    client, versions = registry(params)
+    assert versions == [1] and aliases(client, params) == {"champion": "1"}
+    v1 = client.get_model_version(name, "1")
+    assert v1.run_id == first_run
+    assert v1.tags["medloop.promotion.decision"] == "promoted"
+    assert v1.tags["medloop.promotion.actor"] == "medloop"
+    assert v1.tags["medloop.operating_threshold"] == "0.42"
+    assert v1.tags["medloop.metrics.test_auroc"] == "0.9"
+    assert v1.tags["medloop.params_hash"] == params.digest()  # lineage copied from the run
+    assert json.loads(v1.tags["medloop.metrics"])["frozen_test_set_sha256"] == FROZEN
+    reasons = json.loads(v1.tags["medloop.promotion.reasons"])
+    assert {"min_auroc", "min_sensitivity", "max_ece", "non_inferiority"} <= {r["gate"] for r in reasons}
+    assert all(r["passed"] for r in reasons)
+    assert promote.history(params, layout)[0]["action"] == "promoted"
+
+    # 2. A better model: v2 champion, v1 previous-champion and still version 1.
+    candidate(params, layout, auroc=0.95)
+    second = promote.run(params, layout)
+    assert (second.version, second.previous_version) == ("2", "1")
+    client, versions = registry(params)
+    assert versions == [1, 2] and aliases(client, params) == {"champion": "2", "previous-champion": "1"}
+    assert client.get_model_version(name, "1").run_id == first_run
+    # A retried task promotes nothing twice.
+    again = promote.run(params, layout)
+    assert (again.action, again.passed, again.version) == ("unchanged", True, "2")
+    assert registry(params)[1] == [1, 2] and len(promote.history(params, layout)) == 2
+
+    # 3. A worse model is refused; the registry is untouched; the run carries the reasons.
+    worse_run = candidate(params, layout, auroc=0.90, auroc_ci=[0.87, 0.93])
+    worse = promote.run(params, layout)
+    assert (worse.action, worse.passed, worse.version) == ("refused", False, None)
+    client, versions = registry(params)
+    assert versions == [1, 2] and aliases(client, params) == {"champion": "2", "previous-champion": "1"}
+    tags = client.get_run(worse_run).data.tags
+    assert tags["medloop.promotion.decision"] == "refused"
+    failed = {r["gate"]: r for r in json.loads(tags["medloop.promotion.reasons"])}
+    assert set(failed) == {"non_inferiority.auroc", "non_inferiority.auroc_ci"}
+    assert failed["non_inferiority.auroc"]["observed"] == 0.90
+    assert failed["non_inferiority.auroc"]["required"] == pytest.approx(0.93)
+    assert "margin" in failed["non_inferiority.auroc"]["detail"]
+    import mlflow
+
+    decision_file = json.loads(mlflow.artifacts.load_text(f"runs:/{worse_run}/{promote.DECISION_ARTIFACT}"))
+    assert decision_file["passed"] is False and decision_file["actor"] == "medloop"
+
+    # ... and a flow that requires promotion ends failed with each gate, observed vs required.
+    with pytest.raises(promote.PromotionRefused) as refused:
+        promote.run(params, layout, require_promotion=True)
+    assert isinstance(refused.value, GateError)
+    assert "non_inferiority.auroc:" in str(refused.value) and "required 0.9300" in str(refused.value)
+    assert registry(params)[1] == [1, 2]
+
+    # 4. A subgroup failure is refused too.
+    subgroup_run = candidate(params, layout, subgroup_auroc=0.60)
+    assert not promote.run(params, layout).passed
+    failed = json.loads(client.get_run(subgroup_run).data.tags["medloop.promotion.reasons"])
+    assert {r["gate"] for r in failed} == {"subgroup_min_auroc[site=north]",
+                                           "non_inferiority.subgroup_auroc[site=north]"}
+    assert registry(params)[1] == [1, 2]
+
+    # 5. A human overrides the refusal of the worse run: registered and promoted, with who and why.
+    overridden = promote.override(params, layout, worse_run, reason="site audit: AUROC dip is label noise")
+    assert (overridden.action, overridden.version, overridden.previous_version) == ("override", "3", "2")
+    client, versions = registry(params)
+    assert versions == [1, 2, 3] and aliases(client, params) == {"champion": "3", "previous-champion": "2"}
+    v3 = client.get_model_version(name, "3")
+    assert v3.run_id == worse_run
+    assert v3.tags["medloop.promotion.decision"] == "override"
+    assert v3.tags["medloop.promotion.actor"] == "dr.test"
+    assert v3.tags["medloop.promotion.reason"] == "site audit: AUROC dip is label noise"
+    assert {r["gate"] for r in json.loads(v3.tags["medloop.promotion.reasons"])} == set(failed_gates(client, worse_run))
+    with pytest.raises(promote.PromotionError, match="already registered"):
+        promote.override(params, layout, worse_run, reason="again")
+
+    # 6. Rollback restores the previous champion; a second rollback undoes the first.
+    back = promote.rollback(params, layout, reason="override regretted")
+    assert (back.action, back.version, back.previous_version, back.actor) == ("rollback", "2", "3", "dr.test")
+    assert aliases(client, params) == {"champion": "2", "previous-champion": "3"}
+    promote.rollback(params, layout, actor="dr.other")
+    assert aliases(client, params) == {"champion": "3", "previous-champion": "2"}
+    assert registry(params)[1] == [1, 2, 3]
+
+    # 7. History lists every action, in order (refusals never touch the registry).
+    entries = promote.history(params, layout)
+    assert [(e["action"], e["version"], e["actor"]) for e in entries] == [
+        ("promoted", "1", "medloop"), ("promoted", "2", "medloop"), ("override", "3", "dr.test"),
+        ("rollback", "2", "dr.test"), ("rollback", "3", "dr.other"),
+    ]
+    assert entries[2]["reason"] == "site audit: AUROC dip is label noise"
+    assert entries[3]["replaced"] == "3" and all(e["alias"] == "champion" for e in entries)
+
+
+def failed_gates(client, run_id):
+    return [r["gate"] for r in json.loads(client.get_run(run_id).data.tags["medloop.promotion.reasons"])]
+
+
+def test_a_refused_first_model_creates_nothing_in_the_registry(workspace):
+    params, layout = workspace
+    run_id = candidate(params, layout, sensitivity=0.80)
+    result = promote.run(params, layout)
+    assert not result.passed and "min_sensitivity" in result.reason
+    client, versions = registry(params)
+    assert versions == [] and client.search_registered_models() == []
+    assert promote.history(params, layout) == []
+    assert failed_gates(client, run_id) == ["min_sensitivity"]
+
+
+def test_rollback_without_a_previous_champion_is_a_clear_error(workspace):
+    params, layout = workspace
+    with pytest.raises(promote.PromotionError, match="not registered"):
+        promote.rollback(params, layout)
+    candidate(params, layout)
+    promote.run(params, layout)
+    with pytest.raises(promote.PromotionError, match="no previous-champion alias"):
+        promote.rollback(params, layout)
+
+
+def test_override_refuses_unknown_runs_unjudged_runs_and_runs_without_a_model(workspace):
+    params, layout = workspace
+    with pytest.raises(promote.PromotionError, match="not in the tracking store"):
+        promote.override(params, layout, "0" * 32, reason="trust me")
+    unjudged = candidate(params, layout)
+    with pytest.raises(promote.PromotionError, match="never judged"):
+        promote.override(params, layout, unjudged, reason="trust me")
+    with pytest.raises(promote.PromotionError, match="needs a reason"):
+        promote.override(params, layout, unjudged, reason=" ")
+    modelless = candidate(params, layout, log_model=False, auroc=0.5)
+    assert not promote.run(params, layout).passed
+    with pytest.raises(promote.PromotionError, match="no logged model"):
+        promote.override(params, layout, modelless, reason="trust me")
+    assert registry(params)[1] == []
+
+
+def test_stale_metrics_and_missing_inputs_are_refused_before_anything_happens(workspace):
+    params, layout = workspace
+    with pytest.raises(MedloopError, match="train.json is missing"):
+        promote.run(params, layout)
+    candidate(params, layout)
+    layout.train_json.write_text(json.dumps({"run_id": "another"}))
+    with pytest.raises(promote.PromotionError, match="re-run evaluate"):
+        promote.run(params, layout)
+
+
+def test_a_champion_scored_on_another_frozen_test_set_is_rescored_or_refused(workspace):
+    params, layout = workspace
+    candidate(params, layout)
+    promote.run(params, layout)
+    run_id = candidate(params, layout)
+    metrics = json.loads(layout.metrics_json.read_text())
+    metrics["frozen_test_set_sha256"] = "e" * 64
+    layout.metrics_json.write_text(json.dumps(metrics))
+
+    refused = promote.run(params, layout)
+    assert [f.gate for f in refused.decision.failures] == ["same_frozen_test_set"]
+
+    scored = []
+
+    def rescore(uri):
+        import mlflow
+
+        scored.append(uri)
+        mlflow.pyfunc.load_model(uri)  # the champion's real model is reachable by that URI
+        return {**metrics, "run_id": "champion"}
+
+    promoted = promote.run(params, layout, rescore=rescore)
+    assert scored == [f"models:/{params.model.name}/1"]
+    assert (promoted.action, promoted.version) == ("promoted", "2")
+    assert promoted.run_id == run_id
+
+
+def test_history_survives_more_entries_than_one_tag_holds(workspace):
+    params, layout = workspace
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.create_registered_model(params.model.name)
+    for number in range(60):
+        promote._append_history(client, params.model.name, {
+            "version": str(number), "alias": "champion", "action": "rollback", "actor": "a",
+            "reason": "r" * 40, "at": "2026-01-01T00:00:00+00:00", "replaced": None})
+    tags = client.get_registered_model(params.model.name).tags
+    assert all(len(value) <= 5000 for value in tags.values())
+    assert int(tags[promote.HISTORY_PAGES_TAG]) >= 2
+    assert [e["version"] for e in promote.history(params, layout)] == [str(n) for n in range(60)]
