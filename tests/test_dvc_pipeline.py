@@ -16,7 +16,7 @@ from pipelines.versioning import StageFailed, commit, dvc, git, push, repro
 
 
 def ran_stages(layout) -> list[str]:
-    out = dvc(layout, "repro").stdout
+    out = dvc(layout, "repro", "preprocess").stdout
     return [stage for stage in ("clean", "validate", "preprocess") if f"Running stage '{stage}'" in out]
 
 

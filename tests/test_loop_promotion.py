@@ -1,0 +1,94 @@
+"""Train -> evaluate -> promote with real trained models, through DVC, into a real MLflow registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import load, make_workspace, tabular_params
+from pipelines import collect, promote
+from pipelines.versioning import repro
+
+
+def set_params(layout, **sections) -> None:
+    params = yaml.safe_load(layout.params_file.read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    layout.params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def registry(layout):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(load(layout), layout))
+    return MlflowClient()
+
+
+@pytest.mark.slow
+def test_first_model_a_better_one_a_worse_one_then_override_and_rollback(tmp_path):
+    params = tabular_params()
+    # Floors suited to a test set of a few dozen cases; the gates themselves are table-tested.
+    params["promote"].update(min_auroc=0.85, min_sensitivity=0.5, min_specificity=0.3, max_ece=0.3,
+                             subgroup_min_count=1000)
+    params["train"].update(epochs=15)
+    layout = make_workspace(tmp_path, params)
+    name = params["model"]["name"]
+    for _night in range(2):
+        collect.run(load(layout), layout)
+
+    # The first model has no champion to beat: judged on the floors alone.
+    assert repro(layout, "evaluate")
+    first = promote.run(load(layout), layout, actor="test")
+    assert first.passed and str(first.version) == "1"
+    client = registry(layout)
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert str(champion.version) == "1"
+    assert champion.tags["medloop.promotion.decision"] == "promoted"
+    assert champion.tags["medloop.git_commit"]
+    assert champion.run_id == json.loads(layout.train_json.read_text())["run_id"]
+
+    # Two more nights of data and a full training: better, promoted; v1 becomes previous-champion.
+    for _night in range(2):
+        collect.run(load(layout), layout)
+    set_params(layout, train={"epochs": 60})
+    assert repro(layout, "evaluate")
+    metrics = json.loads(layout.metrics_json.read_text())
+    assert metrics["test"]["auroc"] > 0.9
+    better = promote.run(load(layout), layout, actor="test")
+    assert better.passed and str(better.version) == "2", better.describe()
+    assert client.get_model_version_by_alias(name, "champion").version in (2, "2")
+    assert client.get_model_version_by_alias(name, "previous-champion").version in (1, "1")
+
+    # A model that barely trained: refused, and the registry is not touched.
+    set_params(layout, train={"epochs": 1, "learning_rate": 1e-6, "mlp_hidden_units": 1, "early_stopping_patience": 0})
+    assert repro(layout, "evaluate")
+    worse = promote.run(load(layout), layout, actor="test")
+    assert not worse.passed
+    refused_run = json.loads(layout.train_json.read_text())["run_id"]
+    assert len(client.search_model_versions(f"name='{name}'")) == 2
+    run = client.get_run(refused_run)
+    assert run.data.tags["medloop.promotion.decision"] == "refused"
+    reasons = json.loads(run.data.tags["medloop.promotion.reasons"])
+    assert reasons and all({"gate", "observed", "required"} <= set(r) for r in reasons)
+    with pytest.raises(promote.PromotionRefused) as error:
+        promote.run(load(layout), layout, actor="test", require_promotion=True)
+    assert "required" in str(error.value) or "below" in str(error.value)
+
+    # A reviewer overrides the refusal, then rolls it back.
+    forced = promote.override(load(layout), layout, refused_run, "reader study supports it", actor="dr.lee")
+    assert str(forced.version) == "3"
+    assert client.get_model_version_by_alias(name, "champion").version in (3, "3")
+    assert client.get_model_version_by_alias(name, "previous-champion").version in (2, "2")
+    forced_tags = client.get_model_version(name, "3").tags
+    assert forced_tags["medloop.promotion.decision"] == "override"
+    assert forced_tags["medloop.promotion.actor"] == "dr.lee"
+    back = promote.rollback(load(layout), layout, actor="dr.lee", reason="override reverted")
+    assert str(back.version) == "2"
+    assert client.get_model_version_by_alias(name, "champion").version in (2, "2")
+    actions = [(entry["action"], str(entry["version"])) for entry in promote.history(load(layout), layout)]
+    assert actions == [("promoted", "1"), ("promoted", "2"), ("override", "3"), ("rollback", "2")]
