@@ -105,7 +105,12 @@ def promote(
     else:
         if reason:
             raise MedloopError("--reason goes with --run (a human override); a gated promotion records its gates")
-        result = promotion.run(params, layout, actor=promotion.default_actor(), require_promotion=True)
+        from pipelines.evaluate import rescore_registered
+
+        result = promotion.run(
+            params, layout, actor=promotion.default_actor(), require_promotion=True,
+            rescore=lambda uri: rescore_registered(params, layout, uri),
+        )
     _console().print(result.describe())
 
 

@@ -230,6 +230,7 @@ def _collect_tables(params: Params, source, state: SourceState, salt: bytes, see
     schema, deid = params.tabular, params.deid
     manifest_rows: list[dict] = []  # rows not stored (duplicates), one dict each
     manifest_frames: list[pd.DataFrame] = []  # stored rows, a frame per chunk
+    first_ref: dict[str, str] = {}  # item_id -> where this batch first saw it
     stored_frames: list[pd.DataFrame] = []
     already = 0
     next_row = 0
@@ -239,10 +240,11 @@ def _collect_tables(params: Params, source, state: SourceState, salt: bytes, see
         check_columns(frame, schema, deid, chunk.origin)
         item_ids = _row_hashes(frame, salt)
         refs = [f"{chunk.origin}#row={chunk.first_row + i}" for i in range(len(frame))]
-        is_old = item_ids.isin(seen)
+        # Already collected in an earlier batch: skipped. Repeated within this batch (in this
+        # file or an earlier one of the same run): recorded as a duplicate of its first copy.
+        is_old = item_ids.isin(seen) & ~item_ids.isin(first_ref.keys())
         already += int(is_old.sum())
-        repeated = item_ids.duplicated(keep="first") & ~is_old
-        first_ref: dict[str, str] = {}
+        repeated = (item_ids.duplicated(keep="first") | item_ids.isin(first_ref.keys())) & ~is_old
         for item_id, ref, old in zip(item_ids, refs, is_old):
             if not old and item_id not in first_ref:
                 first_ref[item_id] = ref

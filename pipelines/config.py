@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, mask_credentials
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 
@@ -183,10 +183,11 @@ class DeidSpec(Strict):
     Attributes:
         salt_env: environment variable holding the secret salt of pseudonyms and keyed hashes.
         columns: tabular identifier columns and what happens to them (HIPAA Safe Harbor):
-            ``drop``; ``pseudonymize`` (salted hash, becomes ``patient_id``); ``year`` (a date
-            kept as its year, column renamed ``<name>_year``); ``age_band`` (a birth date turned
-            into a ten-year age band at the study, column ``age_band``); ``age`` (ages over 89
-            become 90, the Safe Harbor "90 or older").
+            ``drop``; ``pseudonymize`` (salted hash, becomes ``patient_id``); ``year`` (an event
+            date such as the exam date kept as its year, same column name; never use it on a
+            birth date, whose year identifies patients over 89: drop those); ``age_band`` (an
+            age in years turned into a ten-year band, column ``age_band``, over 89 -> "90+");
+            ``age`` (whole years, ages over 89 become 90, the Safe Harbor "90 or older").
     """
 
     salt_env: str = Field(min_length=1)
@@ -283,6 +284,12 @@ class TrainSpec(Strict):
     augmentation: AugmentationSpec | None = None
     mixed_precision: Literal["auto", "on", "off"]
     deterministic: bool
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted on/off as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class TrackingSpec(Strict):
@@ -435,7 +442,7 @@ def _describe(exc: ValidationError) -> str:
         else:
             message = error["msg"]
             if "input" in error and kind not in ("model_type", "dict_type"):
-                message += f" (got {error['input']!r})"
+                message += f" (got {mask_credentials(repr(error['input']))})"
         lines.append(f"  - {key}: {message}")
     return "\n".join(lines)
 

@@ -8,6 +8,16 @@ row, field or key and say what is wrong.
 from __future__ import annotations
 
 
+import re
+
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^@\s/]+@")
+
+
+def mask_credentials(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``, anywhere in the text."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
 class MedloopError(Exception):
     """Base class of the errors that carry a message meant for the user."""
 

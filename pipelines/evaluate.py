@@ -41,7 +41,7 @@ from pipelines import model_card
 from pipelines.config import Params
 from pipelines.errors import MedloopError
 from pipelines.stage import stage_main
-from pipelines.tracking import configure, dumps, lineage, tracking_uri
+from pipelines.tracking import configure, display_uri, dumps, lineage
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.evaluate")
@@ -191,6 +191,34 @@ def build_report(
         "run_id": trained["run_id"],
     }
     return clinical.json_ready(report, THRESHOLD_DIGITS)
+
+
+def rescore_registered(params: Params, layout: Layout, model_uri: str) -> dict:
+    """metrics.json of a registered version (``models:/<name>/<version>``) on TODAY's frozen test
+    set, at the operating threshold stored with that version.
+
+    Promote uses it when the champion's recorded metrics were measured on a different test set
+    (items quarantined since, say), so that champion and candidate meet on the same yardstick.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.tracking import configure
+
+    configure(params, layout)
+    name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
+    registered = MlflowClient().get_model_version(name, version)
+    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+    summary = _read_json(layout.processed / "preprocess.json", "run the preprocess stage first")
+    n_classes = len(params.model.classes)
+    validation = predict_split(model, layout, summary, "validation", n_classes)
+    test = predict_split(model, layout, summary, "test", n_classes)
+    stored = registered.tags.get("medloop.operating_threshold")
+    if stored in (None, "", "None"):
+        raise MedloopError(f"{model_uri} has no stored operating threshold (tag medloop.operating_threshold)")
+    trained = {"run_id": registered.run_id, "weights_sha256": registered.tags.get("medloop.weights_sha256")}
+    index = pd.read_parquet(layout.processed / "index.parquet")
+    return build_report(params, trained, test, validation, index, float(stored))
 
 
 def frozen_test_set_sha256(record_ids) -> str:
@@ -463,9 +491,18 @@ def gradcam(model, images: np.ndarray, class_index: np.ndarray, n_classes: int) 
 
 def last_conv_path(model) -> list | None:
     """The last Conv2D layer, walking ``model.layers`` (and nested models) in order, as the path
-    of layers leading to it (``[conv]`` when it is a top-level layer)."""
+    of layers leading to it (``[conv]`` when it is a top-level layer).
+
+    For medloop's own architectures the layer named by `pipelines.models.GRADCAM_LAYERS` is
+    used instead: the last feature map after its batch norm and activation, the usual target.
+    """
     import keras
 
+    from pipelines.models import GRADCAM_LAYERS
+
+    designed = GRADCAM_LAYERS.get(getattr(model, "name", ""))
+    if designed and designed in {layer.name for layer in model.layers}:
+        return [model.get_layer(designed)]
     found = None
     for layer in model.layers:
         if isinstance(layer, keras.layers.Conv2D):
@@ -597,7 +634,7 @@ def log_to_mlflow(params: Params, layout: Layout, run_id: str, report: dict) -> 
     except MlflowException:
         raise MedloopError(
             f"MLflow run {run_id} (from {layout.train_json}) is not in the tracking store "
-            f"{tracking_uri(params, layout)}; retrain"
+            f"{display_uri(params, layout)}; retrain"
         ) from None
     values = {}
     for prefix, section in (("test", report["test"]), ("val", report["validation"])):

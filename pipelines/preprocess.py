@@ -67,6 +67,9 @@ def run(params: Params, layout: Layout) -> PreprocessResult:
     created = frozen is None
     if created:
         frozen = freeze_test_set(records, patients)
+    # A frozen test patient stays a test patient, even after being absent for a while (all
+    # their items quarantined in some run): otherwise their new studies could reach training.
+    patients.loc[patients["patient_id"].isin(set(frozen["patient_id"])), "split"] = TEST
     # Write, then read back: a later run reads these files, and must see exactly what this run
     # used (same dtypes), or a reproduction from a fresh clone would differ in its bytes.
     _as_text(patients).to_parquet(patients_path, index=False)
@@ -155,7 +158,12 @@ def assign_patients(
         n_validation = min(max(wanted, 0), len(new))
         patients.loc[new[:n_validation], "split"] = VALIDATION
         patients.loc[new[n_validation:], "split"] = TRAIN
-    return patients[["patient_id", "stratum", "split"]].sort_values("patient_id").reset_index(drop=True)
+    patients = patients[["patient_id", "stratum", "split"]]
+    if previous is not None:
+        # Patients with no usable item this run keep their assignment for when they return.
+        absent = previous[~previous["patient_id"].isin(set(patients["patient_id"]))]
+        patients = pd.concat([patients, absent[["patient_id", "stratum", "split"]]], ignore_index=True)
+    return patients.sort_values("patient_id").reset_index(drop=True)
 
 
 def freeze_test_set(records: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:

@@ -38,7 +38,7 @@ from pipelines.config import Params
 from pipelines.errors import GateError, MedloopError
 from pipelines.gates import Decision, evaluate_gates
 from pipelines.stage import stage_main
-from pipelines.tracking import configure, tracking_uri
+from pipelines.tracking import configure, display_uri
 from pipelines.workspace import Layout
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ DECISION_TAG = TAG + "decision"
 REASONS_TAG = TAG + "reasons"
 HISTORY_TAG = TAG + "history"
 HISTORY_PAGES_TAG = TAG + "history.pages"
+HISTORY_REASON_LIMIT = 1000
 METRICS_TAG = "medloop.metrics"  # the full metrics.json on a version, JSON
 
 DECISION_ARTIFACT = "promotion/decision.json"
@@ -285,7 +286,7 @@ def rollback(params: Params, layout: Layout, actor: str | None = None, reason: s
     client = MlflowClient()
     name = params.model.name
     if not _registered(client, name):
-        raise PromotionError(f"model {name} is not registered in {tracking_uri(params, layout)}: "
+        raise PromotionError(f"model {name} is not registered in {display_uri(params, layout)}: "
                              "nothing to roll back")
     previous = _alias(client, name, PREVIOUS_CHAMPION)
     if previous is None:
@@ -351,7 +352,7 @@ def _get_run(client: "MlflowClient", run_id: str, params: Params, layout: Layout
         return client.get_run(run_id)
     except MlflowException:
         raise PromotionError(
-            f"run {run_id} is not in the tracking store {tracking_uri(params, layout)}"
+            f"run {run_id} is not in the tracking store {display_uri(params, layout)}"
         ) from None
 
 
@@ -510,6 +511,9 @@ def _append_history(client: "MlflowClient", name: str, entry: dict[str, Any]) ->
     """Append one entry. The newest page is ``medloop.promotion.history``; a full page is moved
     to ``medloop.promotion.history.<k>`` (k = 1, 2, ...) so that no tag outgrows its column."""
     tags = client.get_registered_model(name).tags
+    if entry.get("reason") and len(entry["reason"]) > HISTORY_REASON_LIMIT:
+        # One entry must fit a page; the full reason stays on the version's own tags.
+        entry = {**entry, "reason": entry["reason"][:HISTORY_REASON_LIMIT] + "..."}
     page = _load_json_list(tags.get(HISTORY_TAG)) + [entry]
     if len(json.dumps(page)) > HISTORY_PAGE_LIMIT and len(page) > 1:
         archived = int(tags.get(HISTORY_PAGES_TAG, "0")) + 1
@@ -549,11 +553,21 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _rescorer(params, layout) -> Callable[[str], dict]:
+    def rescore(model_uri: str) -> dict:
+        from pipelines.evaluate import rescore_registered
+
+        return rescore_registered(params, layout, model_uri)
+
+    return rescore
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.promote``: judge and promote; a refusal exits with status 1."""
     return stage_main(
         "promote",
-        lambda params, layout: run(params, layout, actor=default_actor(), require_promotion=True),
+        lambda params, layout: run(params, layout, actor=default_actor(), require_promotion=True,
+                                   rescore=_rescorer(params, layout)),
         PromotionResult.describe,
         argv,
     )

@@ -207,6 +207,9 @@ def log_pyfunc(params: Params, layout: Layout, input_example: Any) -> Any:
         signature=signature,
         input_example=input_example,
         pip_requirements=pinned_requirements(),
+        # Bundle the code it was trained with, so the logged model does not depend on whichever
+        # medloop happens to be installed where it is loaded.
+        code_paths=[str(Path(__file__).resolve().parent)],
     )
 
 

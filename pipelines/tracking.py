@@ -32,6 +32,13 @@ def tracking_uri(params: Params, layout: Layout) -> str:
     return uri
 
 
+def display_uri(params: Params, layout: Layout) -> str:
+    """The tracking URI for messages and files: any password masked."""
+    from pipelines.errors import mask_credentials
+
+    return mask_credentials(tracking_uri(params, layout))
+
+
 def artifact_location(params: Params, layout: Layout) -> str:
     """Where new experiments store artifacts (a file URI for a relative folder)."""
     root = params.tracking.artifact_root

@@ -117,7 +117,7 @@ def run(params: Params, layout: Layout) -> TrainResult:
         record = {
             "run_id": run_id,
             "experiment_id": experiment_id,
-            "tracking_uri": tracking.tracking_uri(params, layout),
+            "tracking_uri": tracking.display_uri(params, layout),
             "model_uri": model_info.model_uri,
             "architecture": params.train.architecture,
             "classes": classes,
@@ -290,7 +290,10 @@ def flatten_params(params: Params) -> dict[str, str]:
     def visit(prefix: str, value: Any) -> None:
         if isinstance(value, dict) and value:
             for key, inner in value.items():
-                visit(f"{prefix}.{key}" if prefix else str(key), inner)
+                # MLflow keys allow letters, digits, _ - . / and spaces: user-chosen names
+                # (feature columns, label aliases) may hold anything else.
+                safe = re.sub(r"[^0-9A-Za-z_\-. /]", "_", str(key))
+                visit(f"{prefix}.{safe}" if prefix else safe, inner)
             return
         text = json.dumps(value) if isinstance(value, (list, dict, type(None))) else str(value)
         flat[prefix] = _mask_credentials(text)[:MAX_PARAM_LENGTH]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 from prefect import task
 from prefect.logging import get_run_logger
 
 from pipelines import collect
 from pipelines.config import load_params
+from pipelines.tracking import FLOW_RUN_ENV
 from pipelines.versioning import commit, repro
 from pipelines.workspace import Layout
 
@@ -43,6 +46,11 @@ def collect_once(workspace: str, night: int | None) -> dict:
 @task(name="dvc-stage")
 def stage_task(workspace: str, stage: str) -> bool:
     """``dvc repro <stage>``; True when DVC reran it, False when its inputs had not changed."""
+    from prefect.runtime import flow_run
+
+    # Stage processes tag their MLflow runs with it (pipelines never import Prefect).
+    if flow_run.id:
+        os.environ[FLOW_RUN_ENV] = str(flow_run.id)
     ran = repro(Layout.at(workspace), stage)
     get_run_logger().info("stage %s: %s", stage, "ran" if ran else "unchanged, skipped by DVC")
     return ran

@@ -197,3 +197,17 @@ def test_unreachable_database_is_a_clear_error_without_password(tmp_path):
     assert "cannot reach the database" in message and "127.0.0.1:1/clinic" in message
     assert "s3cret" not in message
     assert not layout.batches.exists()
+
+
+def test_a_row_repeated_in_a_second_file_of_the_same_batch_is_quarantined(tmp_path):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    rows = breast_cancer_rows(10)
+    rows.to_csv(folder / "a.csv", index=False)
+    rows.iloc[[3]].to_csv(folder / "b.csv", index=False)
+    layout = make_workspace(tmp_path, tabular_params(kind="csv", path=str(folder)))
+    result = collect.run(load(layout), layout)
+    assert (result.stored, result.duplicates, result.already_collected) == (10, 1, 0)
+    clean.run(load(layout), layout)
+    reasons = quarantine(layout).set_index("item")["reason"].to_dict()
+    assert reasons[f"{folder / 'b.csv'}#row=1"] == f"duplicate row: same values as {folder / 'a.csv'}#row=4"

@@ -87,13 +87,13 @@ def test_fresh_clone_pulls_and_reproduces_identical_outputs(tmp_path):
     from pipelines.workspace import Layout
 
     cloned = Layout.at(clone)
-    dvc(cloned, "pull", "--quiet")
+    dvc(cloned, "pull", "--quiet", "--with-deps", "preprocess")
     dvc(cloned, "repro", "--force", "preprocess")
     original = yaml.safe_load((layout.root / "dvc.lock").read_text())
     again = yaml.safe_load((clone / "dvc.lock").read_text())
     for stage in ("clean", "preprocess"):
         assert again["stages"][stage]["outs"] == original["stages"][stage]["outs"], stage
-    assert dvc(cloned, "status").stdout.strip().endswith("Data and pipelines are up to date.")
+    assert dvc(cloned, "status", "--with-deps", "preprocess").stdout.strip().endswith("Data and pipelines are up to date.")
 
 
 @pytest.mark.slow

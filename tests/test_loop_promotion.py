@@ -51,6 +51,11 @@ def test_first_model_a_better_one_a_worse_one_then_override_and_rollback(tmp_pat
     assert champion.tags["medloop.promotion.decision"] == "promoted"
     assert champion.tags["medloop.git_commit"]
     assert champion.run_id == json.loads(layout.train_json.read_text())["run_id"]
+    # Re-scoring the registered version from the registry alone gives the same test metrics.
+    from pipelines.evaluate import rescore_registered
+
+    rescored = rescore_registered(load(layout), layout, f"models:/{name}/1")
+    assert rescored["test"] == json.loads(layout.metrics_json.read_text())["test"]
 
     # Two more nights of data and a full training: better, promoted; v1 becomes previous-champion.
     for _night in range(2):

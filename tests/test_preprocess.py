@@ -134,3 +134,20 @@ def test_image_shards_read_back_with_tf_data(tmp_path):
     expected = {r.record_id: (r.split, r.label_index) for r in used.itertuples()}
     assert seen == expected
     assert summary["image"] == {**summary["image"], "height": 64, "width": 64, "channels": 3}
+
+
+def test_a_test_patient_absent_for_a_night_stays_in_test():
+    first = records(60, 1, seed=4, batch="b1")
+    patients = preprocess.assign_patients(first, None, spec(), ["benign", "malignant"])
+    frozen = preprocess.freeze_test_set(first, patients)
+    gone = frozen["patient_id"].iloc[0]
+    # night 2: every item of that patient was quarantined, so they are absent from the records
+    second = first[first["patient_id"] != gone]
+    patients2 = preprocess.assign_patients(second, patients, spec(), ["benign", "malignant"])
+    assert patients2.set_index("patient_id").at[gone, "split"] == "test"
+    # night 3: they return with a new study, which must not reach train or validation
+    third = pd.concat([first, pd.DataFrame([{"record_id": "b3/back", "patient_id": gone, "label": "benign",
+                                             "batch_id": "b3"}])], ignore_index=True)
+    patients3 = preprocess.assign_patients(third, patients2, spec(), ["benign", "malignant"])
+    items = preprocess.split_items(third, patients3, frozen)
+    assert items.set_index("record_id").at["b3/back", "split"] == "held_out"

@@ -30,10 +30,14 @@ OLD_BATCH, NEW_BATCH = "20260101T000000000000Z", "20260102T000000000000Z"
 
 
 def _common(validate_section: dict[str, Any]) -> dict[str, Any]:
+    from conftest import profile
+
+    shipped = profile("breast_cancer.yaml")  # the sections validate does not read
     return {
         "deid": {"salt_env": "MEDLOOP_DEID_SALT"},
         "validate": validate_section,
         "storage": {"dvc_remote": "../remote"},
+        **{section: shipped[section] for section in ("train", "tracking", "evaluate", "promote")},
     }
 
 
