@@ -69,6 +69,17 @@ def test_first_model_a_better_one_a_worse_one_then_override_and_rollback(tmp_pat
     assert client.get_model_version_by_alias(name, "champion").version in (2, "2")
     assert client.get_model_version_by_alias(name, "previous-champion").version in (1, "1")
 
+    # A good model that fails a subgroup floor (age band with at least 5 cases): refused.
+    set_params(layout, train={"seed": 99},
+               promote={"subgroup_min_count": 5, "subgroup_min_auroc": 0.9999, "subgroup_min_sensitivity": 0.9999})
+    assert repro(layout, "evaluate")
+    strict = promote.run(load(layout), layout, actor="test")
+    assert not strict.passed
+    failed = [r for r in json.loads(client.get_run(strict.run_id).data.tags["medloop.promotion.reasons"])]
+    assert any(r["gate"].startswith("subgroup_min_") for r in failed), failed
+    assert len(client.search_model_versions(f"name='{name}'")) == 2
+    set_params(layout, train={"seed": 1234}, promote={"subgroup_min_count": 1000})
+
     # A model that barely trained: refused, and the registry is not touched.
     set_params(layout, train={"epochs": 1, "learning_rate": 1e-6, "mlp_hidden_units": 1, "early_stopping_patience": 0})
     assert repro(layout, "evaluate")
