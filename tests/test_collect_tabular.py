@@ -211,3 +211,17 @@ def test_a_row_repeated_in_a_second_file_of_the_same_batch_is_quarantined(tmp_pa
     clean.run(load(layout), layout)
     reasons = quarantine(layout).set_index("item")["reason"].to_dict()
     assert reasons[f"{folder / 'b.csv'}#row=1"] == f"duplicate row: same values as {folder / 'a.csv'}#row=4"
+
+
+def test_int_feature_with_a_fraction_is_quarantined(tmp_path):
+    rows = breast_cancer_rows(6)
+    rows["mean_radius"] = [12, 14, 13.5, 11, 15, 16]
+    path = tmp_path / "export.csv"
+    rows.to_csv(path, index=False)
+    params = tabular_params(kind="csv", path=str(path))
+    params["tabular"]["features"]["mean_radius"]["dtype"] = "int"
+    layout = make_workspace(tmp_path, params)
+    collect.run(load(layout), layout)
+    clean.run(load(layout), layout)
+    reasons = quarantine(layout).set_index("item")["reason"].to_dict()
+    assert reasons == {f"{path}#row=3": "field 'mean_radius' must be a whole number (got 13.5)"}
