@@ -252,11 +252,12 @@ def _rate(per_epoch: list[tuple[int, float]]) -> dict:
 
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    """medloop's tool environment (this interpreter first on PATH), quiet, with a salt."""
+    from pipelines.versioning import tool_env
+
+    env = tool_env()
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env.setdefault("MEDLOOP_DEID_SALT", BENCH_SALT)
-    env.setdefault("DVC_NO_ANALYTICS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     return env
 

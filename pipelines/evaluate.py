@@ -24,7 +24,6 @@ rounded to 6 decimals, a seeded bootstrap). No file name or plot carries a recor
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
@@ -41,8 +40,9 @@ from pipelines import model_card
 from pipelines.config import Params
 from pipelines.errors import MedloopError
 from pipelines.stage import stage_main
+from pipelines.inputs import processed_summary
 from pipelines.tracking import configure, display_uri, dumps, lineage
-from pipelines.workspace import Layout
+from pipelines.workspace import Layout, read_json
 
 log = logging.getLogger("medloop.evaluate")
 
@@ -83,8 +83,8 @@ class Predictions:
 
 def run(params: Params, layout: Layout) -> EvaluateResult:
     """Evaluate models/model.keras on validation and the frozen test set; write reports/."""
-    trained = _read_json(layout.train_json, "run the train stage first")
-    summary = _read_json(layout.processed / "preprocess.json", "run the preprocess stage first")
+    trained = read_json(layout.train_json, "run the train stage first")
+    summary = processed_summary(layout)
     classes = list(params.model.classes)
     _check_consistent(params, trained, summary)
     positive = classes.index(params.model.positive_class)
@@ -209,7 +209,7 @@ def rescore_registered(params: Params, layout: Layout, model_uri: str) -> dict:
     name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
     registered = MlflowClient().get_model_version(name, version)
     model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
-    summary = _read_json(layout.processed / "preprocess.json", "run the preprocess stage first")
+    summary = processed_summary(layout)
     n_classes = len(params.model.classes)
     validation = predict_split(model, layout, summary, "validation", n_classes)
     test = predict_split(model, layout, summary, "test", n_classes)
@@ -235,15 +235,6 @@ def _round_down(value: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # model and data
 # ---------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path, hint: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MedloopError(f"{path} is missing; {hint}") from None
-    except json.JSONDecodeError as exc:
-        raise MedloopError(f"{path} is not valid JSON: {exc}") from None
 
 
 def _check_consistent(params: Params, trained: dict, summary: dict) -> None:

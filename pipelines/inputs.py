@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import pandas as pd
 
 from pipelines.config import AugmentationSpec, Params
 from pipelines.errors import MedloopError
-from pipelines.workspace import Layout
+from pipelines.workspace import Layout, read_json
 
 SPLITS = ("train", "validation", "test")
 MAX_SHUFFLE_BUFFER = 16384  # a full shuffle up to this many items (uint8 tensors, shared with the cache)
@@ -44,10 +43,7 @@ def processed_summary(layout: Layout) -> dict:
     Raises:
         MedloopError: preprocess has not run.
     """
-    path = layout.processed / "preprocess.json"
-    if not path.is_file():
-        raise MedloopError(f"{path} not found; run the preprocess stage first")
-    return json.loads(path.read_text())
+    return read_json(layout.processed / "preprocess.json", "run the preprocess stage first")
 
 
 def image_dataset(layout: Layout, split: str, params: Params, *, training: bool) -> Any:

@@ -31,7 +31,6 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from pipelines.config import Params
@@ -39,7 +38,7 @@ from pipelines.errors import GateError, MedloopError
 from pipelines.gates import Decision, evaluate_gates
 from pipelines.stage import stage_main
 from pipelines.tracking import configure, display_uri
-from pipelines.workspace import Layout
+from pipelines.workspace import Layout, read_json
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -152,8 +151,8 @@ def run(
     """
     from mlflow import MlflowClient
 
-    train_info = _read_json(layout.train_json, "train")
-    candidate = _read_json(layout.metrics_json, "evaluate")
+    train_info = read_json(layout.train_json, "run the train stage before promoting", PromotionError)
+    candidate = read_json(layout.metrics_json, "run the evaluate stage before promoting", PromotionError)
     run_id = train_info.get("run_id")
     if not run_id:
         raise PromotionError(f"{layout.train_json} names no run_id; re-run train")
@@ -334,15 +333,6 @@ def default_actor() -> str:
 # --------------------------------------------------------------------------------------------
 # reading inputs
 # --------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path, stage: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PromotionError(f"{path} is missing: run {stage} before promoting") from None
-    except json.JSONDecodeError as exc:
-        raise PromotionError(f"{path} is not valid JSON ({exc}): re-run {stage}") from None
 
 
 def _get_run(client: "MlflowClient", run_id: str, params: Params, layout: Layout):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import yaml
@@ -87,11 +86,12 @@ def file_sha256(path: Path) -> str:
 
 
 def _git_commit(layout: Layout) -> str:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=layout.root, capture_output=True, text=True)
+    from pipelines.versioning import git
+
+    done = git(layout, "rev-parse", "HEAD", check=False)
     if done.returncode != 0:
         return "none"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=layout.root,
-                           capture_output=True, text=True).stdout.strip()
+    dirty = git(layout, "status", "--porcelain", "--untracked-files=no", check=False).stdout.strip()
     return done.stdout.strip() + ("-dirty" if dirty else "")
 
 

@@ -32,7 +32,7 @@ import pandas as pd
 
 from pipelines import inputs, tracking
 from pipelines.config import Params
-from pipelines.errors import MedloopError
+from pipelines.errors import MedloopError, mask_credentials
 from pipelines.models import build_model, class_probabilities, parameter_count, weights_digest
 from pipelines.stage import stage_main
 from pipelines.workspace import Layout
@@ -296,15 +296,10 @@ def flatten_params(params: Params) -> dict[str, str]:
                 visit(f"{prefix}.{safe}" if prefix else safe, inner)
             return
         text = json.dumps(value) if isinstance(value, (list, dict, type(None))) else str(value)
-        flat[prefix] = _mask_credentials(text)[:MAX_PARAM_LENGTH]
+        flat[prefix] = mask_credentials(text)[:MAX_PARAM_LENGTH]
 
     visit("", params.model_dump(mode="json", by_alias=True))
     return flat
-
-
-def _mask_credentials(text: str) -> str:
-    # scheme://user:password@host -> scheme://user:***@host (SQL and S3-style URLs)
-    return re.sub(r"(://[^/:@\s]+:)[^@\s/]+@", r"\1***@", text)
 
 
 def ValidationAuroc(data: Any, classes: list[str], positive: int) -> Any:  # noqa: N802 (a class)

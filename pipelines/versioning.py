@@ -56,12 +56,18 @@ def push(layout: Layout, *targets: str) -> None:
     dvc(layout, "push", "--quiet", *targets)
 
 
-def _run(command: list[str], cwd: Path, *, check: bool, tool: str) -> subprocess.CompletedProcess[str]:
+def tool_env() -> dict[str, str]:
+    """The environment for git, DVC and stage commands: `python` in dvc.yaml is this
+    interpreter, whatever PATH the caller had; no analytics, no terminal prompts."""
     env = dict(os.environ)
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env.setdefault("GIT_TERMINAL_PROMPT", "0")
-    # Stage commands say `python`: make it this interpreter, whatever PATH the caller had.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _run(command: list[str], cwd: Path, *, check: bool, tool: str) -> subprocess.CompletedProcess[str]:
+    env = tool_env()
     try:
         done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     except FileNotFoundError:

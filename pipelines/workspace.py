@@ -7,10 +7,11 @@ and task takes a `Layout` and never builds paths by hand.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.errors import WorkspaceError
+from pipelines.errors import MedloopError, WorkspaceError
 
 
 @dataclass(frozen=True)
@@ -126,3 +127,19 @@ class Layout:
         if not self.params_file.is_file():
             raise WorkspaceError(f"{self.params_file} is missing")
         return self
+
+
+def read_json(path: Path, hint: str, error: type[MedloopError] = MedloopError) -> dict:
+    """A JSON file one stage wrote for another; missing or broken, it is an error naming it.
+
+    Args:
+        path: the file.
+        hint: what to do about it, e.g. "run the train stage first".
+        error: the MedloopError subclass to raise.
+    """
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path} is missing; {hint}") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} is not valid JSON ({exc}); {hint}") from None

@@ -113,10 +113,9 @@ def image_folder(root: Path) -> Path:
 
 def run_data_half(layout) -> str:
     """collect, then the DVC stages, as a user would; returns everything they printed."""
-    import os
+    from pipelines.versioning import tool_env
 
-    # as a user with the virtual environment activated: `python` in dvc.yaml is this one
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = tool_env()  # as a user with the virtual environment activated
     collected = subprocess.run(
         [sys.executable, "-m", "pipelines.collect"], cwd=layout.root, capture_output=True, text=True, env=env
     )
