@@ -16,7 +16,7 @@ def data_refresh(workspace: str, night: int | None = None) -> dict:
         recording the new data version, or None when nothing changed).
     """
     collected = collect_task(workspace, night)
-    ran = {stage: stage_task(workspace, stage) for stage in DATA_STAGES}
+    ran = {stage: stage_task(workspace, stage)["ran"] for stage in DATA_STAGES}
     message = f"data: batch {collected['batch_id']}" if collected["batch_id"] else "data: stages refreshed"
     commit = commit_task(workspace, message)
     return {"collect": collected, "stages": ran, "commit": commit}

@@ -130,43 +130,205 @@ def rollback(
 
 
 @app.command()
+def run(workspace: Path = WorkspaceOption) -> None:
+    """Run the retrain flow once now, with a live view of its steps."""
+    summary = _run_retrain(_layout(workspace))
+    _print_summary(summary)
+
+
+@app.command()
+def status(workspace: Path = WorkspaceOption) -> None:
+    """The champion, the last runs, and the next scheduled run."""
+    from pipelines import report
+    from pipelines.config import load_params
+    from pipelines.errors import MedloopError
+    from pipelines.lineage import LineageError, version_lineage
+
+    from medloop import views
+
+    layout = _layout(workspace)
+    params = load_params(layout.params_file)
+    console = _console()
+    try:
+        champion = version_lineage(params, layout)
+        metrics = champion.get("metrics") or {}
+        console.print(
+            f"champion: [bold]{champion['model']} v{champion['version']}[/] "
+            f"(AUROC {metrics.get('auroc', '-')}, sensitivity {metrics.get('sensitivity', '-')}, "
+            f"specificity {metrics.get('specificity', '-')}); promoted by "
+            f"{champion['promotion']['actor']} at {champion['promotion']['at']}; commit "
+            f"{(champion.get('commit') or '-')[:12]}", highlight=False)
+    except LineageError as exc:
+        console.print(f"champion: none ({exc})", highlight=False)
+    runs = report.recent_runs(layout, 5)
+    if runs:
+        console.print(views.runs_table(runs))
+    else:
+        console.print("last runs: none yet (`medloop run`)")
+    from flows.deployments import next_scheduled_run
+
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print("next scheduled run: unknown - PREFECT_API_URL is not set (see `medloop schedule`)")
+        return
+    try:
+        due = next_scheduled_run(params)
+        console.print(f"next scheduled run: {due.isoformat() if due else 'none scheduled'} "
+                      f"({params.schedule.cron} {params.schedule.timezone})", highlight=False)
+    except MedloopError as exc:
+        console.print(f"next scheduled run: unknown - {exc}", highlight=False)
+
+
+@app.command()
+def schedule(workspace: Path = WorkspaceOption) -> None:
+    """Create the work pool and the nightly deployment on the Prefect server (PREFECT_API_URL)."""
+    _quiet_prefect()
+    from flows.deployments import apply_schedule
+    from pipelines.config import load_params
+
+    layout = _layout(workspace)
+    applied = apply_schedule(load_params(layout.params_file), layout)
+    console = _console()
+    console.print(f"[green]scheduled[/] {applied['deployment']} on work pool {applied['work_pool']}: "
+                  f"cron '{applied['cron']}' ({applied['timezone']}); next run {applied['next_run']}", highlight=False)
+    console.print(f"start a worker with: medloop worker -w {layout.root}", highlight=False)
+
+
+@app.command()
+def worker(workspace: Path = WorkspaceOption) -> None:
+    """Start a Prefect worker for the workspace's work pool (runs the scheduled retrains)."""
+    import subprocess
+
+    _quiet_prefect()
+    from flows.deployments import api_url, worker_command
+    from pipelines.config import load_params
+    from pipelines.versioning import tool_env
+
+    layout = _layout(workspace)
+    api_url()
+    command = worker_command(load_params(layout.params_file))
+    _console().print(f"worker for pool {command[command.index('--pool') + 1]} (Ctrl-C stops it)", highlight=False)
+    try:
+        raise typer.Exit(subprocess.call(command, env=tool_env()))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@app.command()
+def ui(
+    workspace: Path = WorkspaceOption,
+    mlflow_port: int = typer.Option(5000, help="Port of the MLflow UI."),
+    prefect_port: int = typer.Option(4200, help="Port of the Prefect server and UI."),
+    prefect: bool = typer.Option(True, help="Also start a Prefect server (off: MLflow only)."),
+) -> None:
+    """Start the MLflow UI (and a Prefect server with its UI) on 127.0.0.1; Ctrl-C stops them."""
+    from medloop.servers import serve_uis
+
+    serve_uis(_layout(workspace), mlflow_port, prefect_port if prefect else None, _console())
+
+
+@app.command()
+def lineage(
+    version: Optional[str] = typer.Argument(None, help="Registered version (default: the champion)."),
+    workspace: Path = WorkspaceOption,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """What a model version was made from: commit, data versions, params, gates, runs, promotion."""
+    import json
+
+    from pipelines.config import load_params
+    from pipelines.lineage import version_lineage
+
+    from medloop import views
+
+    layout = _layout(workspace)
+    found = version_lineage(load_params(layout.params_file), layout, version)
+    if as_json:
+        print(json.dumps(found, indent=2, sort_keys=True))
+    else:
+        _console().print(views.lineage_table(found))
+
+
+@app.command()
 def demo(
     workspace: Path = typer.Option(Path("workspace/demo"), "--workspace", "-w"),
     params: Optional[Path] = typer.Option(None, "--params", help="Profile (default: params.yaml)."),
     nights: int = typer.Option(3, help="How many nights to simulate."),
 ) -> None:
-    """Create a workspace and run the data-refresh flow for several simulated nights."""
-    _quiet_prefect()
+    """Create a workspace and run the retrain flow for several simulated nights."""
     os.environ.setdefault("MEDLOOP_DEID_SALT", "demo-salt-not-a-secret-0123456789")
-    from flows.data_refresh import data_refresh
     from pipelines.scaffold import create_workspace
 
     console = _console()
     layout = create_workspace(workspace, params)
     for night in range(1, nights + 1):
         console.rule(f"night {night}")
-        outcome = data_refresh(str(layout.root))
-        collected = outcome["collect"]
-        console.print(
-            f"collected {collected['stored']} new, {collected['rejected']} rejected, "
-            f"{collected['duplicates']} duplicates; stages run: "
-            f"{[s for s, ran in outcome['stages'].items() if ran]}; commit {outcome['commit']}"
-        )
-    _summary(layout)
+        summary = _run_retrain(layout)
+        _print_summary(summary)
+    _demo_summary(layout)
 
 
-def _summary(layout) -> None:
-    import json
+def _run_retrain(layout) -> dict:
+    """The retrain flow in this process, drawn live."""
+    _quiet_prefect()
+    from rich.live import Live
+
+    from flows.retrain import retrain
+    from tasks import progress
+
+    from medloop.views import RunView
+
+    view = RunView()
+    console = _console()
+    progress.subscribe(view.update)
+    try:
+        with Live(view, console=console, refresh_per_second=4):
+            return retrain(str(layout.params_file))
+    finally:
+        progress.unsubscribe(view.update)
+        if not console.is_terminal:
+            console.print()  # a plain-file log gets the final view without a closing newline
+
+
+def _print_summary(summary: dict) -> None:
+    from pipelines.report import headline
+
+    from medloop import views
 
     console = _console()
-    summary = json.loads((layout.processed / "preprocess.json").read_text())
+    style = {"promoted": "green", "refused": "yellow"}.get(summary["outcome"], "bold")
+    console.print(f"[{style}]{headline(summary)}[/]", highlight=False)
+    if summary.get("metrics"):
+        console.print(views.summary_table(summary))
+    promotion = summary.get("promotion") or {}
+    if summary["outcome"] == "refused":
+        console.print(promotion.get("reason", ""), highlight=False)
+    for label, value in (summary.get("links") or {}).items():
+        console.print(f"  {label}: {value}", highlight=False)
+
+
+def _demo_summary(layout) -> None:
+    from pipelines import promote
+    from pipelines.config import load_params
+
+    console = _console()
+    params = load_params(layout.params_file)
+    history = promote.history(params, layout)
     console.rule("where to look")
-    console.print(f"workspace:        {layout.root}")
-    console.print(f"split counts:     {summary['counts']}")
-    console.print(f"frozen test set:  {summary['frozen_test_set']['items']} items")
-    console.print(f"quarantine list:  {layout.quarantine_csv}")
-    console.print(f"data quality:     {layout.data_docs / 'index.html'}")
-    console.print(f"data versions:    git -C {layout.root} log --oneline")
+    console.print(f"workspace:        {layout.root}", highlight=False)
+    promoted = [h for h in history if h["action"] in ("promoted", "override", "rollback")]
+    console.print(f"versions:         {', '.join('v' + h['version'] + ' ' + h['action'] for h in promoted) or 'none promoted'}", highlight=False)
+    console.print(f"champion:         medloop status -w {layout.root}", highlight=False)
+    console.print(f"lineage:          medloop lineage -w {layout.root}", highlight=False)
+    console.print(f"MLflow UI:        medloop ui -w {layout.root}   (then http://127.0.0.1:5000)", highlight=False)
+    console.print(f"reports:          {layout.reports} (metrics.json, model_card.md, plots/, data_docs/index.html)", highlight=False)
+    console.print(f"quarantine list:  {layout.quarantine_csv}", highlight=False)
+    console.print(f"data versions:    git -C {layout.root} log --oneline; git -C {layout.root} tag", highlight=False)
+
+
+def _layout(workspace: Path):
+    from pipelines.workspace import Layout
+
+    return Layout.at(workspace).require()
 
 
 def _quiet_prefect() -> None:

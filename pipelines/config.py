@@ -334,6 +334,47 @@ class StorageSpec(Strict):
     s3_endpoint_url: str | None = None
 
 
+class ScheduleSpec(Strict):
+    """The nightly retrain: when it runs (a Prefect deployment with a cron schedule), on which
+    work pool, and where failures are reported.
+
+    Attributes:
+        cron: five fields, ``minute hour day-of-month month day-of-week`` (``0 2 * * *``: 02:00).
+        timezone: IANA name the cron is read in (``Europe/London``); daylight saving is followed.
+        work_pool: the Prefect work pool whose worker runs it (a ``process`` pool by default).
+        deployment: the deployment's name (the flow is ``retrain``).
+        notify_url_env: the environment variable that holds an Apprise URL (``mailto://...``,
+            ``slack://...``, ``json://host/path``) to notify on failure; the URL is a secret, so it
+            is never written in params. Nothing is sent while the variable is unset.
+    """
+
+    cron: str
+    timezone: str
+    work_pool: str = Field(min_length=1)
+    deployment: str = Field(min_length=1)
+    notify_url_env: str | None = None
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        fields = value.split()
+        allowed = set("0123456789*/,-") | set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+        if len(fields) != 5 or any(set(field) - allowed for field in fields):
+            raise ValueError(f"expected five cron fields 'minute hour day month weekday', got {value!r}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as 'Europe/London' or 'UTC')") from None
+        return value
+
+
 class Params(Strict):
     """The whole of params.yaml."""
 
@@ -349,6 +390,7 @@ class Params(Strict):
     evaluate: EvaluateSpec
     promote: PromoteSpec
     storage: StorageSpec
+    schedule: ScheduleSpec
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -108,6 +108,17 @@ class PromotionResult:
     actor: str
     reason: str
     at: str
+    champion_metrics: dict | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (for flow results, reports and JSON): the decision as its gate verdicts."""
+        return {
+            "action": self.action, "passed": self.passed, "model_name": self.model_name,
+            "run_id": self.run_id, "version": self.version, "previous_version": self.previous_version,
+            "actor": self.actor, "reason": self.reason, "at": self.at,
+            "gates": [verdict.to_dict() for verdict in self.decision.reasons] if self.decision else [],
+            "champion_metrics": (self.champion_metrics or {}).get("test"),
+        }
 
     def describe(self) -> str:
         if self.action == "unchanged":
@@ -187,7 +198,7 @@ def run(
         client.set_tag(run_id, TAG + "at", at)
         log.warning("run %s refused: %d gate(s) failed\n%s", run_id, len(decision.failures), decision.summary())
         result = PromotionResult("refused", False, name, run_id, None, None, decision, actor,
-                                 decision.summary(), at)
+                                 decision.summary(), at, champion_metrics)
         if require_promotion:
             raise PromotionRefused(
                 f"model {name} run {run_id} was not promoted; the registry is unchanged. Failed gates:\n"
@@ -200,8 +211,9 @@ def run(
     model_id, source = _logged_model(client, mlflow_run)
     reason = f"passed all {len(decision.reasons)} gates"
     tags = _version_tags(mlflow_run, candidate, decision, "promoted", actor, at, reason)
-    return _register_and_crown(client, params, layout, run_id, model_id, source, tags, champion,
-                               "promoted", actor, reason, at, decision)
+    result = _register_and_crown(client, params, layout, run_id, model_id, source, tags, champion,
+                                 "promoted", actor, reason, at, decision)
+    return replace(result, champion_metrics=champion_metrics)
 
 
 def override(

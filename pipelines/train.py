@@ -94,7 +94,7 @@ def run(params: Params, layout: Layout) -> TrainResult:
                 train_data,
                 epochs=params.train.epochs,
                 class_weight=weights,
-                callbacks=[validation_auroc, early_stopping, EpochMetrics()],
+                callbacks=[validation_auroc, early_stopping, EpochMetrics(params.train.epochs)],
                 shuffle=False,  # the training dataset shuffles itself (seeded)
                 verbose=0,
             )
@@ -329,9 +329,9 @@ def ValidationAuroc(data: Any, classes: list[str], positive: int) -> Any:  # noq
     return _ValidationAuroc()
 
 
-def EpochMetrics() -> Any:  # noqa: N802 (a class)
+def EpochMetrics(epochs: int) -> Any:  # noqa: N802 (a class)
     """A Keras callback logging every epoch's metrics to the active MLflow run (step = epoch,
-    counted from 1)."""
+    counted from 1), and a line ``epoch k/n: ...`` to the stage log (progress displays read it)."""
     import keras
     import mlflow
 
@@ -343,6 +343,8 @@ def EpochMetrics() -> Any:  # noqa: N802 (a class)
             if learning_rate is not None:
                 metrics["learning_rate"] = float(np.asarray(learning_rate))
             mlflow.log_metrics(metrics, step=epoch + 1)
+            shown = ", ".join(f"{key} {metrics[key]:.4f}" for key in ("loss", "val_auroc") if key in metrics)
+            log.info("epoch %d/%d: %s", epoch + 1, epochs, shown)
 
     return _EpochMetrics()
 

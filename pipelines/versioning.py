@@ -7,11 +7,13 @@ then exactly the ones a user gets from the shell.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from pipelines.config import StorageSpec
 from pipelines.errors import WorkspaceError
@@ -78,18 +80,58 @@ def _run(command: list[str], cwd: Path, *, check: bool, tool: str) -> subprocess
     return done
 
 
-def repro(layout: Layout, stage: str) -> bool:
+def repro(layout: Layout, stage: str, on_line: Callable[[str], None] | None = None) -> bool:
     """``dvc repro <stage>`` (and what it depends on); True when something was rerun.
+
+    Args:
+        layout: the workspace.
+        stage: the stage to bring up to date.
+        on_line: called with each line the stage prints, as it prints it (progress displays).
 
     Raises:
         StageFailed: the stage command failed; the message carries its own error output.
     """
-    done = dvc(layout, "repro", stage, check=False)
-    output = (done.stdout + done.stderr).strip()
-    if done.returncode != 0:
+    command = [sys.executable, "-m", "dvc", "repro", stage]
+    try:
+        process = subprocess.Popen(command, cwd=layout.root, env=tool_env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+    except FileNotFoundError:
+        raise WorkspaceError(f"dvc is not installed (needed in {layout.root})") from None
+    lines = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        lines.append(line)
+        if on_line is not None:
+            on_line(line.rstrip("\n"))
+    returncode = process.wait()
+    output = "".join(lines).strip()
+    if returncode != 0:
         failed = re.search(r"failed to reproduce '([^']+)'", output)
         raise StageFailed(failed.group(1) if failed else stage, _stage_message(output))
     return "Running stage" in output
+
+
+def changed(layout: Layout) -> list[str]:
+    """What ``dvc status`` finds out of date: stage names and ``.dvc`` files, sorted; empty when
+    every stage's deps, params and outs match ``dvc.lock``."""
+    done = dvc(layout, "status", "--json")
+    return sorted(json.loads(done.stdout or "{}"))
+
+
+def tag(layout: Layout, name: str, message: str) -> str:
+    """Tag HEAD with an annotated tag (kept when it already exists on HEAD); the tag's commit.
+
+    Raises:
+        WorkspaceError: the tag exists on another commit (a version number is never reused).
+    """
+    head = git(layout, "rev-parse", "HEAD").stdout.strip()
+    existing = git(layout, "rev-list", "-n", "1", name, check=False)
+    if existing.returncode == 0:
+        if existing.stdout.strip() != head:
+            raise WorkspaceError(f"git tag {name} already exists on commit {existing.stdout.strip()[:12]}, not on HEAD {head[:12]}")
+        return head
+    git(layout, "-c", "user.name=medloop", "-c", "user.email=medloop@localhost", "tag", "-a", name, "-m", message)
+    return head
 
 
 def commit(layout: Layout, message: str) -> str | None:

@@ -7,9 +7,14 @@ and task takes a `Layout` and never builds paths by hand.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from pipelines.errors import MedloopError, WorkspaceError
 
@@ -143,3 +148,39 @@ def read_json(path: Path, hint: str, error: type[MedloopError] = MedloopError) -
         raise error(f"{path} is missing; {hint}") from None
     except json.JSONDecodeError as exc:
         raise error(f"{path} is not valid JSON ({exc}); {hint}") from None
+
+
+class WorkspaceBusy(WorkspaceError):
+    """Another run holds the workspace (git, DVC and the registry are changed by one run at a time)."""
+
+
+@contextmanager
+def exclusive(layout: Layout, purpose: str = "retrain") -> Iterator[Path]:
+    """Hold the workspace's lock for one run; refuse at once when another run holds it.
+
+    The lock is an ``flock`` on ``.medloop/<purpose>.lock``: the operating system releases it
+    when the holder exits, so a crashed run never leaves the workspace locked.
+
+    Raises:
+        WorkspaceBusy: another process holds it; the message says which and since when.
+    """
+    layout.state.mkdir(parents=True, exist_ok=True)
+    path = layout.state / f"{purpose}.lock"
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise WorkspaceBusy(
+                f"{layout.root}: a {purpose} run is already in progress ({holder}); this one did "
+                f"nothing. It runs one at a time per workspace ({path})."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        handle.flush()
+        yield path
+    finally:
+        handle.close()  # closing the descriptor releases the flock

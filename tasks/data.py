@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from prefect import task
 from prefect.logging import get_run_logger
@@ -12,6 +13,7 @@ from pipelines.config import load_params
 from pipelines.tracking import FLOW_RUN_ENV
 from pipelines.versioning import commit, repro
 from pipelines.workspace import Layout
+from tasks import progress
 
 DATA_STAGES = ("clean", "validate", "preprocess")
 NETWORK_SOURCES = {"sql", "s3"}
@@ -27,7 +29,16 @@ def collect_task(workspace: str, night: int | None = None) -> dict:
     layout = Layout.at(workspace)
     params = load_params(layout.params_file)
     runner = collect_with_retries if params.source.kind in NETWORK_SOURCES else collect_once
-    return runner(workspace, night)
+    progress.emit("collect", "running")
+    started = time.perf_counter()
+    try:
+        result = runner(workspace, night)
+    except Exception:
+        progress.emit("collect", "failed")
+        raise
+    seconds = time.perf_counter() - started
+    progress.emit("collect", "done", seconds=seconds, stored=result["stored"])
+    return {**result, "seconds": round(seconds, 3)}
 
 
 @task(name="collect-from-network", retries=3, retry_delay_seconds=[10, 60, 300])
@@ -43,17 +54,26 @@ def collect_once(workspace: str, night: int | None) -> dict:
     return result.as_dict()
 
 
-@task(name="dvc-stage")
-def stage_task(workspace: str, stage: str) -> bool:
-    """``dvc repro <stage>``; True when DVC reran it, False when its inputs had not changed."""
+@task(name="dvc-stage", task_run_name="dvc repro {stage}")
+def stage_task(workspace: str, stage: str) -> dict:
+    """``dvc repro <stage>``: ``ran`` (False when DVC found its inputs unchanged and skipped it)
+    and ``seconds`` (wall time of the DVC command)."""
     from prefect.runtime import flow_run
 
     # Stage processes tag their MLflow runs with it (pipelines never import Prefect).
     if flow_run.id:
         os.environ[FLOW_RUN_ENV] = str(flow_run.id)
-    ran = repro(Layout.at(workspace), stage)
-    get_run_logger().info("stage %s: %s", stage, "ran" if ran else "unchanged, skipped by DVC")
-    return ran
+    progress.emit(stage, "running")
+    started = time.perf_counter()
+    try:
+        ran = repro(Layout.at(workspace), stage, on_line=progress.stage_line(stage))
+    except Exception:
+        progress.emit(stage, "failed")
+        raise
+    seconds = time.perf_counter() - started
+    progress.emit(stage, "done" if ran else "skipped", seconds=seconds)
+    get_run_logger().info("stage %s: %s (%.1f s)", stage, "ran" if ran else "unchanged, skipped by DVC", seconds)
+    return {"ran": ran, "seconds": round(seconds, 3)}
 
 
 @task(name="commit-workspace")

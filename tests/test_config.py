@@ -34,6 +34,10 @@ def test_both_shipped_profiles_load():
         (lambda p: p["clean"]["label_aliases"].update(covid="COVID"), "clean.label_aliases.covid maps to 'COVID'"),
         (lambda p: p["preprocess"].update(test_fraction=0.6, validation_fraction=0.5), "must be below 1"),
         (lambda p: p["preprocess"].update(image_size=None), "preprocess.image_size is required"),
+        (lambda p: p["schedule"].update(cron="every night"), "schedule.cron: Value error, expected five cron fields"),
+        (lambda p: p["schedule"].update(cron="0 2 * *"), "schedule.cron: Value error, expected five cron fields"),
+        (lambda p: p["schedule"].update(timezone="Mars/Olympus"), "schedule.timezone: Value error, unknown time zone 'Mars/Olympus'"),
+        (lambda p: p.pop("schedule"), "schedule: missing key"),
     ],
 )
 def test_mistakes_name_the_key(mutate, expected):

@@ -1,0 +1,140 @@
+"""The nightly retrain: collect -> clean -> validate -> preprocess -> train -> evaluate -> promote
+-> deploy -> commit, tag and push -> report.
+
+The DVC stages run as ``dvc repro <stage>`` so that DVC's own caching, lock file and lineage are in
+force: a stage whose deps and params did not change is skipped by DVC (changing only training
+params reruns train and evaluate, not the data stages). When nothing changed at all (no new data,
+same params and code, and the current model already judged) the flow says so and stops before
+any stage runs. One run at a time per workspace (a lock), and one at a time per deployment (the
+Prefect concurrency limit in infra/prefect.yaml).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from prefect import flow
+
+from pipelines import report
+from pipelines.config import load_params
+from pipelines.lineage import git_tag_name
+from pipelines.workspace import Layout, exclusive, read_json
+from tasks import progress
+from tasks.data import DATA_STAGES, collect_task, stage_task
+from tasks.notify import notify, on_retrain_failure
+from tasks.retrain import (
+    MODEL_STAGES,
+    commit_task,
+    deploy_task,
+    links,
+    nothing_changed_task,
+    promote_task,
+    push_task,
+    record_commit_task,
+    report_task,
+    workspace_of,
+)
+
+PROMOTED = ("promoted", "override")
+
+
+@flow(name="retrain", on_failure=[on_retrain_failure], on_crashed=[on_retrain_failure])
+def retrain(params_file: str = "params.yaml") -> dict:
+    """One night of the loop for the workspace that holds ``params_file``.
+
+    ``seconds`` holds each step's own wall time, measured inside its task (collect, each DVC
+    command, promote, deploy, publish) and ``total``, the flow body's.
+
+    Returns:
+        The run summary (also published as a Prefect artifact and kept in
+        ``.medloop/runs.jsonl``): ``outcome`` (promoted | refused | data-only |
+        nothing-changed), what was collected, which stages ran, the gates, metrics against the
+        champion, the promotion decision, the commit and tag, links, and ``seconds`` per step.
+    """
+    from prefect.runtime import flow_run
+
+    started = time.perf_counter()
+    workspace = workspace_of(params_file)
+    layout = Layout.at(workspace).require()
+    params = load_params(layout.params_file)
+    summary: dict = {"model": params.model.name, "workspace": workspace, "flow_run_id": str(flow_run.id or ""),
+                     "started_at": _now(), "seconds": {}}
+    with exclusive(layout):
+        collected = collect_task(workspace)
+        summary["collect"] = collected
+        summary["seconds"]["collect"] = collected["seconds"]
+        if not collected["batch_id"] and nothing_changed_task(workspace):
+            for step in (*DATA_STAGES, *MODEL_STAGES, "promote", "deploy", "publish"):
+                progress.emit(step, "skipped")
+            return _finish(summary, "nothing-changed", started)
+
+        summary["stages"] = {}
+        for stage in (*DATA_STAGES, *MODEL_STAGES):
+            outcome = stage_task(workspace, stage)
+            summary["stages"][stage] = outcome["ran"]
+            summary["seconds"][stage] = outcome["seconds"]
+        summary["validation"] = read_json(layout.validation_json, "run validate")
+        metrics = read_json(layout.metrics_json, "run evaluate")
+        summary["metrics"] = metrics.get("test", {})
+
+        promotion = promote_task(workspace)
+        summary["promotion"] = promotion
+        summary["champion_metrics"] = promotion.get("champion_metrics")
+        summary["seconds"]["promote"] = promotion["seconds"]
+        version = promotion["version"] if promotion["action"] in PROMOTED else None
+        if version:
+            summary["deploy"] = deploy_task(workspace, version)
+            summary["seconds"]["deploy"] = summary["deploy"]["seconds"]
+        else:
+            progress.emit("deploy", "skipped")
+
+        outcome = _outcome(promotion)
+        message = _commit_message(params.model.name, outcome, promotion, collected)
+        published = commit_task(workspace, message, git_tag_name(params.model.name, version) if version else None)
+        publish_seconds = published["commit_seconds"]
+        if published["new_commit"]:
+            published["push_seconds"] = push_task(workspace)
+            publish_seconds += published["push_seconds"]
+        if published["commit"] and promotion.get("run_id") and (published["new_commit"] or version):
+            publish_seconds += record_commit_task(workspace, promotion["run_id"], version, published["commit"],
+                                                  published["git_tag"])
+        else:
+            progress.emit("publish", "done")
+        summary["publish"] = published
+        summary["seconds"]["publish"] = round(publish_seconds, 3)
+        summary["links"] = links(workspace, promotion.get("run_id"))
+        result = _finish(summary, outcome, started)
+    if outcome == "refused":
+        notify(params_file, f"medloop: {params.model.name} model refused", promotion["reason"], failure=False)
+    return result
+
+
+def _finish(summary: dict, outcome: str, started: float) -> dict:
+    summary["outcome"] = outcome
+    summary["finished_at"] = _now()
+    summary["seconds"]["total"] = round(time.perf_counter() - started, 3)
+    report_task(summary["workspace"], summary)
+    return summary
+
+
+def _outcome(promotion: dict) -> str:
+    if promotion["action"] in PROMOTED:
+        return "promoted"
+    if promotion["action"] == "refused":
+        return "refused"
+    return "data-only"
+
+
+def _commit_message(model: str, outcome: str, promotion: dict, collected: dict) -> str:
+    batch = f"batch {collected['batch_id']}" if collected.get("batch_id") else "no new data"
+    run = (promotion.get("run_id") or "")[:12]
+    if outcome == "promoted":
+        return f"{model} v{promotion['version']}: promoted (run {run}; {batch})"
+    if outcome == "refused":
+        return f"{model}: run {run} refused, champion unchanged ({batch})"
+    return f"{model}: data updated ({batch})"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,114 @@
+"""Deploy (a task, not a DVC stage): put the promoted version in service and record that it is.
+
+The prediction service serves ``models:/<name>@champion``. Promotion moves that alias when a model
+passes its gates; deploy is the step that makes the move official and auditable:
+
+- it checks that ``champion`` points at the version to deploy and moves it there when it does not
+  (a promotion interrupted between its two alias writes leaves it on the old champion);
+- it records the deployment on the registered model: tag ``medloop.deployed`` (version, when, who,
+  the Prefect flow run) and an entry ``deployed`` in the promotion history.
+
+Deploying the version already in service changes nothing and says so, so a retried task or a
+second run is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+from pipelines.config import Params
+from pipelines.errors import MedloopError
+from pipelines.promote import CHAMPION, _alias, _append_history, _now, _registered
+from pipelines.tracking import FLOW_RUN_ENV, configure
+from pipelines.workspace import Layout
+
+log = logging.getLogger("medloop.deploy")
+
+DEPLOYED_TAG = "medloop.deployed"
+
+
+class DeployError(MedloopError):
+    """There is nothing to deploy (no registered model, or no such version)."""
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What deploy did.
+
+    Attributes:
+        action: ``deployed`` (a new version is in service) or ``unchanged`` (it already was).
+        model_name: the registered model.
+        version: the version in service now.
+        replaced: the version that was in service before (None for the first deployment).
+        actor: who deployed.
+        at: when (UTC, ISO 8601).
+    """
+
+    action: str
+    model_name: str
+    version: str
+    replaced: str | None
+    actor: str
+    at: str
+
+    def describe(self) -> str:
+        if self.action == "unchanged":
+            return f"{self.model_name} v{self.version} is already in service"
+        before = f" (replacing v{self.replaced})" if self.replaced else ""
+        return f"{self.model_name} v{self.version} deployed as {CHAMPION}{before}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def run(params: Params, layout: Layout, version: str | None = None, *, actor: str = "medloop") -> DeployResult:
+    """Put ``version`` (default: the current champion) in service and record it.
+
+    Raises:
+        DeployError: the model is not registered, has no champion, or has no such version.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    configure(params, layout)
+    client = MlflowClient()
+    name = params.model.name
+    if not _registered(client, name):
+        raise DeployError(f"model {name} is not registered yet: nothing to deploy (promote a model first)")
+    champion = _alias(client, name, CHAMPION)
+    if version is None:
+        if champion is None:
+            raise DeployError(f"model {name} has no {CHAMPION}: nothing to deploy")
+        version = str(champion.version)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        raise DeployError(f"model {name} has no version {version}") from None
+
+    deployed = deployed_version(params, layout)
+    if champion is not None and str(champion.version) == version and deployed == version:
+        return DeployResult("unchanged", name, version, None, actor, _now())
+    if champion is None or str(champion.version) != version:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    at = _now()
+    record = {"version": version, "at": at, "actor": actor, "flow_run_id": os.environ.get(FLOW_RUN_ENV, "")}
+    client.set_registered_model_tag(name, DEPLOYED_TAG, json.dumps(record))
+    _append_history(client, name, {"version": version, "alias": CHAMPION, "action": "deployed",
+                                   "actor": actor, "reason": "in service", "at": at, "replaced": deployed})
+    log.info("%s v%s deployed (replacing %s) by %s", name, version, deployed or "nothing", actor)
+    return DeployResult("deployed", name, version, deployed, actor, at)
+
+
+def deployed_version(params: Params, layout: Layout) -> str | None:
+    """The version last recorded as in service, or None before the first deployment."""
+    from mlflow import MlflowClient
+
+    configure(params, layout)
+    client = MlflowClient()
+    if not _registered(client, params.model.name):
+        return None
+    recorded = client.get_registered_model(params.model.name).tags.get(DEPLOYED_TAG)
+    return json.loads(recorded)["version"] if recorded else None

@@ -1,0 +1,116 @@
+"""Lineage of registered model versions: what a version was made from, and the commit that holds it.
+
+Train tags its MLflow run with the git commit it started from, the DVC hashes of its inputs, the
+params hash and the Prefect flow run (`pipelines.tracking.lineage`); promote copies those tags onto
+the registered version with the gate results and who promoted it and why. After the run the flow
+commits ``dvc.lock`` and the ``.dvc`` files and tags that commit; `record_commit` then writes the
+commit and tag onto the run and the version, so a version names the exact commit to reproduce it
+from. `version_lineage` reads it all back for ``medloop lineage``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipelines.config import Params
+from pipelines.errors import MedloopError
+from pipelines.promote import CHAMPION, DECISION_TAG, REASONS_TAG, TAG, _alias, _registered
+from pipelines.tracking import configure
+from pipelines.workspace import Layout
+
+COMMIT_TAG = "medloop.commit"          # the workspace commit holding the version's dvc.lock
+GIT_TAG_TAG = "medloop.commit_tag"     # the git tag on that commit (``<model>-v<version>``)
+
+
+class LineageError(MedloopError):
+    """The model or version asked about is not in the registry."""
+
+
+def git_tag_name(model_name: str, version: str) -> str:
+    """The git tag of a version's commit, e.g. ``pneumonia-cxr-v3``."""
+    return f"{model_name}-v{version}"
+
+
+def record_commit(params: Params, layout: Layout, run_id: str, version: str | None, commit: str,
+                  git_tag: str | None) -> None:
+    """Write the commit (and its tag) that holds a run's ``dvc.lock`` onto the run and the version."""
+    from mlflow import MlflowClient
+
+    configure(params, layout)
+    client = MlflowClient()
+    client.set_tag(run_id, COMMIT_TAG, commit)
+    if git_tag:
+        client.set_tag(run_id, GIT_TAG_TAG, git_tag)
+    if version is not None:
+        client.set_model_version_tag(params.model.name, version, COMMIT_TAG, commit)
+        if git_tag:
+            client.set_model_version_tag(params.model.name, version, GIT_TAG_TAG, git_tag)
+
+
+def version_lineage(params: Params, layout: Layout, version: str | None = None) -> dict[str, Any]:
+    """Everything recorded about a registered version (default: the champion).
+
+    Returns:
+        ``model``, ``version``, ``aliases``, ``commit`` and ``git_tag`` (where the dvc.lock is),
+        ``trained_from_commit`` (HEAD when training started), ``data`` (DVC hashes of raw,
+        feedback, processed and the frozen test set), ``params_hash`` and ``params`` (as logged
+        with the run), ``gates`` (every gate's verdict), ``operating_threshold``, ``metrics``
+        (frozen test set), ``mlflow_run_id``, ``experiment_id``, ``flow_run_id``, ``promotion``
+        (decision, actor, reason, at), ``environment`` (TensorFlow, device, ...).
+
+    Raises:
+        LineageError: no such model or version, or no champion when no version is given.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    configure(params, layout)
+    client = MlflowClient()
+    name = params.model.name
+    if not _registered(client, name):
+        raise LineageError(f"model {name} is not registered in {params.tracking.uri}")
+    if version is None:
+        champion = _alias(client, name, CHAMPION)
+        if champion is None:
+            raise LineageError(f"model {name} has no {CHAMPION}; name a version")
+        version = str(champion.version)
+    try:
+        model_version = client.get_model_version(name, str(version))
+    except MlflowException:
+        raise LineageError(f"model {name} has no version {version}") from None
+    tags = model_version.tags
+    run = client.get_run(model_version.run_id) if model_version.run_id else None
+    run_tags = run.data.tags if run else {}
+    metrics = json.loads(tags.get("medloop.metrics", "{}"))
+    return {
+        "model": name,
+        "version": str(model_version.version),
+        "aliases": sorted(model_version.aliases),
+        "commit": tags.get(COMMIT_TAG) or run_tags.get(COMMIT_TAG),
+        "git_tag": tags.get(GIT_TAG_TAG) or run_tags.get(GIT_TAG_TAG),
+        "trained_from_commit": tags.get("medloop.git_commit"),
+        "data": {
+            "raw": tags.get("medloop.data.raw"),
+            "feedback": tags.get("medloop.data.feedback"),
+            "processed": tags.get("medloop.data.processed"),
+            "frozen_test_set": tags.get("medloop.data.frozen_test_set"),
+        },
+        "params_hash": tags.get("medloop.params_hash"),
+        "params": dict(sorted(run.data.params.items())) if run else {},
+        "gates": json.loads(tags.get(REASONS_TAG, "[]")),
+        "operating_threshold": tags.get("medloop.operating_threshold"),
+        "weights_sha256": tags.get("medloop.weights_sha256"),
+        "metrics": metrics.get("test", {}),
+        "mlflow_run_id": model_version.run_id,
+        "experiment_id": run.info.experiment_id if run else None,
+        "flow_run_id": tags.get("medloop.flow_run_id"),
+        "promotion": {
+            "decision": tags.get(DECISION_TAG),
+            "actor": tags.get(TAG + "actor"),
+            "reason": tags.get(TAG + "reason"),
+            "at": tags.get(TAG + "at"),
+        },
+        "environment": {key[len("medloop.device."):]: value for key, value in run_tags.items()
+                        if key.startswith("medloop.device.")},
+    }

@@ -1,0 +1,84 @@
+"""Telling people: a log line always, and an Apprise notification when a URL is configured.
+
+The Apprise URL (``mailto://``, ``slack://``, ``msteams://``, ``json://host/path`` ...) is a
+secret, so params only name the environment variable that holds it (``schedule.notify_url_env``).
+A notification that cannot be delivered is logged; it never changes how the run ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from pipelines.config import load_params
+from pipelines.errors import mask_credentials
+from pipelines.workspace import Layout
+
+log = logging.getLogger("medloop.notify")
+
+
+def notify(params_file: str, title: str, body: str, *, failure: bool = True) -> bool:
+    """Log the message, and send it through Apprise when ``schedule.notify_url_env`` is set.
+
+    Returns:
+        True when a notification was delivered.
+    """
+    (log.error if failure else log.warning)("%s\n%s", title, body)
+    try:
+        params = load_params(params_file)
+    except Exception as exc:  # noqa: BLE001 - the params file may be the very thing that failed
+        log.error("cannot read %s to find the notification URL: %s", params_file, exc)
+        return False
+    variable = params.schedule.notify_url_env
+    url = os.environ.get(variable) if variable else None
+    if not url:
+        return False
+    import apprise
+
+    sender = apprise.Apprise()
+    if not sender.add(url):
+        log.error("%s holds an Apprise URL that Apprise does not understand: %s", variable, mask_credentials(url))
+        return False
+    delivered = bool(sender.notify(title=title, body=body,
+                                   notify_type=apprise.NotifyType.FAILURE if failure else apprise.NotifyType.WARNING))
+    if not delivered:
+        log.error("the notification to %s could not be delivered", mask_credentials(url))
+    return delivered
+
+
+def on_retrain_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect hook (failed or crashed retrain run): log the reason, notify, record it in the
+    workspace's run log so ``medloop status`` shows it."""
+    from pipelines import report
+
+    params_file = str((flow_run.parameters or {}).get("params_file", "params.yaml"))
+    reason = _reason(state)
+    title = f"medloop retrain run {flow_run.name} {state.name.lower()}"
+    notify(params_file, title, reason)
+    try:
+        layout = Layout.at(os.path.dirname(os.path.abspath(params_file)))
+        params = load_params(params_file)
+        report.append_run(layout, {
+            "model": params.model.name, "outcome": state.name.lower(), "reason": reason,
+            "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name,
+            "finished_at": _now(),
+        })
+    except Exception as exc:  # noqa: BLE001 - a hook must not raise
+        log.error("could not record the failed run: %s", exc)
+
+
+def _reason(state: Any) -> str:
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception as exc:  # noqa: BLE001 - the result itself may be unavailable
+        error = exc
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}"
+    return state.message or "no reason recorded"
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,158 @@
+"""Tasks of the model half of the loop: promote, deploy, version (commit, tag, push), report.
+
+Retries with backoff are only on steps that talk to a database or the network: promote and deploy
+(the MLflow registry, a database or a tracking server), the DVC push (a remote that may be S3) and
+the lineage stamp. The DVC stages and git commits are local: trying them again would fail the same
+way, so they are not retried.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from pipelines import deploy, lineage, promote, report
+from pipelines.config import load_params
+from pipelines.tracking import tracking_uri
+from pipelines.versioning import changed, commit, push, tag
+from pipelines.workspace import Layout, read_json
+from tasks import progress
+
+MODEL_STAGES = ("train", "evaluate")
+REGISTRY_RETRIES = {"retries": 3, "retry_delay_seconds": [5, 30, 120]}
+
+
+@task(name="plan")
+def nothing_changed_task(workspace: str) -> bool:
+    """True when there is nothing to do: ``dvc status`` finds every stage up to date and the model
+    of the last training was already judged by an earlier run."""
+    layout = Layout.at(workspace)
+    out_of_date = changed(layout)
+    if out_of_date:
+        get_run_logger().info("out of date: %s", ", ".join(out_of_date))
+        return False
+    if not layout.train_json.is_file():
+        return False
+    run_id = read_json(layout.train_json, "run the train stage").get("run_id")
+    return report.earlier_decision(layout, run_id) is not None
+
+
+@task(name="promote", **REGISTRY_RETRIES)
+def promote_task(workspace: str) -> dict[str, Any]:
+    """Judge the evaluated model against the clinical gates and the champion; promote it if it
+    passes. A refusal is a result, not an error: the registry is untouched and the report says why."""
+    started = time.perf_counter()
+    layout = Layout.at(workspace)
+    params = load_params(layout.params_file)
+    progress.emit("promote", "running")
+    run_id = read_json(layout.train_json, "run the train stage before promoting").get("run_id")
+    earlier = report.earlier_decision(layout, run_id)
+    if earlier is not None:
+        # The model did not change since an earlier run judged it: say so, judge nothing again.
+        result = {**earlier, "action": "unchanged",
+                  "reason": f"run {run_id} was already judged ({earlier['action']}) on {earlier.get('at')}"}
+    else:
+        result = promote.run(params, layout, actor="medloop-nightly",
+                             rescore=promote._rescorer(params, layout)).as_dict()
+    progress.emit("promote", "done", action=result["action"])
+    get_run_logger().info("promote: %s - %s", result["action"], result["reason"].splitlines()[0])
+    return {**result, "seconds": round(time.perf_counter() - started, 3)}
+
+
+@task(name="deploy", **REGISTRY_RETRIES)
+def deploy_task(workspace: str, version: str) -> dict[str, Any]:
+    """Put the promoted version in service (idempotent) and record the deployment."""
+    started = time.perf_counter()
+    layout = Layout.at(workspace)
+    progress.emit("deploy", "running")
+    result = deploy.run(load_params(layout.params_file), layout, version, actor="medloop-nightly")
+    progress.emit("deploy", "done")
+    get_run_logger().info("deploy: %s", result.describe())
+    return {**result.as_dict(), "seconds": round(time.perf_counter() - started, 3)}
+
+
+@task(name="commit")
+def commit_task(workspace: str, message: str, git_tag: str | None) -> dict[str, Any]:
+    """Commit ``dvc.lock`` and the ``.dvc`` files (and tag the commit for a new model version)."""
+    started = time.perf_counter()
+    layout = Layout.at(workspace)
+    progress.emit("publish", "running")
+    made = commit(layout, message)
+    head = made or _head(layout)
+    tagged = None
+    if git_tag and head:
+        tag(layout, git_tag, message)
+        tagged = git_tag
+    return {"commit": head, "new_commit": made is not None, "git_tag": tagged,
+            "commit_seconds": round(time.perf_counter() - started, 3)}
+
+
+@task(name="dvc-push", retries=3, retry_delay_seconds=[10, 60, 300])
+def push_task(workspace: str) -> float:
+    """Upload the data versions to the DVC remote; the wall time of the push."""
+    started = time.perf_counter()
+    push(Layout.at(workspace))
+    return round(time.perf_counter() - started, 3)
+
+
+@task(name="record-lineage", **REGISTRY_RETRIES)
+def record_commit_task(workspace: str, run_id: str, version: str | None, commit_sha: str,
+                       git_tag: str | None) -> float:
+    """Write the commit (and tag) that holds the run's dvc.lock onto the MLflow run and version;
+    the wall time it took."""
+    started = time.perf_counter()
+    layout = Layout.at(workspace)
+    lineage.record_commit(load_params(layout.params_file), layout, run_id, version, commit_sha, git_tag)
+    progress.emit("publish", "done")
+    return round(time.perf_counter() - started, 3)
+
+
+@task(name="report")
+def report_task(workspace: str, summary: dict[str, Any]) -> str:
+    """Publish the run as a Prefect artifact and add it to the workspace's run log."""
+    from prefect.artifacts import create_markdown_artifact
+
+    layout = Layout.at(workspace)
+    markdown = report.render_markdown(summary)
+    key = "retrain-" + "".join(c if c.isalnum() else "-" for c in summary["model"].lower())
+    create_markdown_artifact(markdown=markdown, key=key, description=report.headline(summary))
+    report.append_run(layout, summary)
+    get_run_logger().info(report.headline(summary))
+    return markdown
+
+
+def links(workspace: str, run_id: str | None) -> dict[str, str]:
+    """Where to look: the MLflow run (a URL on a tracking server, else how to open the UI) and the
+    Data Docs."""
+    layout = Layout.at(workspace)
+    params = load_params(layout.params_file)
+    found = {"data_docs": (layout.data_docs / "index.html").as_uri()}
+    if run_id:
+        from mlflow import MlflowClient
+
+        uri = tracking_uri(params, layout)
+        experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+        page = f"#/experiments/{experiment}/runs/{run_id}"
+        if uri.startswith(("http://", "https://")):
+            found["mlflow_run"] = f"{uri.rstrip('/')}/{page}"
+        else:
+            found["mlflow_run"] = f"http://127.0.0.1:5000/{page} (after `medloop ui -w {layout.root}`)"
+    found["lineage"] = f"medloop lineage -w {layout.root}"
+    return found
+
+
+def _head(layout: Layout) -> str | None:
+    from pipelines.versioning import git
+
+    done = git(layout, "rev-parse", "HEAD", check=False)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def workspace_of(params_file: str) -> str:
+    """The workspace a params file belongs to (its folder), resolved."""
+    path = Path(params_file).expanduser().resolve()
+    return str(path.parent)

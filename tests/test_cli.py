@@ -1,0 +1,90 @@
+"""The command line as a user runs it: a real `medloop` process each time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import free_port, make_workspace, tabular_params
+
+MEDLOOP = [sys.executable, "-m", "medloop"]
+
+
+def medloop(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    environment.update(env or {})
+    return subprocess.run([*MEDLOOP, *args], capture_output=True, text=True, env=environment, timeout=timeout)
+
+
+def test_help_lists_every_command():
+    done = medloop("--help")
+    assert done.returncode == 0
+    for command in ("run", "status", "schedule", "worker", "ui", "lineage", "promote", "rollback", "demo"):
+        assert f" {command} " in done.stdout
+
+
+def test_status_of_a_new_workspace_and_schedule_without_a_server(tmp_path):
+    layout = make_workspace(tmp_path, tabular_params())
+    status = medloop("status", "-w", str(layout.root))
+    assert status.returncode == 0, status.stderr
+    assert "champion: none (model breast-cancer-mlp is not registered" in status.stdout
+    assert "last runs: none yet" in status.stdout
+    assert "next scheduled run: unknown - PREFECT_API_URL is not set" in " ".join(status.stdout.split())
+
+    schedule = medloop("schedule", "-w", str(layout.root))
+    assert schedule.returncode == 1
+    assert "error: PREFECT_API_URL is not set" in schedule.stderr and "Traceback" not in schedule.stderr
+
+    lineage = medloop("lineage", "-w", str(layout.root))
+    assert lineage.returncode == 1 and "is not registered" in lineage.stderr
+
+
+def test_run_refuses_a_folder_that_is_not_a_workspace(tmp_path):
+    done = medloop("run", "-w", str(tmp_path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert str(tmp_path) in " ".join(done.stderr.split())
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_ui_starts_mlflow_and_prefect_on_localhost_and_stops_on_ctrl_c(tmp_path):
+    layout = make_workspace(tmp_path, tabular_params())
+    mlflow_port, prefect_port = free_port(), free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    process = subprocess.Popen([*MEDLOOP, "ui", "-w", str(layout.root), "--mlflow-port", str(mlflow_port),
+                                "--prefect-port", str(prefect_port)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        while not any("Ctrl-C" in line for line in lines):
+            line = process.stdout.readline()
+            assert line or process.poll() is None, "".join(lines)
+            lines.append(line)
+            assert time.monotonic() < deadline, "".join(lines)
+        output = "".join(lines)
+        assert f"MLflow UI:  http://127.0.0.1:{mlflow_port}" in output
+        assert f"Prefect UI: http://127.0.0.1:{prefect_port}" in output
+        with urllib.request.urlopen(f"http://127.0.0.1:{prefect_port}/api/health", timeout=10) as answer:
+            assert answer.status == 200
+        # The MLflow server reads the workspace's own store.
+        search = f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow/experiments/search?max_results=10"
+        with urllib.request.urlopen(search, timeout=10) as answer:
+            names = [experiment["name"] for experiment in json.loads(answer.read())["experiments"]]
+        assert "Default" in names
+        assert (layout.state / "mlflow.db").is_file()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert process.returncode == 0
+    for port in (mlflow_port, prefect_port):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)

@@ -1,0 +1,124 @@
+"""The schedule for real: `prefect server start` on 127.0.0.1 (SQLite), `medloop schedule` creates
+the work pool and the deployment from infra/prefect.yaml, `medloop worker` runs it, and runs are
+triggered through the API. A backlog of due runs ends with one run done and the rest cancelled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, free_port, load, make_workspace
+from test_flow_retrain import passing_params, registry
+
+RUN_SECONDS = 600
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A real Prefect server on 127.0.0.1 with its own home (and SQLite database)."""
+    from medloop.servers import prefect_server_command, start_server, stop_server
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "1", "PREFECT_API_URL": ""}
+    url = f"http://127.0.0.1:{port}/api"
+    server = start_server("Prefect", prefect_server_command(port), env, home / "server.log", url + "/health")
+    yield {"url": url, "home": str(home)}
+    stop_server(server)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_schedule_worker_and_a_backlog_of_due_runs(tmp_path, prefect_api, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api["url"])
+    monkeypatch.setenv("PREFECT_HOME", prefect_api["home"])
+    params = passing_params()
+    params["schedule"].update(work_pool="medloop-test", deployment="nightly-test", cron="30 1 * * *",
+                              timezone="Europe/Paris")
+    layout = make_workspace(tmp_path, params)
+    env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
+    medloop = [sys.executable, "-m", "medloop"]
+
+    scheduled = subprocess.run([*medloop, "schedule", "-w", str(layout.root)], env=env, capture_output=True,
+                               text=True, cwd=tmp_path, timeout=300)
+    assert scheduled.returncode == 0, scheduled.stdout + scheduled.stderr
+    assert "scheduled retrain/nightly-test on work pool medloop-test" in scheduled.stdout
+
+    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool("medloop-test")
+        assert pool.type == "process"
+        deployment = client.read_deployment_by_name("retrain/nightly-test")
+        assert deployment.parameters == {"params_file": str(layout.params_file)}
+        assert deployment.concurrency_limit == 1
+        [schedule] = deployment.schedules
+        assert schedule.schedule.cron == "30 1 * * *" and schedule.schedule.timezone == "Europe/Paris"
+        # The nightly schedule has put runs on the calendar; `medloop status` reports the next one.
+        from flows.deployments import next_scheduled_run
+
+        due = next_scheduled_run(load(layout))
+        assert due is not None and due.astimezone().timestamp() > time.time()
+
+        # Three runs due now, as after a worker outage: only one may run.
+        runs = [client.create_flow_run_from_deployment(deployment.id) for _ in range(3)]
+
+    worker_log = open(tmp_path / "worker.log", "wb")
+    worker = subprocess.Popen([*medloop, "worker", "-w", str(layout.root)], env=env, stdout=worker_log,
+                              stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    try:
+        final = wait_for_final(runs, worker, tmp_path)
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=60)
+
+    states = sorted(run.state.type for run in final)
+    assert states == [StateType.COMPLETED, StateType.CANCELLED, StateType.CANCELLED], (
+        [(run.state.type, run.state.message) for run in final], (tmp_path / "worker.log").read_text()[-4000:])
+    [done] = [run for run in final if run.state.type == StateType.COMPLETED]
+
+    # MLflow has the run, and the registry the version, made by that flow run.
+    client = registry(layout)
+    champion = client.get_model_version_by_alias(params["model"]["name"], "champion")
+    assert str(champion.version) == "1"
+    assert champion.tags["medloop.flow_run_id"] == str(done.id)
+    assert client.get_run(champion.run_id).data.tags["medloop.flow_run_id"] == str(done.id)
+
+    status = subprocess.run([*medloop, "status", "-w", str(layout.root)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert f"champion: {params['model']['name']} v1" in status.stdout
+    assert "next scheduled run: 20" in status.stdout and "Europe/Paris" in status.stdout
+
+
+def wait_for_final(runs, worker, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + RUN_SECONDS
+    with get_client(sync_client=True) as client:
+        while True:
+            current = [client.read_flow_run(run.id) for run in runs]
+            if all(run.state is not None and run.state.is_final() for run in current):
+                return current
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, (
+                [(run.state.type, run.state.message) for run in current], (tmp_path / "worker.log").read_text()[-4000:])
+            time.sleep(2)
+
+
+def test_prefect_yaml_declares_the_nightly_deployment():
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
+    [deployment] = spec["deployments"]
+    assert deployment["entrypoint"] == "flows/retrain.py:retrain"
+    assert deployment["parameters"] == {"params_file": "{{ $MEDLOOP_PARAMS_FILE }}"}
+    assert deployment["work_pool"]["name"] == "{{ $MEDLOOP_WORK_POOL }}"
+    assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    assert (ROOT / deployment["entrypoint"].split(":")[0]).is_file()
