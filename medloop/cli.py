@@ -172,7 +172,7 @@ def status(workspace: Path = WorkspaceOption) -> None:
         return
     try:
         due = next_scheduled_run(params)
-        console.print(f"next scheduled run: {due.isoformat() if due else 'none scheduled'} "
+        console.print(f"next scheduled run: {due.isoformat() if due else 'none planned yet'} "
                       f"({params.schedule.cron} {params.schedule.timezone})", highlight=False)
     except MedloopError as exc:
         console.print(f"next scheduled run: unknown - {exc}", highlight=False)
@@ -189,7 +189,9 @@ def schedule(workspace: Path = WorkspaceOption) -> None:
     applied = apply_schedule(load_params(layout.params_file), layout)
     console = _console()
     console.print(f"[green]scheduled[/] {applied['deployment']} on work pool {applied['work_pool']}: "
-                  f"cron '{applied['cron']}' ({applied['timezone']}); next run {applied['next_run']}", highlight=False)
+                  f"cron '{applied['cron']}' ({applied['timezone']}); next run "
+                  f"{applied['next_run'] or 'planned by the server within a minute (see `medloop status`)'}",
+                  highlight=False)
     console.print(f"start a worker with: medloop worker -w {layout.root}", highlight=False)
 
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -25,7 +26,9 @@ def prefect_api(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1", "PREFECT_API_URL": ""}
+           "DO_NOT_TRACK": "1", "PREFECT_API_URL": "",
+           # The scheduler plans runs every 60 s by default; the test need not wait that long.
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
     url = f"http://127.0.0.1:{port}/api"
     server = start_server("Prefect", prefect_server_command(port), env, home / "server.log", url + "/health")
     yield {"url": url, "home": str(home)}
@@ -57,14 +60,18 @@ def test_schedule_worker_and_a_backlog_of_due_runs(tmp_path, prefect_api, monkey
         assert pool.type == "process"
         deployment = client.read_deployment_by_name("retrain/nightly-test")
         assert deployment.parameters == {"params_file": str(layout.params_file)}
-        assert deployment.concurrency_limit == 1
+        assert deployment.global_concurrency_limit.limit == 1
+        assert deployment.concurrency_options.collision_strategy.value == "CANCEL_NEW"
         [schedule] = deployment.schedules
         assert schedule.schedule.cron == "30 1 * * *" and schedule.schedule.timezone == "Europe/Paris"
         # The nightly schedule has put runs on the calendar; `medloop status` reports the next one.
         from flows.deployments import next_scheduled_run
 
-        due = next_scheduled_run(load(layout))
-        assert due is not None and due.astimezone().timestamp() > time.time()
+        deadline = time.monotonic() + 60
+        while (due := next_scheduled_run(load(layout))) is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert due is not None and due.timestamp() > time.time()
+        assert due.astimezone(ZoneInfo("Europe/Paris")).strftime("%H:%M") == "01:30"
 
         # Three runs due now, as after a worker outage: only one may run.
         runs = [client.create_flow_run_from_deployment(deployment.id) for _ in range(3)]
@@ -78,10 +85,11 @@ def test_schedule_worker_and_a_backlog_of_due_runs(tmp_path, prefect_api, monkey
         os.killpg(worker.pid, 15)
         worker.wait(timeout=60)
 
-    states = sorted(run.state.type for run in final)
-    assert states == [StateType.COMPLETED, StateType.CANCELLED, StateType.CANCELLED], (
+    states = sorted(run.state.type.value for run in final)
+    assert states == ["CANCELLED", "CANCELLED", "COMPLETED"], (
         [(run.state.type, run.state.message) for run in final], (tmp_path / "worker.log").read_text()[-4000:])
     [done] = [run for run in final if run.state.type == StateType.COMPLETED]
+    assert all("concurrency limit" in run.state.message for run in final if run is not done)
 
     # MLflow has the run, and the registry the version, made by that flow run.
     client = registry(layout)
