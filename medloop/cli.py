@@ -228,26 +228,62 @@ def ui(
     serve_uis(_layout(workspace), mlflow_port, prefect_port if prefect else None, _console())
 
 
+ModelArgument = typer.Argument(None, help="Registered model (default: the workspace's model.name).")
+VersionArgument = typer.Argument(None, help="Registered version (default: the champion).")
+
+
 @app.command()
 def lineage(
-    version: Optional[str] = typer.Argument(None, help="Registered version (default: the champion)."),
+    model: Optional[str] = ModelArgument,
+    version: Optional[str] = VersionArgument,
     workspace: Path = WorkspaceOption,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """What a model version was made from: commit, data versions, params, gates, runs, promotion."""
     import json
 
-    from pipelines.config import load_params
     from pipelines.lineage import version_lineage
 
     from medloop import views
 
     layout = _layout(workspace)
-    found = version_lineage(load_params(layout.params_file), layout, version)
+    found = version_lineage(_params_for(layout, model), layout, version)
     if as_json:
         print(json.dumps(found, indent=2, sort_keys=True))
     else:
         _console().print(views.lineage_table(found))
+
+
+@app.command()
+def reproduce(
+    model: Optional[str] = ModelArgument,
+    version: Optional[str] = VersionArgument,
+    rev: Optional[str] = typer.Option(None, "--rev", help="Git commit or tag to reproduce from instead."),
+    workspace: Path = WorkspaceOption,
+    keep: bool = typer.Option(False, help="Keep the worktree for inspection."),
+) -> None:
+    """Rebuild a registered version from its commit in a separate worktree and compare it."""
+    from pipelines import reproduce as reproduction
+
+    layout = _layout(workspace)
+    result = reproduction.run(_params_for(layout, model), layout, version, rev, keep=keep)
+    _console().print(result.describe(), highlight=False)
+    if keep:
+        _console().print(f"worktree kept at {result.worktree}", highlight=False)
+    if not result.identical:
+        raise typer.Exit(1)
+
+
+def _params_for(layout, model: Optional[str]):
+    """The workspace's params, refusing a model name that is not the workspace's."""
+    from pipelines.config import load_params
+    from pipelines.errors import MedloopError
+
+    params = load_params(layout.params_file)
+    if model is not None and model != params.model.name:
+        raise MedloopError(f"the workspace {layout.root} holds model {params.model.name!r}, not {model!r} "
+                           f"(pick the workspace with -w)")
+    return params
 
 
 @app.command()

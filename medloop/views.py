@@ -118,9 +118,10 @@ def lineage_table(found: dict[str, Any]) -> Table:
     if gates:
         failed = [g["gate"] for g in gates if not g.get("passed")]
         rows.append(("gates", f"{len(gates) - len(failed)} of {len(gates)} passed" + (f"; failed: {', '.join(failed)}" if failed else "")))
-    environment = found.get("environment") or {}
-    if environment:
-        rows.append(("environment", ", ".join(f"{k}={v}" for k, v in sorted(environment.items()))))
+    for section in ("device", "environment"):
+        facts = found.get(section) or {}
+        if facts:
+            rows.append((section, ", ".join(f"{k}={v}" for k, v in sorted(facts.items()))))
     for what, value in rows:
         table.add_row(what, str(value))
     return table

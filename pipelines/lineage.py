@@ -57,7 +57,8 @@ def version_lineage(params: Params, layout: Layout, version: str | None = None) 
         feedback, processed and the frozen test set), ``params_hash`` and ``params`` (as logged
         with the run), ``gates`` (every gate's verdict), ``operating_threshold``, ``metrics``
         (frozen test set), ``mlflow_run_id``, ``experiment_id``, ``flow_run_id``, ``promotion``
-        (decision, actor, reason, at), ``environment`` (TensorFlow, device, ...).
+        (decision, actor, reason, at), ``device`` (TensorFlow, GPUs, strategy, mixed precision)
+        and ``environment`` (Python, platform, package versions) of the training run.
 
     Raises:
         LineageError: no such model or version, or no champion when no version is given.
@@ -111,6 +112,10 @@ def version_lineage(params: Params, layout: Layout, version: str | None = None) 
             "reason": tags.get(TAG + "reason"),
             "at": tags.get(TAG + "at"),
         },
-        "environment": {key[len("medloop.device."):]: value for key, value in run_tags.items()
-                        if key.startswith("medloop.device.")},
+        "device": _tags_under(run_tags, "medloop.device."),
+        "environment": _tags_under(run_tags, "medloop.env."),
     }
+
+
+def _tags_under(tags: dict[str, str], prefix: str) -> dict[str, str]:
+    return {key[len(prefix):]: value for key, value in sorted(tags.items()) if key.startswith(prefix)}

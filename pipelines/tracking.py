@@ -77,6 +77,26 @@ def lineage(params: Params, layout: Layout) -> dict[str, str]:
     return tags
 
 
+ENVIRONMENT_PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "pandas", "scikit-learn", "pillow",
+                        "pydicom", "pyarrow", "mlflow", "dvc", "great-expectations", "prefect")
+
+
+def environment_facts() -> dict[str, str]:
+    """Facts of the software environment that can change a model: Python, the platform, and the
+    installed versions of the packages training and evaluation use (absent ones are left out).
+    Tagged on every training run as ``medloop.env.<name>``; reproduce reports differences."""
+    import platform
+    from importlib import metadata
+
+    facts = {"python": platform.python_version(), "platform": f"{platform.system()}-{platform.machine()}"}
+    for package in ENVIRONMENT_PACKAGES:
+        try:
+            facts[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return facts
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

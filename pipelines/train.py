@@ -81,7 +81,8 @@ def run(params: Params, layout: Layout) -> TrainResult:
         experiment_id = tracking.configure(params, layout)
         run_name = f"{params.train.architecture}-{params.digest()[:8]}"
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as active:
-            mlflow.set_tags({**tracking.lineage(params, layout), **_device_tags(device.facts),
+            environment = {f"medloop.env.{key}": value for key, value in tracking.environment_facts().items()}
+            mlflow.set_tags({**tracking.lineage(params, layout), **_device_tags(device.facts), **environment,
                              "medloop.stage": "train", "medloop.architecture": params.train.architecture})
             mlflow.log_params(flatten_params(params))
             _log_dataset_inputs(params, layout)

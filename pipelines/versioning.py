@@ -80,18 +80,19 @@ def _run(command: list[str], cwd: Path, *, check: bool, tool: str) -> subprocess
     return done
 
 
-def repro(layout: Layout, stage: str, on_line: Callable[[str], None] | None = None) -> bool:
+def repro(layout: Layout, stage: str, on_line: Callable[[str], None] | None = None, *, force: bool = False) -> bool:
     """``dvc repro <stage>`` (and what it depends on); True when something was rerun.
 
     Args:
         layout: the workspace.
         stage: the stage to bring up to date.
         on_line: called with each line the stage prints, as it prints it (progress displays).
+        force: rerun the stage and every stage upstream of it even when nothing changed.
 
     Raises:
         StageFailed: the stage command failed; the message carries its own error output.
     """
-    command = [sys.executable, "-m", "dvc", "repro", stage]
+    command = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), stage]
     try:
         process = subprocess.Popen(command, cwd=layout.root, env=tool_env(), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)

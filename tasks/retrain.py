@@ -135,7 +135,10 @@ def links(workspace: str, run_id: str | None) -> dict[str, str]:
         from mlflow import MlflowClient
 
         uri = tracking_uri(params, layout)
-        experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+        try:
+            experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+        except Exception:  # noqa: BLE001 - a link is not worth failing a finished run over
+            return {**found, "mlflow_run": f"run {run_id}", "lineage": f"medloop lineage -w {layout.root}"}
         page = f"#/experiments/{experiment}/runs/{run_id}"
         if uri.startswith(("http://", "https://")):
             found["mlflow_run"] = f"{uri.rstrip('/')}/{page}"
