@@ -52,7 +52,8 @@ def test_versions_one_and_two_reproduce_bit_for_bit(versions):
         assert result.weights_identical and result.tolerance == 0.0 and not result.differences
         assert result.compared > 50  # every metric, interval, subgroup and the threshold
         assert result.commit == versions["outcomes"][int(version) - 1]["publish"]["commit"]
-        assert result.describe().startswith(f"IDENTICAL: breast-cancer-mlp v{version} reproduced bit for bit")
+        assert result.describe().startswith(f"IDENTICAL: breast-cancer-mlp v{version} from commit {result.commit[:12]} "
+                                            f"reproduced bit for bit")
     # The user's working tree and HEAD were never touched; the worktrees are gone.
     assert git(layout, "status", "--porcelain").stdout == before
     assert git(layout, "rev-parse", "HEAD").stdout == head
