@@ -357,6 +357,8 @@ def _demo_summary(layout) -> None:
     console.print(f"versions:         {', '.join('v' + h['version'] + ' ' + h['action'] for h in promoted) or 'none promoted'}", highlight=False)
     console.print(f"champion:         medloop status -w {layout.root}", highlight=False)
     console.print(f"lineage:          medloop lineage -w {layout.root}", highlight=False)
+    console.print(f"reproduce:        medloop reproduce -w {layout.root}   (rebuilds the champion from its commit)",
+                  highlight=False)
     console.print(f"MLflow UI:        medloop ui -w {layout.root}   (then http://127.0.0.1:5000)", highlight=False)
     console.print(f"reports:          {layout.reports} (metrics.json, model_card.md, plots/, data_docs/index.html)", highlight=False)
     console.print(f"quarantine list:  {layout.quarantine_csv}", highlight=False)
