@@ -287,6 +287,43 @@ def _params_for(layout, model: Optional[str]):
 
 
 @app.command()
+def serve(
+    workspace: Path = WorkspaceOption,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    workers: int = typer.Option(1, help="Worker processes."),
+) -> None:
+    """Serve the champion over HTTP (predict, feedback, review, health, metrics)."""
+    import uvicorn
+
+    layout = _layout(workspace)
+    os.environ["MEDLOOP_PARAMS"] = str(layout.params_file)
+    _console().print(f"serving {layout.params_file} on http://{host}:{port} (docs at /docs)", highlight=False)
+    uvicorn.run("serving.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                log_level="warning")
+
+
+token_app = typer.Typer(help="Bearer tokens of the prediction service.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("add")
+def token_add(
+    name: str = typer.Argument(..., help="Who holds it (recorded on every write they make)."),
+    role: str = typer.Option("clinician", help="clinician | reviewer | admin"),
+    workspace: Path = WorkspaceOption,
+) -> None:
+    """Make a token; it is printed once and only its hash is stored."""
+    from pipelines.config import load_params
+    from serving.auth import add_token
+
+    layout = _layout(workspace)
+    tokens_file = Path(load_params(layout.params_file).serving.tokens_file)
+    tokens_file = tokens_file if tokens_file.is_absolute() else layout.root / tokens_file
+    print(add_token(tokens_file, name, role))
+
+
+@app.command()
 def demo(
     workspace: Path = typer.Option(Path("workspace/demo"), "--workspace", "-w"),
     params: Optional[Path] = typer.Option(None, "--params", help="Profile (default: params.yaml)."),

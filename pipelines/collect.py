@@ -138,8 +138,7 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
 
 
 def _collect_images(source, state: SourceState, salt: bytes, seen: set[str], staging: Path, batch_id: str) -> dict:
-    from pipelines.deid.dicom import deidentify_dicom
-    from pipelines.deid.image_metadata import sniff_format, strip_jpeg_metadata, strip_png_metadata
+    from pipelines.deid.image_metadata import sniff_format
 
     rows: list[dict] = []
     already = 0
@@ -176,20 +175,7 @@ def _collect_images(source, state: SourceState, salt: bytes, seen: set[str], sta
         batch_refs[item_id] = item.source_ref
         file_format = sniff_format(data)
         try:
-            if not data:
-                raise DeidentificationError("zero-byte file")
-            if file_format == "dicom":
-                deid = deidentify_dicom(data, salt)
-                stored, meta = deid.data, {
-                    "patient_id": deid.patient_id, "study_year": deid.study_year, "sex": deid.sex,
-                    "age_band": deid.age_band, "view": deid.view, "site": deid.site,
-                }
-            elif file_format == "jpeg":
-                stored, meta = strip_jpeg_metadata(data), {}
-            elif file_format == "png":
-                stored, meta = strip_png_metadata(data), {}
-            else:
-                raise DeidentificationError(f"not an image (unrecognised format, starts with {data[:4]!r})")
+            file_format, stored, meta = deidentify_image(data, salt)
         except DeidentificationError as exc:
             rows.append({**base, **_rejected(item_id, str(exc)), "file_format": file_format})
             continue
@@ -216,6 +202,36 @@ def _collect_images(source, state: SourceState, salt: bytes, seen: set[str], sta
             "reason": "",
         })
     return {"manifest": rows, "already": already}
+
+
+def deidentify_image(data: bytes, salt: bytes) -> tuple[str, bytes, dict]:
+    """One image file de-identified exactly as collect stores it (the prediction service uses it
+    on every upload).
+
+    Returns:
+        ``(format, de-identified bytes, metadata)``; for DICOM the metadata holds the pseudonymous
+        patient id, study year, sex, age band, view and site.
+
+    Raises:
+        DeidentificationError: empty, not PNG/JPEG/DICOM, or not provably free of identifiers.
+    """
+    from pipelines.deid.dicom import deidentify_dicom
+    from pipelines.deid.image_metadata import sniff_format, strip_jpeg_metadata, strip_png_metadata
+
+    file_format = sniff_format(data)
+    if not data:
+        raise DeidentificationError("zero-byte file")
+    if file_format == "dicom":
+        deid = deidentify_dicom(data, salt)
+        return file_format, deid.data, {
+            "patient_id": deid.patient_id, "study_year": deid.study_year, "sex": deid.sex,
+            "age_band": deid.age_band, "view": deid.view, "site": deid.site,
+        }
+    if file_format == "jpeg":
+        return file_format, strip_jpeg_metadata(data), {}
+    if file_format == "png":
+        return file_format, strip_png_metadata(data), {}
+    raise DeidentificationError(f"not an image (unrecognised format, starts with {data[:4]!r})")
 
 
 # ---------------------------------------------------------------------------------------------

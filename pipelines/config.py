@@ -375,6 +375,26 @@ class ScheduleSpec(Strict):
         return value
 
 
+class ServingSpec(Strict):
+    """The prediction service (``medloop serve``) and its feedback store.
+
+    Attributes:
+        store_url: the feedback store: ``sqlite:///<path>`` (relative paths are inside the
+            workspace) or a PostgreSQL URL.
+        tokens_file: hashed bearer tokens with their roles (``medloop token add``), relative to
+            the workspace unless absolute.
+        reload_seconds: how often the service checks whether ``champion`` moved.
+        max_request_bytes: larger requests are refused with 413.
+        max_batch: most inputs in one /predict request.
+    """
+
+    store_url: str
+    tokens_file: str
+    reload_seconds: float = Field(gt=0)
+    max_request_bytes: int = Field(ge=1024)
+    max_batch: int = Field(ge=1)
+
+
 class Params(Strict):
     """The whole of params.yaml."""
 
@@ -391,6 +411,7 @@ class Params(Strict):
     promote: PromoteSpec
     storage: StorageSpec
     schedule: ScheduleSpec
+    serving: ServingSpec
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

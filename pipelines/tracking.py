@@ -15,20 +15,14 @@ from pathlib import Path
 import yaml
 
 from pipelines.config import Params
-from pipelines.workspace import Layout
+from pipelines.workspace import Layout, database_url
 
 FLOW_RUN_ENV = "MEDLOOP_FLOW_RUN_ID"  # set by the Prefect tasks; pipelines never import Prefect
 
 
 def tracking_uri(params: Params, layout: Layout) -> str:
     """The MLflow tracking URI with a relative SQLite path made absolute."""
-    uri = params.tracking.uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = layout.root / uri[len(prefix):]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
-    return uri
+    return database_url(layout, params.tracking.uri)
 
 
 def display_uri(params: Params, layout: Layout) -> str:

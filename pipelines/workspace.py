@@ -150,6 +150,17 @@ def read_json(path: Path, hint: str, error: type[MedloopError] = MedloopError) -
         raise error(f"{path} is not valid JSON ({exc}); {hint}") from None
 
 
+def database_url(layout: Layout, url: str) -> str:
+    """A database URL with a relative SQLite path (``sqlite:///.medloop/x.db``) made absolute
+    inside the workspace, its folder created; any other URL unchanged."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/"):
+        path = layout.root / url[len(prefix):]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    return url
+
+
 class WorkspaceBusy(WorkspaceError):
     """Another run holds the workspace (git, DVC and the registry are changed by one run at a time)."""
 

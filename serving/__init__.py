@@ -1,1 +1,2 @@
-"""The prediction service (built with the deploy and feedback issue)."""
+"""The prediction service: serves ``models:/<name>@champion`` over HTTP, takes clinicians'
+feedback into the feedback store, and reloads when the champion moves (`serving.app`)."""

@@ -8,9 +8,7 @@ import pytest
 from conftest import load, make_workspace, tabular_params
 from pipelines import clean, collect, manifest
 from pipelines.errors import DeidentificationError, SourceError
-from tests_support import breast_cancer_frame
-
-POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+from tests_support import POSTGRES_URL, breast_cancer_frame
 
 
 breast_cancer_rows = breast_cancer_frame

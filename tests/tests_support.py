@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pandas as pd
 
 from pipelines.config import BreastCancerSource
@@ -12,3 +14,28 @@ def breast_cancer_frame(n: int = 40, seed: int = 5) -> pd.DataFrame:
     """Rows in the shape of a hospital export: identifiers, measurements, diagnosis."""
     reader = BreastCancerReader(BreastCancerSource(kind="builtin_breast_cancer", seed=seed, nights=1))
     return reader.full_table().head(n).reset_index(drop=True)
+
+
+POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str):
+    """A new, empty database on the PostgreSQL server at 127.0.0.1:5432; dropped afterwards.
+    Yields its URL."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                               {"name": name})
+            connection.execute(text(f'DROP DATABASE "{name}"'))
+        admin.dispose()

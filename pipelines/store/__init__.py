@@ -1,0 +1,8 @@
+"""The feedback store: predictions served, clinicians' feedback (an append-only audit trail),
+adjudication of conflicting labels, and deployments (what was served when).
+
+SQLAlchemy 2 models (`models`), Alembic migrations (`migrations/`), and the engine set-up
+(`db`): SQLite by default, in WAL mode with a busy timeout and immediate transactions so that
+concurrent writers wait instead of failing with "database is locked"; PostgreSQL in production,
+by URL.
+"""

@@ -1,0 +1,239 @@
+"""The feedback store's operations: record predictions, take clinicians' feedback (idempotent,
+append-only), queue conflicting labels for adjudication, resolve them, and list the labels that
+may enter training.
+
+A prediction's confirmed label is:
+
+- the adjudicated label, once its adjudication is resolved;
+- otherwise the label every reviewer's latest feedback agrees on, when there is no open
+  adjudication;
+- nothing while reviewers disagree: the case waits in the adjudication queue.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from pipelines.errors import MedloopError
+from pipelines.store.db import engine_for, sessions, upgrade
+from pipelines.store.models import Adjudication, Deployment, Feedback, Prediction, utcnow
+
+
+class NotFound(MedloopError):
+    """The prediction or adjudication named does not exist."""
+
+
+class Conflict(MedloopError):
+    """The request contradicts what is stored (an idempotency key reused for different feedback,
+    an adjudication resolved twice)."""
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    """What a feedback post did.
+
+    Attributes:
+        feedback_id: the stored row (the earlier one when the idempotency key was seen before).
+        created: False when the key was seen before and nothing was stored.
+        adjudication_id: the open adjudication of the prediction, when reviewers now disagree.
+    """
+
+    feedback_id: int
+    created: bool
+    adjudication_id: int | None
+
+
+class FeedbackStore:
+    """The store at ``url`` (SQLite file or PostgreSQL), migrated to the newest schema on open."""
+
+    def __init__(self, url: str, **engine_options: Any):
+        self.url = url
+        self.engine = engine_for(url, **engine_options)
+        self.revision = upgrade(self.engine)
+        self.session = sessions(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---------------------------------------------------------------------------------------
+    # predictions and deployments
+    # ---------------------------------------------------------------------------------------
+
+    def record_prediction(self, *, model_name: str, model_version: str, input_sha256: str, modality: str,
+                          probabilities: dict[str, float], decision: str, operating_threshold: float,
+                          requested_by: str, input_metadata: dict | None = None,
+                          prediction_id: str | None = None) -> str:
+        """Store one prediction; its id (a new UUID unless given)."""
+        prediction_id = prediction_id or str(uuid.uuid4())
+        with self.session.begin() as session:
+            session.add(Prediction(
+                id=prediction_id, model_name=model_name, model_version=str(model_version),
+                input_sha256=input_sha256, modality=modality, input_metadata=input_metadata or {},
+                probabilities=probabilities, decision=decision, operating_threshold=operating_threshold,
+                requested_by=requested_by,
+            ))
+        return prediction_id
+
+    def record_deployment(self, model_name: str, model_version: str, actor: str, flow_run_id: str | None = None) -> int:
+        with self.session.begin() as session:
+            row = Deployment(model_name=model_name, model_version=str(model_version), actor=actor,
+                             flow_run_id=flow_run_id)
+            session.add(row)
+            session.flush()
+            return row.id
+
+    # ---------------------------------------------------------------------------------------
+    # feedback and adjudication
+    # ---------------------------------------------------------------------------------------
+
+    def add_feedback(self, prediction_id: str, label: str, reviewer_id: str, idempotency_key: str,
+                     comment: str | None = None) -> FeedbackResult:
+        """Append a reviewer's label for a prediction (a correction is simply a later row).
+
+        Posting again with the same ``idempotency_key`` stores nothing and returns the first
+        row; the same key with different content is refused.
+
+        Raises:
+            NotFound: no such prediction.
+            Conflict: the idempotency key was used for different feedback.
+        """
+        for _attempt in range(2):
+            try:
+                return self._add_feedback(prediction_id, label, reviewer_id, idempotency_key, comment)
+            except IntegrityError:
+                # Another writer stored the same key between our check and our insert.
+                continue
+        return self._add_feedback(prediction_id, label, reviewer_id, idempotency_key, comment)
+
+    def _add_feedback(self, prediction_id: str, label: str, reviewer_id: str, idempotency_key: str,
+                      comment: str | None) -> FeedbackResult:
+        with self.session.begin() as session:
+            seen = session.scalars(select(Feedback).where(Feedback.idempotency_key == idempotency_key)).first()
+            if seen is not None:
+                if (seen.prediction_id, seen.label, seen.reviewer_id) != (prediction_id, label, reviewer_id):
+                    raise Conflict(f"idempotency key {idempotency_key!r} was already used for other feedback "
+                                   f"(feedback {seen.id}); use a new key for new feedback")
+                return FeedbackResult(seen.id, False, self._open_adjudication(session, prediction_id))
+            # Lock the prediction row (PostgreSQL) so that two reviewers' labels are judged
+            # for conflict one after the other; SQLite's BEGIN IMMEDIATE already serialises.
+            prediction = session.scalars(
+                select(Prediction).where(Prediction.id == prediction_id).with_for_update()).first()
+            if prediction is None:
+                raise NotFound(f"no prediction {prediction_id!r}")
+            row = Feedback(prediction_id=prediction_id, label=label, reviewer_id=reviewer_id, comment=comment,
+                           idempotency_key=idempotency_key)
+            session.add(row)
+            session.flush()
+            latest = self._latest_labels(session, prediction_id)
+            adjudication = session.scalars(select(Adjudication).where(Adjudication.prediction_id == prediction_id)).first()
+            if len(set(latest.values())) > 1 and adjudication is None:
+                adjudication = Adjudication(prediction_id=prediction_id, status="open",
+                                            labels_in_conflict=sorted(set(latest.values())))
+                session.add(adjudication)
+                session.flush()
+            elif adjudication is not None and adjudication.status == "open":
+                adjudication.labels_in_conflict = sorted(set(latest.values()))
+            open_id = adjudication.id if adjudication is not None and adjudication.status == "open" else None
+            return FeedbackResult(row.id, True, open_id)
+
+    def open_reviews(self) -> list[dict[str, Any]]:
+        """The adjudication queue, oldest first, with every feedback row of each case."""
+        with self.session() as session:
+            queue = session.scalars(select(Adjudication).where(Adjudication.status == "open")
+                                    .order_by(Adjudication.id)).all()
+            return [{
+                "id": case.id, "prediction_id": case.prediction_id, "created_at": case.created_at.isoformat(),
+                "labels_in_conflict": case.labels_in_conflict,
+                "feedback": [_feedback_dict(row) for row in self._feedback_of(session, case.prediction_id)],
+            } for case in queue]
+
+    def resolve(self, adjudication_id: int, label: str, reviewer_id: str, reason: str | None = None) -> dict[str, Any]:
+        """Settle a case; from now on ``label`` is the prediction's confirmed label.
+
+        Raises:
+            NotFound: no such adjudication.
+            Conflict: it was already resolved.
+        """
+        with self.session.begin() as session:
+            case = session.scalars(select(Adjudication).where(Adjudication.id == adjudication_id).with_for_update()).first()
+            if case is None:
+                raise NotFound(f"no adjudication {adjudication_id}")
+            if case.status != "open":
+                raise Conflict(f"adjudication {adjudication_id} was already resolved as {case.resolved_label!r} "
+                               f"by {case.resolved_by}")
+            case.status = "resolved"
+            case.resolved_label = label
+            case.resolved_by = reviewer_id
+            case.resolved_at = utcnow()
+            case.reason = reason
+            return {"id": case.id, "prediction_id": case.prediction_id, "resolved_label": label,
+                    "resolved_by": reviewer_id}
+
+    def confirmed_labels(self, after_feedback_id: int = 0) -> list[dict[str, Any]]:
+        """Predictions whose label is confirmed, for training: one row each, with provenance.
+
+        Args:
+            after_feedback_id: only predictions with feedback newer than this row (an export
+                keeps the highest id it exported).
+
+        Returns:
+            ``prediction_id``, ``input_sha256``, ``model_version``, ``label``, ``how``
+            (``agreed`` or ``adjudicated``), ``reviewers``, ``last_feedback_id``.
+        """
+        with self.session() as session:
+            touched = session.scalars(select(Feedback.prediction_id).where(Feedback.id > after_feedback_id)
+                                      .distinct()).all()
+            confirmed = []
+            for prediction_id in sorted(touched):
+                prediction = session.get(Prediction, prediction_id)
+                rows = self._feedback_of(session, prediction_id)
+                latest = self._latest_labels(session, prediction_id)
+                case = session.scalars(select(Adjudication).where(Adjudication.prediction_id == prediction_id)).first()
+                if case is not None and case.status == "resolved":
+                    label, how = case.resolved_label, "adjudicated"
+                elif case is None and len(set(latest.values())) == 1:
+                    label, how = next(iter(latest.values())), "agreed"
+                else:
+                    continue  # still in conflict: it waits for adjudication
+                confirmed.append({
+                    "prediction_id": prediction_id, "input_sha256": prediction.input_sha256,
+                    "model_version": prediction.model_version, "label": label, "how": how,
+                    "reviewers": sorted(latest), "last_feedback_id": max(row.id for row in rows),
+                })
+            return confirmed
+
+    def feedback_count(self) -> int:
+        from sqlalchemy import func
+
+        with self.session() as session:
+            return int(session.scalar(select(func.count()).select_from(Feedback)))
+
+    # ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _feedback_of(session: Any, prediction_id: str) -> list[Feedback]:
+        return list(session.scalars(select(Feedback).where(Feedback.prediction_id == prediction_id)
+                                    .order_by(Feedback.id)).all())
+
+    def _latest_labels(self, session: Any, prediction_id: str) -> dict[str, str]:
+        """Each reviewer's most recent label (a correction replaces that reviewer's earlier one)."""
+        latest: dict[str, str] = {}
+        for row in self._feedback_of(session, prediction_id):
+            latest[row.reviewer_id] = row.label
+        return latest
+
+    @staticmethod
+    def _open_adjudication(session: Any, prediction_id: str) -> int | None:
+        case = session.scalars(select(Adjudication).where(Adjudication.prediction_id == prediction_id,
+                                                          Adjudication.status == "open")).first()
+        return case.id if case is not None else None
+
+
+def _feedback_dict(row: Feedback) -> dict[str, Any]:
+    return {"id": row.id, "label": row.label, "reviewer_id": row.reviewer_id, "comment": row.comment,
+            "created_at": row.created_at.isoformat()}

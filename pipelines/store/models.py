@@ -1,0 +1,81 @@
+"""Tables of the feedback store. Rows are only ever added: a correction is a new feedback row,
+a resolution is an update of its adjudication's open row into a resolved one, and nothing is
+deleted."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Prediction(Base):
+    """One answer of the service: which model version said what about which input."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    model_version: Mapped[str] = mapped_column(String(50))
+    input_sha256: Mapped[str] = mapped_column(String(64), index=True)  # keyed hash of the de-identified input
+    modality: Mapped[str] = mapped_column(String(20))
+    input_metadata: Mapped[dict] = mapped_column(JSON, default=dict)  # de-identified only
+    probabilities: Mapped[dict] = mapped_column(JSON)
+    decision: Mapped[str] = mapped_column(String(100))
+    operating_threshold: Mapped[float] = mapped_column(Float)
+    requested_by: Mapped[str] = mapped_column(String(200))
+
+
+class Feedback(Base):
+    """A clinician's confirmed label for a prediction. Append-only: a correction is a new row."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (UniqueConstraint("idempotency_key", name="uq_feedback_idempotency_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
+    label: Mapped[str] = mapped_column(String(100))
+    reviewer_id: Mapped[str] = mapped_column(String(200), index=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    idempotency_key: Mapped[str] = mapped_column(String(200))
+
+
+class Adjudication(Base):
+    """Reviewers disagree on a prediction's label: the case waits here until a reviewer with the
+    reviewer role resolves it, and only then enters training."""
+
+    __tablename__ = "adjudications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), unique=True)
+    status: Mapped[str] = mapped_column(String(20), default="open", index=True)  # open | resolved
+    labels_in_conflict: Mapped[list] = mapped_column(JSON)
+    resolved_label: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    resolved_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Deployment(Base):
+    """What was served when: one row per version put in service."""
+
+    __tablename__ = "deployments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    model_version: Mapped[str] = mapped_column(String(50))
+    actor: Mapped[str] = mapped_column(String(200))
+    flow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)

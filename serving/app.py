@@ -1,0 +1,313 @@
+"""The HTTP service (FastAPI), started by ``medloop serve``.
+
+- ``POST /predict``: one image as the request body (``Content-Type`` ``image/png``,
+  ``image/jpeg`` or ``application/dicom``), or JSON: ``{"images": [base64, ...]}`` or
+  ``{"instances": [{feature: value, ...}, ...]}``. Images are de-identified on arrival exactly as
+  collect does it and prepared as in training. Each answer: probability per class, the decision
+  at the version's operating threshold, model name and version, and a prediction id.
+- ``POST /feedback``: ``{prediction_id, label, idempotency_key, comment?}``; the reviewer is the
+  caller. ``GET /review`` and ``POST /review/{id}``: the adjudication queue (reviewer role).
+- ``POST /admin/reload``: check for a new champion now (admin role).
+- ``GET /healthz``, ``GET /readyz`` (a model is loaded), ``GET /metrics`` (Prometheus).
+
+Every write records the caller. Requests larger than ``serving.max_request_bytes`` get 413; a
+wrong content type 415; malformed input 422 naming the field; a missing or unknown token 401; a
+role without the permission 403.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+
+from pipelines.config import Params, load_params
+from pipelines.workspace import Layout, database_url
+from serving.auth import Caller, TokenTable
+from serving.model import ModelManager, Served
+
+log = logging.getLogger("medloop.serving")
+
+IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "application/dicom": "dicom"}
+
+
+class FeedbackIn(BaseModel):
+    prediction_id: str = Field(min_length=1, max_length=36)
+    label: str = Field(min_length=1, max_length=100)
+    idempotency_key: str = Field(min_length=1, max_length=200)
+    comment: str | None = Field(default=None, max_length=5000)
+
+
+class ResolveIn(BaseModel):
+    label: str = Field(min_length=1, max_length=100)
+    reason: str | None = Field(default=None, max_length=5000)
+
+
+def create_app(params_file: str | Path, *, reload_seconds: float | None = None) -> FastAPI:
+    """The service for the workspace holding ``params_file``."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from pipelines.deid.keys import load_salt
+    from pipelines.store.feedback import FeedbackStore
+
+    params_path = Path(params_file).resolve()
+    layout = Layout.at(params_path.parent)
+    params = load_params(params_path)
+    spec = params.serving
+    salt = load_salt(params.deid.salt_env)
+    store = FeedbackStore(database_url(layout, spec.store_url))
+    tokens = TokenTable(_path(spec.tokens_file, layout))
+    manager = ModelManager(params, layout)
+    interval = reload_seconds if reload_seconds is not None else spec.reload_seconds
+
+    registry = CollectorRegistry()
+    requests = Counter("medloop_requests_total", "HTTP requests", ["endpoint", "status"], registry=registry)
+    latency = Histogram("medloop_request_seconds", "request latency", ["endpoint"], registry=registry,
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    served_version = Gauge("medloop_model_version", "version in service", ["model"], registry=registry)
+    feedback_posts = Counter("medloop_feedback_total", "feedback posts", ["outcome"], registry=registry)
+    predictions_made = Counter("medloop_predictions_total", "inputs scored", ["model", "version"], registry=registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await asyncio.to_thread(manager.start)
+        task = asyncio.create_task(_watch(manager, interval))
+        try:
+            yield
+        finally:
+            task.cancel()
+            store.close()
+
+    app = FastAPI(title="medloop prediction service", version="1", lifespan=lifespan,
+                  description=f"Serves {params.model.name}@champion and takes clinicians' feedback.")
+    app.state.manager, app.state.store, app.state.params = manager, store, params
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > spec.max_request_bytes:
+            return JSONResponse({"detail": f"request body of {declared} bytes is over the limit of "
+                                           f"{spec.max_request_bytes}"}, status_code=413)
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        requests.labels(endpoint, str(response.status_code)).inc()
+        latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    def caller(permission: str):
+        def check(request: Request) -> Caller:
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise HTTPException(401, "missing bearer token (Authorization: Bearer <token>)",
+                                    headers={"WWW-Authenticate": "Bearer"})
+            who = tokens.caller(token.strip())
+            if who is None:
+                raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+            if not who.may(permission):
+                raise HTTPException(403, f"role {who.role} may not {permission}")
+            return who
+        return check
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz():
+        served = manager.current
+        if served is None:
+            return JSONResponse({"ready": False, "error": manager.last_error}, status_code=503)
+        return {"ready": True, "model": served.name, "version": served.version, "loaded_at": served.loaded_at,
+                "last_reload_error": manager.last_error}
+
+    @app.get("/metrics")
+    def metrics() -> PlainTextResponse:
+        from prometheus_client import generate_latest
+
+        if manager.current is not None:
+            served_version.labels(manager.current.name).set(float(manager.current.version))
+        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/predict")
+    async def predict(request: Request, who: Caller = Depends(caller("predict"))) -> dict:
+        served = manager.current  # one version for the whole request, whatever reloads meanwhile
+        if served is None:
+            raise HTTPException(503, f"no model loaded yet ({manager.last_error or 'starting'})")
+        body = await request.body()
+        if len(body) > spec.max_request_bytes:
+            raise HTTPException(413, f"request body of {len(body)} bytes is over the limit of {spec.max_request_bytes}")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        inputs = _parse_inputs(content_type, body, params, spec.max_batch)
+        answers = await asyncio.to_thread(_score, served, inputs, params, salt)
+        for answer in answers:
+            answer["prediction_id"] = await asyncio.to_thread(
+                store.record_prediction, model_name=served.name, model_version=served.version,
+                input_sha256=answer.pop("input_sha256"), modality=params.model.modality,
+                probabilities=answer["probabilities"], decision=answer["decision"],
+                operating_threshold=served.operating_threshold, requested_by=who.name,
+                input_metadata=answer.pop("metadata"))
+        predictions_made.labels(served.name, served.version).inc(len(answers))
+        return {"model": served.name, "version": served.version, "operating_threshold": served.operating_threshold,
+                "predictions": answers}
+
+    @app.post("/feedback")
+    async def feedback(item: FeedbackIn, who: Caller = Depends(caller("feedback"))):
+        from pipelines.store.feedback import Conflict, NotFound
+
+        if item.label not in params.model.classes:
+            raise HTTPException(422, f"label {item.label!r} is not one of {params.model.classes}")
+        try:
+            result = await asyncio.to_thread(store.add_feedback, item.prediction_id, item.label, who.name,
+                                             item.idempotency_key, item.comment)
+        except NotFound as exc:
+            feedback_posts.labels("not_found").inc()
+            raise HTTPException(404, str(exc)) from None
+        except Conflict as exc:
+            feedback_posts.labels("conflict").inc()
+            raise HTTPException(409, str(exc)) from None
+        feedback_posts.labels("stored" if result.created else "replayed").inc()
+        body = {"feedback_id": result.feedback_id, "created": result.created, "reviewer": who.name,
+                "adjudication_id": result.adjudication_id}
+        return JSONResponse(body, status_code=201 if result.created else 200)
+
+    @app.get("/review")
+    async def review(_who: Caller = Depends(caller("review"))) -> dict:
+        return {"open": await asyncio.to_thread(store.open_reviews)}
+
+    @app.post("/review/{adjudication_id}")
+    async def resolve(adjudication_id: int, item: ResolveIn, who: Caller = Depends(caller("review"))) -> dict:
+        from pipelines.store.feedback import Conflict, NotFound
+
+        if item.label not in params.model.classes:
+            raise HTTPException(422, f"label {item.label!r} is not one of {params.model.classes}")
+        try:
+            return await asyncio.to_thread(store.resolve, adjudication_id, item.label, who.name, item.reason)
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        except Conflict as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @app.post("/admin/reload")
+    async def reload(who: Caller = Depends(caller("admin"))) -> dict:
+        changed = await asyncio.to_thread(manager.refresh)
+        served = manager.current
+        log.info("reload asked by %s: %s", who.name, "new version" if changed else "unchanged")
+        return {"reloaded": changed, "version": served.version if served else None, "error": manager.last_error}
+
+    return app
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+async def _watch(manager: ModelManager, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        await asyncio.to_thread(manager.refresh)
+
+
+def _parse_inputs(content_type: str, body: bytes, params: Params, max_batch: int) -> list[Any]:
+    """Raw image bytes (one or a batch) or feature rows, checked against the model's modality."""
+    image_model = params.model.modality == "image"
+    if content_type in IMAGE_TYPES:
+        if not image_model:
+            raise HTTPException(415, f"{params.model.name} takes JSON features, not {content_type}")
+        if not body:
+            raise HTTPException(422, "empty image body")
+        return [body]
+    if content_type != "application/json":
+        expected = "image/png, image/jpeg, application/dicom or application/json" if image_model else "application/json"
+        raise HTTPException(415, f"Content-Type {content_type or '(none)'} is not accepted; send {expected}")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HTTPException(422, f"body is not valid JSON: {exc}") from None
+    key = "images" if image_model else "instances"
+    if not isinstance(payload, dict) or not isinstance(payload.get(key), list) or not payload[key]:
+        raise HTTPException(422, f"expected a JSON object with a non-empty list {key!r}")
+    items = payload[key]
+    if len(items) > max_batch:
+        raise HTTPException(413, f"{len(items)} inputs in one request; at most {max_batch}")
+    if image_model:
+        decoded = []
+        for index, item in enumerate(items):
+            try:
+                decoded.append(base64.b64decode(item, validate=True))
+            except (binascii.Error, TypeError, ValueError):
+                raise HTTPException(422, f"images[{index}] is not base64") from None
+        return decoded
+    features = list(params.tabular.features) if params.tabular else []
+    rows = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise HTTPException(422, f"instances[{index}] is not an object of feature values")
+        unknown = sorted(set(item) - set(features))
+        if unknown:
+            # Never accept (and so never store) fields that are not model features: they may identify.
+            raise HTTPException(422, f"instances[{index}] has fields that are not features: {unknown}")
+        for name, value in item.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise HTTPException(422, f"instances[{index}].{name} must be a number or null, got {type(value).__name__}")
+        rows.append(item)
+    return rows
+
+
+def _score(served: Served, inputs: list[Any], params: Params, salt: bytes) -> list[dict]:
+    """De-identify, hash, predict and decide (in a worker thread)."""
+    import pandas as pd
+
+    from pipelines.collect import deidentify_image
+    from pipelines.deid.keys import keyed_hash
+    from pipelines.errors import DeidentificationError
+    from pipelines.images import ImageProblem
+
+    if params.model.modality == "image":
+        frames, metadata, hashes = [], [], []
+        for index, data in enumerate(inputs):
+            try:
+                file_format, stored, meta = deidentify_image(data, salt)
+            except DeidentificationError as exc:
+                raise HTTPException(422, f"image {index}: {exc}") from None
+            frames.append(stored)
+            metadata.append({"format": file_format, **{k: v for k, v in meta.items() if v is not None}})
+            hashes.append(keyed_hash(salt, stored))
+        frame = pd.DataFrame({"image": frames})
+    else:
+        features = list(params.tabular.features)
+        frame = pd.DataFrame([{name: row.get(name) for name in features} for row in inputs], columns=features)
+        metadata = [{"features": {k: v for k, v in row.items()}} for row in inputs]
+        hashes = [keyed_hash(salt, json.dumps(row, sort_keys=True).encode()) for row in inputs]
+    try:
+        scored = served.model.predict(frame)
+    except ImageProblem as exc:
+        raise HTTPException(422, f"image cannot be used: {exc}") from None
+    answers = []
+    for position, (_, row) in enumerate(scored.iterrows()):
+        probabilities = {label: round(float(row[label]), 6) for label in served.classes}
+        answers.append({"probabilities": probabilities, "decision": served.decide(probabilities),
+                        "input_sha256": hashes[position], "metadata": metadata[position]})
+    return answers
+
+
+def _path(value: str, layout: Layout) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else layout.root / path
+
+
+def app_from_environment() -> FastAPI:
+    """The app for ``uvicorn --factory serving.app:app_from_environment`` (``MEDLOOP_PARAMS``)."""
+    return create_app(os.environ.get("MEDLOOP_PARAMS", "params.yaml"))

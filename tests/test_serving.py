@@ -1,0 +1,218 @@
+"""The prediction service for real: `medloop serve` on 127.0.0.1 in its own process, serving a
+trained and registered model from a real MLflow registry, with the feedback store on SQLite or on
+the PostgreSQL server at 127.0.0.1:5432."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import pytest
+import yaml
+
+from conftest import SALT, free_port, load, make_workspace
+from pipelines import collect, promote
+from pipelines.versioning import repro
+from test_flow_retrain import passing_params
+from tests_support import fresh_postgres_database
+
+
+@pytest.fixture(scope="module")
+def served_workspace(tmp_path_factory):
+    """A workspace whose champion is a trained MLP (v1), and tokens for three roles."""
+    from serving.auth import add_token
+
+    previous = os.environ.get("MEDLOOP_DEID_SALT")
+    os.environ["MEDLOOP_DEID_SALT"] = SALT
+    tmp_path = tmp_path_factory.mktemp("serving")
+    layout = make_workspace(tmp_path, passing_params())
+    collect.run(load(layout), layout)
+    assert repro(layout, "evaluate")
+    assert promote.run(load(layout), layout, actor="test").version == "1"
+    tokens_file = layout.root / ".medloop" / "tokens.json"
+    tokens = {role: add_token(tokens_file, f"dr-{role}", role) for role in ("clinician", "reviewer", "admin")}
+    tokens["clinician2"] = add_token(tokens_file, "dr-clinician2", "clinician")
+    yield {"layout": layout, "tokens": tokens, "tmp": tmp_path}
+    if previous is None:
+        os.environ.pop("MEDLOOP_DEID_SALT", None)
+    else:
+        os.environ["MEDLOOP_DEID_SALT"] = previous
+
+
+def start_service(layout, store_url: str | None = None):
+    """`medloop serve` in a child process; returns (process, base URL) once /healthz answers."""
+    if store_url is not None:
+        params = yaml.safe_load(layout.params_file.read_text())
+        params["serving"]["store_url"] = store_url
+        layout.params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "medloop", "serve", "-w", str(layout.root), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "MEDLOOP_DEID_SALT": SALT})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, process.stdout.read().decode()
+        try:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                return process, base
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the service did not become ready"
+        time.sleep(0.5)
+
+
+def stop(process) -> None:
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def instance(layout, shift: float = 0.0) -> dict:
+    features = list(load(layout).tabular.features)
+    return {name: 1.0 + shift + index * 0.01 for index, name in enumerate(features)}
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_predict_feedback_adjudication_and_reload(served_workspace):
+    layout, tokens = served_workspace["layout"], served_workspace["tokens"]
+    process, base = start_service(layout)
+    try:
+        client = httpx.Client(base_url=base, timeout=60)
+        ready = client.get("/readyz").json()
+        assert ready["ready"] and ready["version"] == "1" and ready["model"] == "breast-cancer-mlp"
+
+        # Auth and roles.
+        assert client.post("/predict", json={"instances": [instance(layout)]}).status_code == 401
+        assert client.post("/predict", json={"instances": [instance(layout)]}, headers=bearer("nope")).status_code == 401
+        assert client.get("/review", headers=bearer(tokens["clinician"])).status_code == 403
+        assert client.post("/admin/reload", headers=bearer(tokens["reviewer"])).status_code == 403
+
+        # A batch of three.
+        answer = client.post("/predict", json={"instances": [instance(layout, s) for s in (0, 1, 2)]},
+                             headers=bearer(tokens["clinician"]))
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["version"] == "1" and len(body["predictions"]) == 3
+        for prediction in body["predictions"]:
+            assert abs(sum(prediction["probabilities"].values()) - 1) < 1e-5
+            assert prediction["decision"] in ("benign", "malignant") or prediction["decision"] in prediction["probabilities"]
+            uuid.UUID(prediction["prediction_id"])
+        first, second = (p["prediction_id"] for p in body["predictions"][:2])
+
+        # Malformed input gets a clear 4xx naming the problem.
+        bad = client.post("/predict", json={"instances": [{**instance(layout), "patient_name": "X"}]},
+                          headers=bearer(tokens["clinician"]))
+        assert bad.status_code == 422 and "patient_name" in bad.json()["detail"]
+        assert client.post("/predict", content=b"\x89PNG...", headers={**bearer(tokens["clinician"]),
+                           "Content-Type": "image/png"}).status_code == 415
+        wrong_type = client.post("/predict", json={"instances": [{next(iter(instance(layout))): "high"}]},
+                                 headers=bearer(tokens["clinician"]))
+        assert wrong_type.status_code == 422 and "must be a number" in wrong_type.json()["detail"]
+        assert client.post("/predict", json={"instances": [instance(layout)] * 65},
+                           headers=bearer(tokens["clinician"])).status_code == 413
+
+        # Feedback: stored once per idempotency key; the reviewer is the caller.
+        label = load(layout).model.classes[1]
+        other = load(layout).model.classes[0]
+        post = {"prediction_id": first, "label": label, "idempotency_key": "fb-1"}
+        stored = client.post("/feedback", json=post, headers=bearer(tokens["clinician"]))
+        assert stored.status_code == 201 and stored.json()["reviewer"] == "dr-clinician"
+        replay = client.post("/feedback", json=post, headers=bearer(tokens["clinician"]))
+        assert replay.status_code == 200 and replay.json()["feedback_id"] == stored.json()["feedback_id"]
+        assert client.post("/feedback", json={**post, "label": "cancer?"},
+                           headers=bearer(tokens["clinician"])).status_code == 422
+        assert client.post("/feedback", json={**post, "prediction_id": "missing", "idempotency_key": "fb-x"},
+                           headers=bearer(tokens["clinician"])).status_code == 404
+
+        # Two clinicians disagree on the second case: it goes to the adjudication queue.
+        client.post("/feedback", json={"prediction_id": second, "label": label, "idempotency_key": "fb-2"},
+                    headers=bearer(tokens["clinician"]))
+        conflict = client.post("/feedback", json={"prediction_id": second, "label": other, "idempotency_key": "fb-3"},
+                               headers=bearer(tokens["clinician2"]))
+        assert conflict.json()["adjudication_id"] is not None
+        [case] = client.get("/review", headers=bearer(tokens["reviewer"])).json()["open"]
+        assert case["prediction_id"] == second
+        resolved = client.post(f"/review/{case['id']}", json={"label": label, "reason": "re-read"},
+                               headers=bearer(tokens["reviewer"]))
+        assert resolved.status_code == 200 and resolved.json()["resolved_by"] == "dr-reviewer"
+        assert client.get("/review", headers=bearer(tokens["reviewer"])).json()["open"] == []
+
+        metrics = client.get("/metrics").text
+        assert 'medloop_model_version{model="breast-cancer-mlp"} 1.0' in metrics
+        assert 'medloop_feedback_total{outcome="stored"} 3.0' in metrics
+        assert 'medloop_feedback_total{outcome="replayed"} 1.0' in metrics
+
+        # A new champion: the service reloads to it on request (and on its interval).
+        edited = yaml.safe_load(layout.params_file.read_text())
+        edited["train"]["epochs"] = 12
+        layout.params_file.write_text(yaml.safe_dump(edited, sort_keys=False))
+        assert repro(layout, "evaluate")
+        result = promote.run(load(layout), layout, actor="test")
+        if not result.passed:
+            result = promote.override(load(layout), layout, result.run_id, "test: a second version", actor="test")
+        reloaded = client.post("/admin/reload", headers=bearer(tokens["admin"])).json()
+        assert reloaded["reloaded"] and reloaded["version"] == result.version
+        again = client.post("/predict", json={"instances": [instance(layout)]}, headers=bearer(tokens["clinician"]))
+        assert again.json()["version"] == result.version
+    finally:
+        stop(process)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_fifty_clients_five_thousand_feedback_posts(served_workspace, backend, request):
+    """50 concurrent clients send 5,000 feedback posts, 10% of them repeating an earlier
+    idempotency key: no request fails and exactly the unique ones are stored."""
+    from pipelines.store.feedback import FeedbackStore
+
+    layout, tokens = served_workspace["layout"], served_workspace["tokens"]
+    if backend == "postgresql":
+        store_url = request.getfixturevalue("store_url_postgresql")
+    else:
+        store_url = f"sqlite:///{served_workspace['tmp'] / f'load-{uuid.uuid4().hex[:6]}.db'}"
+    process, base = start_service(layout, store_url)
+    try:
+        predicted = httpx.post(base + "/predict", json={"instances": [instance(layout, s / 10) for s in range(50)]},
+                               headers=bearer(tokens["clinician"]), timeout=60).json()["predictions"]
+        ids = [p["prediction_id"] for p in predicted]
+        unique = 4500
+        posts = [(ids[n % 50], f"load-{n}") for n in range(unique)]
+        posts += [posts[n * 9] for n in range(500)]  # 10% of the posts repeat an earlier key
+        label = load(layout).model.classes[1]
+        statuses: list[int] = []
+
+        async def client(worker: int) -> None:
+            async with httpx.AsyncClient(base_url=base, timeout=120, headers=bearer(tokens["clinician"])) as http:
+                for prediction_id, key in posts[worker::50]:
+                    answer = await http.post("/feedback", json={"prediction_id": prediction_id, "label": label,
+                                                                "idempotency_key": key})
+                    statuses.append(answer.status_code)
+
+        async def run_all() -> None:
+            await asyncio.gather(*(client(worker) for worker in range(50)))
+
+        asyncio.run(run_all())
+        assert len(statuses) == 5000
+        assert set(statuses) <= {200, 201}, sorted(set(statuses))
+        assert statuses.count(201) == unique and statuses.count(200) == 500
+    finally:
+        stop(process)
+    store = FeedbackStore(store_url)
+    assert store.feedback_count() == unique
+    store.close()
+
+
+@pytest.fixture
+def store_url_postgresql():
+    with fresh_postgres_database("medloop_load") as url:
+        yield url

@@ -1,0 +1,146 @@
+"""The feedback store on both backends: SQLite (a file under tmp_path) and the PostgreSQL server on
+127.0.0.1:5432 (a fresh database per test)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests_support import fresh_postgres_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'feedback.db'}"
+        return
+    with fresh_postgres_database("medloop_store") as url:
+        yield url
+
+
+@pytest.fixture
+def store(store_url):
+    from pipelines.store.feedback import FeedbackStore
+
+    opened = FeedbackStore(store_url)
+    yield opened
+    opened.close()
+
+
+def predict(store, sha: str = "a" * 64) -> str:
+    return store.record_prediction(
+        model_name="pneumonia-cxr", model_version="3", input_sha256=sha, modality="image",
+        probabilities={"NORMAL": 0.2, "PNEUMONIA": 0.8}, decision="PNEUMONIA", operating_threshold=0.41,
+        requested_by="clinician-token-1", input_metadata={"sex": "F", "age_band": "40-49"})
+
+
+@pytest.mark.integration
+def test_migrations_create_exactly_the_models_schema_and_rerun_as_a_no_op(store_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from pipelines.store.db import engine_for, upgrade
+    from pipelines.store.models import Base
+
+    engine = engine_for(store_url)
+    assert upgrade(engine) == "0001"
+    assert upgrade(engine) == "0001"
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    engine.dispose()
+
+
+@pytest.mark.integration
+def test_feedback_is_idempotent_and_a_reused_key_for_other_feedback_is_refused(store):
+    from pipelines.store.feedback import Conflict, NotFound
+
+    prediction = predict(store)
+    first = store.add_feedback(prediction, "PNEUMONIA", "dr-a", "key-1")
+    again = store.add_feedback(prediction, "PNEUMONIA", "dr-a", "key-1")
+    assert first.created and not again.created and again.feedback_id == first.feedback_id
+    assert store.feedback_count() == 1
+    with pytest.raises(Conflict, match="key-1"):
+        store.add_feedback(prediction, "NORMAL", "dr-a", "key-1")
+    with pytest.raises(NotFound, match="no prediction 'nope'"):
+        store.add_feedback("nope", "NORMAL", "dr-a", "key-2")
+    assert store.feedback_count() == 1
+
+
+@pytest.mark.integration
+def test_a_correction_adds_a_row_and_the_latest_label_counts(store):
+    prediction = predict(store)
+    store.add_feedback(prediction, "NORMAL", "dr-a", "k1")
+    store.add_feedback(prediction, "PNEUMONIA", "dr-a", "k2", comment="second look: right lower lobe")
+    assert store.feedback_count() == 2  # nothing overwritten
+    [confirmed] = store.confirmed_labels()
+    assert confirmed["label"] == "PNEUMONIA" and confirmed["how"] == "agreed" and confirmed["reviewers"] == ["dr-a"]
+    assert store.open_reviews() == []
+
+
+@pytest.mark.integration
+def test_conflicting_reviewers_wait_for_adjudication(store):
+    from pipelines.store.feedback import Conflict, NotFound
+
+    agreed, disputed = predict(store, "a" * 64), predict(store, "b" * 64)
+    store.add_feedback(agreed, "PNEUMONIA", "dr-a", "k1")
+    store.add_feedback(agreed, "PNEUMONIA", "dr-b", "k2")
+    store.add_feedback(disputed, "PNEUMONIA", "dr-a", "k3")
+    result = store.add_feedback(disputed, "NORMAL", "dr-b", "k4")
+    assert result.adjudication_id is not None
+
+    [case] = store.open_reviews()
+    assert case["prediction_id"] == disputed and case["labels_in_conflict"] == ["NORMAL", "PNEUMONIA"]
+    assert [row["reviewer_id"] for row in case["feedback"]] == ["dr-a", "dr-b"]
+    # Only the agreed case may enter training while the other waits.
+    assert [c["prediction_id"] for c in store.confirmed_labels()] == [agreed]
+
+    store.resolve(case["id"], "PNEUMONIA", "dr-senior", reason="consolidation visible on lateral")
+    confirmed = {c["prediction_id"]: c for c in store.confirmed_labels()}
+    assert confirmed[disputed]["label"] == "PNEUMONIA" and confirmed[disputed]["how"] == "adjudicated"
+    assert store.open_reviews() == []
+    with pytest.raises(Conflict, match="already resolved"):
+        store.resolve(case["id"], "NORMAL", "dr-other")
+    with pytest.raises(NotFound):
+        store.resolve(999, "NORMAL", "dr-other")
+    # The export mark: nothing newer than the last feedback row.
+    last = max(c["last_feedback_id"] for c in confirmed.values())
+    assert store.confirmed_labels(after_feedback_id=last) == []
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_concurrent_writers_store_exactly_the_unique_feedback(store):
+    """8 writers, 400 posts, 10% of them repeats of an earlier idempotency key: no errors (no
+    'database is locked' on SQLite), and exactly the unique ones stored."""
+    predictions = [predict(store, f"{i:064x}") for i in range(20)]
+    errors: list[BaseException] = []
+    keys = [f"key-{n}" for n in range(360)]
+
+    def writer(worker: int) -> None:
+        try:
+            for n in range(worker, 400, 8):
+                key = keys[n] if n < 360 else keys[n - 360]  # the last 40 repeat earlier keys
+                index = int(key.split("-")[1])
+                store.add_feedback(predictions[index % 20], "PNEUMONIA", f"dr-{index % 3}", key)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted on below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(worker,)) for worker in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert store.feedback_count() == 360
+
+
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path):
+    from pipelines.store.db import engine_for
+
+    engine = engine_for(f"sqlite:///{tmp_path / 'x.db'}")
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    engine.dispose()
