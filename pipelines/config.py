@@ -386,6 +386,10 @@ class ServingSpec(Strict):
         reload_seconds: how often the service checks whether ``champion`` moved.
         max_request_bytes: larger requests are refused with 413.
         max_batch: most inputs in one /predict request.
+        url: where the service runs (``http://127.0.0.1:8000``); when set, deploy asks it to
+            reload at once (with the admin token from ``admin_token_env``) instead of waiting for
+            its next check.
+        admin_token_env: the environment variable holding an admin token of the service.
     """
 
     store_url: str
@@ -393,6 +397,8 @@ class ServingSpec(Strict):
     reload_seconds: float = Field(gt=0)
     max_request_bytes: int = Field(ge=1024)
     max_batch: int = Field(ge=1)
+    url: str | None = None
+    admin_token_env: str = "MEDLOOP_SERVICE_TOKEN"
 
 
 class Params(Strict):

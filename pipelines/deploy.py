@@ -98,8 +98,51 @@ def run(params: Params, layout: Layout, version: str | None = None, *, actor: st
     client.set_registered_model_tag(name, DEPLOYED_TAG, json.dumps(record))
     _append_history(client, name, {"version": version, "alias": CHAMPION, "action": "deployed",
                                    "actor": actor, "reason": "in service", "at": at, "replaced": deployed})
+    _record_in_store(params, layout, version, actor, record["flow_run_id"])
     log.info("%s v%s deployed (replacing %s) by %s", name, version, deployed or "nothing", actor)
-    return DeployResult("deployed", name, version, deployed, actor, at)
+    result = DeployResult("deployed", name, version, deployed, actor, at)
+    tell_service(params)
+    return result
+
+
+def tell_service(params: Params) -> bool:
+    """Ask the running service (``serving.url``) to reload now; True when it answered.
+
+    A service that is down or has no admin token configured is not an error: it checks for a
+    new champion every ``serving.reload_seconds`` anyway.
+    """
+    import urllib.error
+    import urllib.request
+
+    url, token = params.serving.url, os.environ.get(params.serving.admin_token_env)
+    if not url:
+        return False
+    if not token:
+        log.warning("serving.url is set but %s is empty: the service will pick up the new champion "
+                    "on its next check", params.serving.admin_token_env)
+        return False
+    request = urllib.request.Request(url.rstrip("/") + "/admin/reload", method="POST",
+                                     headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            log.info("service at %s reloaded: %s", url, answer.read().decode()[:200])
+            return True
+    except (urllib.error.URLError, OSError) as exc:
+        log.warning("could not reach the service at %s (%s); it will pick up the new champion on "
+                    "its next check", url, exc)
+        return False
+
+
+def _record_in_store(params: Params, layout: Layout, version: str, actor: str, flow_run_id: str) -> None:
+    """The deployments table of the feedback store: what was served when."""
+    from pipelines.store.feedback import FeedbackStore
+    from pipelines.workspace import database_url
+
+    store = FeedbackStore(database_url(layout, params.serving.store_url))
+    try:
+        store.record_deployment(params.model.name, version, actor, flow_run_id or None)
+    finally:
+        store.close()
 
 
 def deployed_version(params: Params, layout: Layout) -> str | None:

@@ -106,6 +106,14 @@ def test_promote_then_nothing_changed_then_a_training_param_change(tmp_path, pre
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     deployed = json.loads(client.get_registered_model(name).tags["medloop.deployed"])
     assert deployed["version"] == "1" and deployed["flow_run_id"] == first["flow_run_id"]
+    # ... and in the feedback store's deployments table (what was served when).
+    from pipelines.store.feedback import FeedbackStore
+    from pipelines.workspace import database_url
+
+    store = FeedbackStore(database_url(layout, load(layout).serving.store_url))
+    [served] = store.deployments(name)
+    store.close()
+    assert served["version"] == "1" and served["actor"] == "medloop-nightly" and served["flow_run_id"] == first["flow_run_id"]
     # `medloop lineage` tells where version 1 came from.
     from test_cli import medloop
 

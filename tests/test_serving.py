@@ -216,3 +216,67 @@ def test_fifty_clients_five_thousand_feedback_posts(served_workspace, backend, r
 def store_url_postgresql():
     with fresh_postgres_database("medloop_load") as url:
         yield url
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_images_are_de_identified_on_arrival_and_scored(tmp_path):
+    """A DICOM upload with a full fake patient header, and a JSON batch of a JPEG and a PNG:
+    scored by a registered CNN, and no planted identifier reaches the store."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from conftest import image_params
+    from pipelines.config import SyntheticCxrSource
+    from pipelines.sources.synthetic_cxr import SyntheticCxrSourceReader
+    from serving.auth import add_token
+
+    params = image_params()
+    params["train"]["epochs"] = 2
+    layout = make_workspace(tmp_path, params)
+    for _night in range(2):
+        collect.run(load(layout), layout)
+    assert repro(layout, "evaluate")
+    result = promote.run(load(layout), layout, actor="test")
+    if not result.passed:  # a 2-epoch CNN on 48 tiny images: register it by override for the test
+        result = promote.override(load(layout), layout, result.run_id, "test: serve a tiny CNN", actor="test")
+    token = add_token(layout.root / ".medloop" / "tokens.json", "dr-x", "clinician")
+
+    source = SyntheticCxrSourceReader(SyntheticCxrSource(**params["source"]))
+    items = source.night_items(3)
+    planted = source.planted_identifiers(3)
+    dicom = next(item for item in items if item.read()[128:132] == b"DICM").read()
+    jpeg = next(item for item in items if item.read()[:2] == b"\xff\xd8").read()
+    png = io.BytesIO()
+    Image.fromarray(__import__("numpy").full((96, 96), 120, dtype="uint8")).save(png, format="PNG")
+
+    process, base = start_service(layout)
+    try:
+        headers = bearer(token)
+        one = httpx.post(base + "/predict", content=dicom, headers={**headers, "Content-Type": "application/dicom"},
+                         timeout=60)
+        assert one.status_code == 200, one.text
+        [answer] = one.json()["predictions"]
+        assert set(answer["probabilities"]) == {"NORMAL", "PNEUMONIA"}
+        assert answer["decision"] in ("NORMAL", "PNEUMONIA") and one.json()["version"] == result.version
+        batch = httpx.post(base + "/predict", headers=headers, timeout=60, json={
+            "images": [base64.b64encode(jpeg).decode(), base64.b64encode(png.getvalue()).decode()]})
+        assert batch.status_code == 200 and len(batch.json()["predictions"]) == 2
+        not_image = httpx.post(base + "/predict", content=b"hello", headers={**headers, "Content-Type": "image/png"})
+        assert not_image.status_code == 422 and "not an image" in not_image.json()["detail"]
+    finally:
+        stop(process)
+    # What the store keeps about the DICOM: de-identified metadata only.
+    import sqlite3
+
+    with sqlite3.connect(layout.root / ".medloop" / "feedback.db") as connection:
+        rows = dict(connection.execute("SELECT id, input_metadata FROM predictions").fetchall())
+    kept = __import__("json").loads(rows[answer["prediction_id"]])
+    assert kept["format"] == "dicom" and kept["patient_id"].startswith("pt") and "age_band" in kept
+    database = (layout.root / ".medloop" / "feedback.db").read_bytes()
+    wal = layout.root / ".medloop" / "feedback.db-wal"
+    stored = database + (wal.read_bytes() if wal.exists() else b"")
+    leaked = [identifier for identifier in planted if identifier.encode() in stored]
+    assert leaked == []

@@ -87,6 +87,14 @@ class FeedbackStore:
             session.flush()
             return row.id
 
+    def deployments(self, model_name: str) -> list[dict[str, Any]]:
+        """What was served when, oldest first."""
+        with self.session() as session:
+            rows = session.scalars(select(Deployment).where(Deployment.model_name == model_name)
+                                   .order_by(Deployment.id)).all()
+            return [{"version": row.model_version, "at": row.at.isoformat(), "actor": row.actor,
+                     "flow_run_id": row.flow_run_id} for row in rows]
+
     # ---------------------------------------------------------------------------------------
     # feedback and adjudication
     # ---------------------------------------------------------------------------------------
