@@ -1,4 +1,4 @@
-"""The nightly retrain: collect -> clean -> validate -> preprocess -> train -> evaluate -> promote
+"""The nightly retrain: feedback export -> collect -> clean -> validate -> preprocess -> train -> evaluate -> promote
 -> deploy -> commit, tag and push -> report.
 
 The DVC stages run as ``dvc repro <stage>`` so that DVC's own caching, lock file and lineage are in
@@ -27,6 +27,7 @@ from tasks.retrain import (
     MODEL_STAGES,
     commit_task,
     deploy_task,
+    feedback_export_task,
     links,
     nothing_changed_task,
     promote_task,
@@ -41,7 +42,8 @@ PROMOTED = ("promoted", "override")
 
 @flow(name="retrain", on_failure=[on_retrain_failure], on_crashed=[on_retrain_failure])
 def retrain(params_file: str = "params.yaml") -> dict:
-    """One night of the loop for the workspace that holds ``params_file``.
+    """One night of the loop for the workspace that holds ``params_file``. It starts by exporting
+    the clinicians' labels confirmed since the last night into ``data/feedback`` (DVC-tracked).
 
     ``seconds`` holds each step's own wall time, measured inside its task (collect, each DVC
     command, promote, deploy, publish) and ``total``, the flow body's.
@@ -61,12 +63,23 @@ def retrain(params_file: str = "params.yaml") -> dict:
     summary: dict = {"model": params.model.name, "workspace": workspace, "flow_run_id": str(flow_run.id or ""),
                      "started_at": _now(), "seconds": {}}
     with exclusive(layout):
+        exported = feedback_export_task(workspace)
+        summary["feedback_export"] = exported
+        summary["seconds"]["feedback"] = exported["seconds"]
         collected = collect_task(workspace)
         summary["collect"] = collected
         summary["seconds"]["collect"] = collected["seconds"]
         if not collected["batch_id"] and nothing_changed_task(workspace):
-            for step in (*DATA_STAGES, *MODEL_STAGES, "promote", "deploy", "publish"):
+            for step in (*DATA_STAGES, *MODEL_STAGES, "promote", "deploy"):
                 progress.emit(step, "skipped")
+            if exported["export_id"]:
+                # The feedback is versioned at once, even on a night with nothing to retrain.
+                published = commit_task(workspace, f"feedback: export {exported['export_id']} "
+                                                   f"({exported['exported']} confirmed labels)", None)
+                if published["new_commit"]:
+                    published["push_seconds"] = push_task(workspace)
+                summary["publish"] = published
+            progress.emit("publish", "done" if exported["export_id"] else "skipped")
             return _finish(summary, "nothing-changed", started)
 
         summary["stages"] = {}

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from pipelines.report import fmt as _fmt
 
-STEPS = ("collect", "clean", "validate", "preprocess", "train", "evaluate", "promote", "deploy", "publish")
+STEPS = ("feedback", "collect", "clean", "validate", "preprocess", "train", "evaluate", "promote", "deploy", "publish")
 MARKS = {"waiting": "[dim]·[/]", "running": "[yellow]…[/]", "done": "[green]✓[/]",
          "skipped": "[dim]skipped[/]", "failed": "[red]✗[/]"}
 

@@ -69,6 +69,8 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
     store = FeedbackStore(database_url(layout, spec.store_url))
     tokens = TokenTable(_path(spec.tokens_file, layout))
     manager = ModelManager(params, layout)
+    inputs_dir = layout.state / "serving" / "inputs"  # de-identified uploads, for the feedback export
+    inputs_dir.mkdir(parents=True, exist_ok=True)
     interval = reload_seconds if reload_seconds is not None else spec.reload_seconds
 
     registry = CollectorRegistry()
@@ -152,7 +154,7 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
             raise HTTPException(413, f"request body of {len(body)} bytes is over the limit of {spec.max_request_bytes}")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         inputs = _parse_inputs(content_type, body, params, spec.max_batch)
-        answers = await asyncio.to_thread(_score, served, inputs, params, salt)
+        answers = await asyncio.to_thread(_score, served, inputs, params, salt, inputs_dir)
         for answer in answers:
             answer["prediction_id"] = await asyncio.to_thread(
                 store.record_prediction, model_name=served.name, model_version=served.version,
@@ -200,6 +202,12 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
             raise HTTPException(404, str(exc)) from None
         except Conflict as exc:
             raise HTTPException(409, str(exc)) from None
+
+    @app.get("/monitoring")
+    async def monitoring(_who: Caller = Depends(caller("review"))) -> dict:
+        """Live performance per served version, from clinicians' confirmed labels."""
+        report = await asyncio.to_thread(store.live_performance, params.model.name, params.model.positive_class)
+        return {"model": params.model.name, "positive_class": params.model.positive_class, "versions": report}
 
     @app.post("/admin/reload")
     async def reload(who: Caller = Depends(caller("admin"))) -> dict:
@@ -266,12 +274,13 @@ def _parse_inputs(content_type: str, body: bytes, params: Params, max_batch: int
     return rows
 
 
-def _score(served: Served, inputs: list[Any], params: Params, salt: bytes) -> list[dict]:
-    """De-identify, hash, predict and decide (in a worker thread)."""
+def _score(served: Served, inputs: list[Any], params: Params, salt: bytes, inputs_dir: Path) -> list[dict]:
+    """De-identify, hash, keep the de-identified image (for the feedback export), predict and
+    decide (in a worker thread)."""
     import pandas as pd
 
-    from pipelines.collect import deidentify_image
-    from pipelines.deid.keys import keyed_hash
+    from pipelines.collect import EXTENSIONS, deidentify_image
+    from pipelines.deid.keys import content_hash, keyed_hash
     from pipelines.errors import DeidentificationError
     from pipelines.images import ImageProblem
 
@@ -283,7 +292,12 @@ def _score(served: Served, inputs: list[Any], params: Params, salt: bytes) -> li
             except DeidentificationError as exc:
                 raise HTTPException(422, f"image {index}: {exc}") from None
             frames.append(stored)
-            metadata.append({"format": file_format, **{k: v for k, v in meta.items() if v is not None}})
+            digest = content_hash(stored)
+            kept = inputs_dir / f"{digest}.{EXTENSIONS[file_format]}"
+            if not kept.exists():
+                kept.write_bytes(stored)
+            metadata.append({"format": file_format, "content_hash": digest, "file": kept.name,
+                             **{k: v for k, v in meta.items() if v is not None}})
             hashes.append(keyed_hash(salt, stored))
         frame = pd.DataFrame({"image": frames})
     else:

@@ -26,6 +26,20 @@ MODEL_STAGES = ("train", "evaluate")
 REGISTRY_RETRIES = {"retries": 3, "retry_delay_seconds": [5, 30, 120]}
 
 
+@task(name="feedback-export")
+def feedback_export_task(workspace: str) -> dict[str, Any]:
+    """Export clinicians' confirmed labels since the last export into data/feedback (dvc add)."""
+    from pipelines import feedback_export
+
+    layout = Layout.at(workspace)
+    progress.emit("feedback", "running")
+    started = time.perf_counter()
+    result = feedback_export.run(load_params(layout.params_file), layout).as_dict()
+    progress.emit("feedback", "done" if result["export_id"] else "skipped", stored=result["exported"])
+    get_run_logger().info("feedback export: %s", result)
+    return {**result, "seconds": round(time.perf_counter() - started, 3)}
+
+
 @task(name="plan")
 def nothing_changed_task(workspace: str) -> bool:
     """True when there is nothing to do: ``dvc status`` finds every stage up to date and the model

@@ -146,9 +146,33 @@ def test_predict_feedback_adjudication_and_reload(served_workspace):
         assert resolved.status_code == 200 and resolved.json()["resolved_by"] == "dr-reviewer"
         assert client.get("/review", headers=bearer(tokens["reviewer"])).json()["open"] == []
 
+        # The nightly export takes exactly the confirmed labels into data/feedback (DVC), once.
+        import pandas as pd
+
+        from pipelines import feedback_export
+
+        exported = feedback_export.run(load(layout), layout)
+        assert exported.exported == 2 and exported.missing_inputs == 0 and exported.dvc_file == "data/feedback.dvc"
+        labels = pd.read_parquet(layout.feedback / "exports" / exported.export_id / "labels.parquet")
+        by_id = labels.set_index("prediction_id")
+        assert set(by_id.index) == {first, second}
+        assert (labels["label_provenance"] == "clinician").all() and (labels["label"] == label).all()
+        assert by_id.loc[first, "confirmed_by"] == "agreed" and by_id.loc[second, "confirmed_by"] == "adjudicated"
+        assert '"' in by_id.loc[first, "features"] and by_id.loc[first, "model_version"] == "1"
+        assert feedback_export.run(load(layout), layout).export_id is None
+        third = body["predictions"][2]["prediction_id"]
+        client.post("/feedback", json={"prediction_id": third, "label": other, "idempotency_key": "fb-4"},
+                    headers=bearer(tokens["clinician"]))
+        assert feedback_export.run(load(layout), layout).exported == 1
+
+        live = client.get("/monitoring", headers=bearer(tokens["reviewer"])).json()["versions"]
+        assert live[0]["version"] == "1" and live[0]["predictions"] >= 3 and live[0]["confirmed"] == 3
+        assert live[0]["agreement"] is not None and 0 <= live[0]["positive_rate"] <= 1
+        assert client.get("/monitoring", headers=bearer(tokens["clinician"])).status_code == 403
+
         metrics = client.get("/metrics").text
         assert 'medloop_model_version{model="breast-cancer-mlp"} 1.0' in metrics
-        assert 'medloop_feedback_total{outcome="stored"} 3.0' in metrics
+        assert 'medloop_feedback_total{outcome="stored"} 4.0' in metrics
         assert 'medloop_feedback_total{outcome="replayed"} 1.0' in metrics
 
         # A new champion: the service reloads to it on request (and on its interval).
@@ -266,8 +290,21 @@ def test_images_are_de_identified_on_arrival_and_scored(tmp_path):
         assert batch.status_code == 200 and len(batch.json()["predictions"]) == 2
         not_image = httpx.post(base + "/predict", content=b"hello", headers={**headers, "Content-Type": "image/png"})
         assert not_image.status_code == 422 and "not an image" in not_image.json()["detail"]
+        confirmed = httpx.post(base + "/feedback", headers=headers, json={
+            "prediction_id": answer["prediction_id"], "label": "PNEUMONIA", "idempotency_key": "img-1"})
+        assert confirmed.status_code == 201
     finally:
         stop(process)
+    # The export carries the de-identified image itself, with its de-identified metadata.
+    import pandas as pd
+
+    from pipelines import feedback_export
+
+    exported = feedback_export.run(load(layout), layout)
+    [row] = pd.read_parquet(layout.feedback / "exports" / exported.export_id / "labels.parquet").to_dict("records")
+    image = layout.feedback / "exports" / exported.export_id / row["record"]
+    assert row["status"] == "exported" and image.is_file() and row["label"] == "PNEUMONIA"
+    assert row["patient_id"].startswith("pt") and not any(i.encode() in image.read_bytes() for i in planted)
     # What the store keeps about the DICOM: de-identified metadata only.
     import sqlite3
 

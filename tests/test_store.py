@@ -144,3 +144,23 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path):
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
         assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     engine.dispose()
+
+
+@pytest.mark.integration
+def test_live_performance_per_version_from_confirmed_labels(store):
+    def case(version: str, decision: str, truth: str | None, n: int) -> None:
+        prediction = store.record_prediction(
+            model_name="pneumonia-cxr", model_version=version, input_sha256=f"{n:064x}", modality="image",
+            probabilities={"NORMAL": 0.5, "PNEUMONIA": 0.5}, decision=decision, operating_threshold=0.5,
+            requested_by="t")
+        if truth is not None:
+            store.add_feedback(prediction, truth, "dr-a", f"k{n}")
+
+    cases = [("1", "PNEUMONIA", "PNEUMONIA"), ("1", "PNEUMONIA", "NORMAL"), ("1", "NORMAL", "NORMAL"),
+             ("1", "NORMAL", "PNEUMONIA"), ("1", "NORMAL", None), ("2", "PNEUMONIA", "PNEUMONIA")]
+    for n, (version, decision, truth) in enumerate(cases):
+        case(version, decision, truth, n)
+    first, second = store.live_performance("pneumonia-cxr", "PNEUMONIA")
+    assert first == {"version": "1", "predictions": 5, "confirmed": 4, "agreement": 0.5, "sensitivity": 0.5,
+                     "specificity": 0.5, "positive_rate": 0.4, "confusion": {"tp": 1, "fn": 1, "tn": 1, "fp": 1}}
+    assert second["sensitivity"] == 1.0 and second["specificity"] is None and second["agreement"] == 1.0

@@ -87,6 +87,22 @@ class FeedbackStore:
             session.flush()
             return row.id
 
+    def prediction(self, prediction_id: str) -> dict[str, Any]:
+        """One stored prediction as plain data.
+
+        Raises:
+            NotFound: no such prediction.
+        """
+        with self.session() as session:
+            row = session.get(Prediction, prediction_id)
+            if row is None:
+                raise NotFound(f"no prediction {prediction_id!r}")
+            return {"id": row.id, "created_at": row.created_at.isoformat(), "model_name": row.model_name,
+                    "model_version": row.model_version, "input_sha256": row.input_sha256, "modality": row.modality,
+                    "input_metadata": row.input_metadata, "probabilities": row.probabilities,
+                    "decision": row.decision, "operating_threshold": row.operating_threshold,
+                    "requested_by": row.requested_by}
+
     def deployments(self, model_name: str) -> list[dict[str, Any]]:
         """What was served when, oldest first."""
         with self.session() as session:
@@ -214,6 +230,43 @@ class FeedbackStore:
                     "reviewers": sorted(latest), "last_feedback_id": max(row.id for row in rows),
                 })
             return confirmed
+
+    def live_performance(self, model_name: str, positive_class: str) -> list[dict[str, Any]]:
+        """Per served version, from clinicians' confirmed labels: how many predictions, how many
+        confirmed, agreement of the decision with the clinicians, and sensitivity and
+        specificity for ``positive_class`` (None when there are no cases to compute them on);
+        also the share of positive decisions over all predictions (prediction drift shows here).
+        """
+        confirmed = {case["prediction_id"]: case["label"] for case in self.confirmed_labels()}
+        with self.session() as session:
+            rows = session.execute(select(Prediction.id, Prediction.model_version, Prediction.decision)
+                                   .where(Prediction.model_name == model_name)).all()
+        versions: dict[str, dict[str, Any]] = {}
+        for prediction_id, version, decision in rows:
+            stats = versions.setdefault(version, {"version": version, "predictions": 0, "positive_decisions": 0,
+                                                  "confirmed": 0, "agreed": 0, "tp": 0, "fn": 0, "tn": 0, "fp": 0})
+            stats["predictions"] += 1
+            stats["positive_decisions"] += decision == positive_class
+            truth = confirmed.get(prediction_id)
+            if truth is None:
+                continue
+            stats["confirmed"] += 1
+            stats["agreed"] += decision == truth
+            said, is_positive = decision == positive_class, truth == positive_class
+            stats["tp" if said and is_positive else "fn" if is_positive else "fp" if said else "tn"] += 1
+        report = []
+        for version in sorted(versions, key=lambda v: (len(v), v)):
+            stats = versions[version]
+            positives, negatives = stats["tp"] + stats["fn"], stats["tn"] + stats["fp"]
+            report.append({
+                "version": version, "predictions": stats["predictions"], "confirmed": stats["confirmed"],
+                "agreement": stats["agreed"] / stats["confirmed"] if stats["confirmed"] else None,
+                "sensitivity": stats["tp"] / positives if positives else None,
+                "specificity": stats["tn"] / negatives if negatives else None,
+                "positive_rate": stats["positive_decisions"] / stats["predictions"],
+                "confusion": {key: stats[key] for key in ("tp", "fn", "tn", "fp")},
+            })
+        return report
 
     def feedback_count(self) -> int:
         from sqlalchemy import func
