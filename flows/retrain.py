@@ -96,8 +96,11 @@ def retrain(params_file: str = "params.yaml") -> dict:
         summary["champion_metrics"] = promotion.get("champion_metrics")
         summary["seconds"]["promote"] = promotion["seconds"]
         version = promotion["version"] if promotion["action"] in PROMOTED else None
-        if version:
-            summary["deploy"] = deploy_task(workspace, version)
+        # Deploy is idempotent: it also runs for a run registered earlier as champion, so that a
+        # deploy that failed on an earlier night is completed now.
+        serving_version = version or (promotion["version"] if promotion.get("passed") else None)
+        if serving_version:
+            summary["deploy"] = deploy_task(workspace, serving_version)
             summary["seconds"]["deploy"] = summary["deploy"]["seconds"]
         else:
             progress.emit("deploy", "skipped")
@@ -106,9 +109,10 @@ def retrain(params_file: str = "params.yaml") -> dict:
         message = _commit_message(params.model.name, outcome, promotion, collected)
         published = commit_task(workspace, message, git_tag_name(params.model.name, version) if version else None)
         publish_seconds = published["commit_seconds"]
-        if published["new_commit"]:
-            published["push_seconds"] = push_task(workspace)
-            publish_seconds += published["push_seconds"]
+        # Pushed on every run that got this far (a no-op when the remote is complete), so a push
+        # that failed on an earlier night is made up for.
+        published["push_seconds"] = push_task(workspace)
+        publish_seconds += published["push_seconds"]
         if published["commit"] and promotion.get("run_id") and (published["new_commit"] or version):
             publish_seconds += record_commit_task(workspace, promotion["run_id"], version, published["commit"],
                                                   published["git_tag"])

@@ -291,16 +291,18 @@ def serve(
     workspace: Path = WorkspaceOption,
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    workers: int = typer.Option(1, help="Worker processes."),
 ) -> None:
-    """Serve the champion over HTTP (predict, feedback, review, health, metrics)."""
+    """Serve the champion over HTTP (predict, feedback, review, health, metrics).
+
+    One process per service: run several services (ports or hosts) behind a load balancer to
+    scale out; each reloads on its own.
+    """
     import uvicorn
 
     layout = _layout(workspace)
     os.environ["MEDLOOP_PARAMS"] = str(layout.params_file)
     _console().print(f"serving {layout.params_file} on http://{host}:{port} (docs at /docs)", highlight=False)
-    uvicorn.run("serving.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                log_level="warning")
+    uvicorn.run("serving.app:app_from_environment", factory=True, host=host, port=port, log_level="warning")
 
 
 token_app = typer.Typer(help="Bearer tokens of the prediction service.", no_args_is_help=True)

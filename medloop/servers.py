@@ -29,6 +29,7 @@ def serve_uis(layout: Layout, mlflow_port: int, prefect_port: int | None, consol
     """
     params = load_params(layout.params_file)
     env = {**tool_env(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the children like Ctrl-C does
     children: list[tuple[str, subprocess.Popen]] = []
     logs = layout.logs
     logs.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,6 @@ def serve_uis(layout: Layout, mlflow_port: int, prefect_port: int | None, consol
             console.print(f"Prefect UI: http://127.0.0.1:{prefect_port}  "
                           f"(export PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api to schedule on it)", highlight=False)
         console.print("Ctrl-C stops them.")
-        signal.signal(signal.SIGTERM, _interrupt)
         while all(process.poll() is None for _, process in children):
             time.sleep(0.5)
         stopped = [name for name, process in children if process.poll() is not None]
@@ -69,22 +69,25 @@ def start_server(name: str, command: list[str], env: dict[str, str], log_path: P
     Raises:
         MedloopError: it exited or did not answer in time (the message points at its log).
     """
-    handle = open(log_path, "ab")
-    process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "ab") as handle:  # the child keeps its own descriptor
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise MedloopError(f"the {name} server exited with status {process.returncode} (port in use?); "
-                               f"see {log_path}")
-        try:
-            with urllib.request.urlopen(health_url, timeout=2) as answer:
-                if answer.status == 200:
-                    return process
-        except OSError:
-            pass
-        time.sleep(0.5)
-    stop_server(process)
-    raise MedloopError(f"the {name} server did not answer at {health_url} within {timeout:.0f} s; see {log_path}")
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise MedloopError(f"the {name} server exited with status {process.returncode} (port in use?); "
+                                   f"see {log_path}")
+            try:
+                with urllib.request.urlopen(health_url, timeout=2) as answer:
+                    if answer.status == 200:
+                        return process
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise MedloopError(f"the {name} server did not answer at {health_url} within {timeout:.0f} s; see {log_path}")
+    except BaseException:
+        stop_server(process)  # never leave a half-started server behind (Ctrl-C included)
+        raise
 
 
 def prefect_server_command(port: int) -> list[str]:

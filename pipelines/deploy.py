@@ -95,10 +95,12 @@ def run(params: Params, layout: Layout, version: str | None = None, *, actor: st
         client.set_registered_model_alias(name, CHAMPION, version)
     at = _now()
     record = {"version": version, "at": at, "actor": actor, "flow_run_id": os.environ.get(FLOW_RUN_ENV, "")}
-    client.set_registered_model_tag(name, DEPLOYED_TAG, json.dumps(record))
+    # The store first and the registry tag last: the tag is what makes a retry say "unchanged",
+    # so nothing before it can be skipped by a retry after a failure.
+    _record_in_store(params, layout, version, actor, record["flow_run_id"])
     _append_history(client, name, {"version": version, "alias": CHAMPION, "action": "deployed",
                                    "actor": actor, "reason": "in service", "at": at, "replaced": deployed})
-    _record_in_store(params, layout, version, actor, record["flow_run_id"])
+    client.set_registered_model_tag(name, DEPLOYED_TAG, json.dumps(record))
     log.info("%s v%s deployed (replacing %s) by %s", name, version, deployed or "nothing", actor)
     result = DeployResult("deployed", name, version, deployed, actor, at)
     tell_service(params)

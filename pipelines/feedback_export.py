@@ -2,13 +2,14 @@
 store and into ``data/feedback/``, versioned by DVC.
 
 Each export is a folder ``data/feedback/exports/<export id>/`` holding ``labels.parquet``, one
-row per prediction whose label is confirmed (agreed by its reviewers, or adjudicated) and that
-has feedback newer than the previous export: prediction id, model version, the label with
-provenance ``clinician`` and how it was confirmed, the reviewers, and the input it refers to
-(the de-identified image, copied into ``images/``, or the feature values). A case still waiting
-for adjudication is not exported until it is resolved. The highest feedback id exported is kept
-in ``data/feedback/export_state.json``, so every confirmed label is exported exactly once, and
-the folder is published by one rename and recorded with ``dvc add data/feedback``.
+row per prediction whose confirmed label (agreed by its reviewers, or adjudicated) is new since
+the exports before it: prediction id, model version, the label with provenance ``clinician`` and
+how it was confirmed, the reviewers, and the input it refers to (the de-identified image, copied
+into ``images/``, or the feature values). A case still waiting for adjudication is not exported
+until it is resolved, however late that is; a later correction or adjudication that changes an
+exported label is exported again, naming the label it supersedes. What was exported is read
+back from the exports themselves, and a new export is published by one rename and recorded with
+``dvc add data/feedback``, so a failure never loses or repeats a label.
 
 Nothing is dropped silently: a confirmed label whose image the service no longer has is exported
 with ``status = missing_input`` and the reason.
@@ -31,7 +32,6 @@ from pipelines.workspace import Layout, database_url
 
 log = logging.getLogger("medloop.feedback")
 
-STATE_FILE = "export_state.json"
 LABELS_FILE = "labels.parquet"
 
 
@@ -51,36 +51,55 @@ class ExportResult:
 
 def run(params: Params, layout: Layout) -> ExportResult:
     """Export the labels confirmed since the last export (see module docstring)."""
-    state_path = layout.feedback / STATE_FILE
-    mark = json.loads(state_path.read_text())["last_feedback_id"] if state_path.is_file() else 0
+    exported_before = exported_labels(layout)
     store = FeedbackStore(database_url(layout, params.serving.store_url))
     try:
-        confirmed = store.confirmed_labels(after_feedback_id=mark)
+        confirmed = [case for case in store.confirmed_labels()
+                     if exported_before.get(case["prediction_id"]) != case["label"]]
         if not confirmed:
-            return ExportResult(None, 0, 0, mark, None)
+            if layout.feedback.is_dir() and not (layout.root / "data" / "feedback.dvc").is_file():
+                track(layout, layout.feedback)  # an export published before a failed `dvc add`
+            return ExportResult(None, 0, 0, max(_marks(layout), default=0), None)
         export_id = new_batch_id()
         staging = layout.tmp / f"feedback-{export_id}"
         (staging / "images").mkdir(parents=True)
         try:
-            rows = [_row(store.prediction(case["prediction_id"]), case, layout, staging) for case in confirmed]
+            rows = [_row(store.prediction(case["prediction_id"]), case, layout, staging,
+                         exported_before.get(case["prediction_id"])) for case in confirmed]
             pd.DataFrame(rows).to_parquet(staging / LABELS_FILE, index=False)
             (layout.feedback / "exports").mkdir(parents=True, exist_ok=True)
-            staging.rename(layout.feedback / "exports" / export_id)  # publish: one rename
+            # Publishing is one rename, and what was exported is read back from the exports
+            # themselves: a failure before or after it never loses or repeats a label.
+            staging.rename(layout.feedback / "exports" / export_id)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     finally:
         store.close()
     last = max(case["last_feedback_id"] for case in confirmed)
-    state_path.write_text(json.dumps({"last_feedback_id": last, "last_export": export_id}, indent=2) + "\n")
     dvc_file = track(layout, layout.feedback)
     missing = sum(row["status"] == "missing_input" for row in rows)
     log.info("feedback export %s: %d confirmed labels (%d without their input)", export_id, len(rows), missing)
     return ExportResult(export_id, len(rows), missing, last, dvc_file.relative_to(layout.root).as_posix())
 
 
-def _row(prediction: dict, case: dict, layout: Layout, staging) -> dict:
+def exported_labels(layout: Layout) -> dict[str, str]:
+    """The label last exported for each prediction, read from every export (oldest first)."""
+    labels: dict[str, str] = {}
+    for labels_file in sorted((layout.feedback / "exports").glob(f"*/{LABELS_FILE}")):
+        frame = pd.read_parquet(labels_file, columns=["prediction_id", "label"])
+        labels.update(zip(frame["prediction_id"], frame["label"]))
+    return labels
+
+
+def _marks(layout: Layout) -> list[int]:
+    return [int(pd.read_parquet(path, columns=["last_feedback_id"])["last_feedback_id"].max())
+            for path in (layout.feedback / "exports").glob(f"*/{LABELS_FILE}")]
+
+
+def _row(prediction: dict, case: dict, layout: Layout, staging, superseded: str | None) -> dict:
     metadata = dict(prediction["input_metadata"] or {})
     row = {
+        "supersedes_label": superseded or "",
         "prediction_id": case["prediction_id"], "model_version": case["model_version"],
         "input_sha256": case["input_sha256"], "label": case["label"], "label_provenance": "clinician",
         "confirmed_by": case["how"], "reviewers": json.dumps(case["reviewers"]),

@@ -106,13 +106,13 @@ def recent_runs(layout: Layout, limit: int = 5) -> list[dict[str, Any]]:
 
 
 def earlier_decision(layout: Layout, run_id: str | None) -> dict[str, Any] | None:
-    """The promotion decision an earlier run made on MLflow run ``run_id`` (promoted, override or
-    refused), or None when no earlier run judged it."""
+    """The promotion decision an earlier run made on MLflow run ``run_id`` (promoted, override,
+    refused, or found it registered already), or None when no earlier run judged it."""
     if not run_id:
         return None
     for summary in recent_runs(layout, limit=10_000):
         promotion = summary.get("promotion") or {}
-        if promotion.get("run_id") == run_id and promotion.get("action") in ("promoted", "override", "refused"):
+        if promotion.get("run_id") == run_id and promotion.get("action") in ("promoted", "override", "refused", "unchanged"):
             return promotion
     return None
 

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from pipelines.config import Params, load_params
+from pipelines.errors import mask_credentials
 from pipelines.workspace import Layout, database_url
 from serving.auth import Caller, TokenTable
 from serving.model import ModelManager, Served
@@ -131,10 +132,11 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
     @app.get("/readyz")
     def readyz():
         served = manager.current
+        error = mask_credentials(manager.last_error) if manager.last_error else None
         if served is None:
-            return JSONResponse({"ready": False, "error": manager.last_error}, status_code=503)
+            return JSONResponse({"ready": False, "error": error}, status_code=503)
         return {"ready": True, "model": served.name, "version": served.version, "loaded_at": served.loaded_at,
-                "last_reload_error": manager.last_error}
+                "last_reload_error": error}
 
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:

@@ -75,6 +75,8 @@ class ModelManager:
                           f"v{self.current.version}" if self.current else "nothing", self.last_error)
                 return False
             previous = self.current.version if self.current else None
+            # Only a copy that loaded is the one to fall back on after a restart.
+            (self.cache / CURRENT_FILE).write_text(json.dumps({"version": version}))
             self.current = served
             self.last_error = None
             log.info("serving %s v%s (was %s)", served.name, served.version, previous or "nothing")
@@ -111,7 +113,6 @@ class ModelManager:
             (staging / "medloop.json").write_text(json.dumps(rule, indent=2))
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)  # a partial download is never taken for a copy
-        (self.cache / CURRENT_FILE).write_text(json.dumps({"version": version}))
         return target
 
     def _load(self, version: str, folder: Path) -> Served:

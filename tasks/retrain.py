@@ -1,8 +1,8 @@
 """Tasks of the model half of the loop: promote, deploy, version (commit, tag, push), report.
 
-Retries with backoff are only on steps that talk to a database or the network: promote and deploy
-(the MLflow registry, a database or a tracking server), the DVC push (a remote that may be S3) and
-the lineage stamp. The DVC stages and git commits are local: trying them again would fail the same
+Retries with backoff are only on steps that talk to a database or the network: the feedback export
+(the feedback store), promote and deploy (the MLflow registry, a database or a tracking server),
+the DVC push (a remote that may be S3) and the lineage stamp. The DVC stages and git commits are local: trying them again would fail the same
 way, so they are not retried.
 """
 
@@ -26,7 +26,7 @@ MODEL_STAGES = ("train", "evaluate")
 REGISTRY_RETRIES = {"retries": 3, "retry_delay_seconds": [5, 30, 120]}
 
 
-@task(name="feedback-export")
+@task(name="feedback-export", **REGISTRY_RETRIES)
 def feedback_export_task(workspace: str) -> dict[str, Any]:
     """Export clinicians' confirmed labels since the last export into data/feedback (dvc add)."""
     from pipelines import feedback_export
@@ -67,7 +67,8 @@ def promote_task(workspace: str) -> dict[str, Any]:
     earlier = report.earlier_decision(layout, run_id)
     if earlier is not None:
         # The model did not change since an earlier run judged it: say so, judge nothing again.
-        result = {**earlier, "action": "unchanged",
+        # passed=False: an old verdict is no reason to deploy (the champion may have been rolled back since).
+        result = {**earlier, "action": "unchanged", "passed": False,
                   "reason": f"run {run_id} was already judged ({earlier['action']}) on {earlier.get('at')}"}
     else:
         result = promote.run(params, layout, actor="medloop-nightly",

@@ -56,6 +56,13 @@ def test_run_refuses_a_folder_that_is_not_a_workspace(tmp_path):
 @pytest.mark.integration
 def test_ui_starts_mlflow_and_prefect_on_localhost_and_stops_on_ctrl_c(tmp_path):
     layout = make_workspace(tmp_path, tabular_params())
+    # An experiment that exists only in this workspace's store, to recognise it through the UI.
+    import mlflow
+
+    from conftest import load
+    from pipelines.tracking import configure
+
+    configure(load(layout), layout)
     mlflow_port, prefect_port = free_port(), free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
@@ -79,8 +86,7 @@ def test_ui_starts_mlflow_and_prefect_on_localhost_and_stops_on_ctrl_c(tmp_path)
         search = f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow/experiments/search?max_results=10"
         with urllib.request.urlopen(search, timeout=10) as answer:
             names = [experiment["name"] for experiment in json.loads(answer.read())["experiments"]]
-        assert "Default" in names
-        assert (layout.state / "mlflow.db").is_file()
+        assert load(layout).tracking.experiment in names
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)

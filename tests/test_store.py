@@ -164,3 +164,45 @@ def test_live_performance_per_version_from_confirmed_labels(store):
     assert first == {"version": "1", "predictions": 5, "confirmed": 4, "agreement": 0.5, "sensitivity": 0.5,
                      "specificity": 0.5, "positive_rate": 0.4, "confusion": {"tp": 1, "fn": 1, "tn": 1, "fp": 1}}
     assert second["sensitivity"] == 1.0 and second["specificity"] is None and second["agreement"] == 1.0
+
+
+@pytest.mark.integration
+def test_an_export_picks_up_late_adjudications_and_corrections_once(store_url, tmp_path):
+    """P1 is disputed, P2 agreed: the export takes P2. P1 resolved later and P2 corrected later
+    are each exported in the next export, and nothing is exported twice."""
+    import pandas as pd
+
+    from conftest import make_workspace, tabular_params
+    from pipelines.config import load_params
+    from pipelines import feedback_export
+
+    params = tabular_params()
+    params["serving"]["store_url"] = store_url
+    layout = make_workspace(tmp_path, params)
+    from pipelines.store.feedback import FeedbackStore
+
+    opened = FeedbackStore(store_url)
+    disputed = opened.record_prediction(model_name="m", model_version="1", input_sha256="a" * 64, modality="tabular",
+                                        probabilities={"benign": 0.4, "malignant": 0.6}, decision="malignant",
+                                        operating_threshold=0.5, requested_by="t", input_metadata={"features": {"x": 1}})
+    agreed = opened.record_prediction(model_name="m", model_version="1", input_sha256="b" * 64, modality="tabular",
+                                      probabilities={"benign": 0.4, "malignant": 0.6}, decision="malignant",
+                                      operating_threshold=0.5, requested_by="t", input_metadata={"features": {"x": 2}})
+    opened.add_feedback(disputed, "malignant", "dr-a", "k1")
+    opened.add_feedback(disputed, "benign", "dr-b", "k2")
+    opened.add_feedback(agreed, "malignant", "dr-a", "k3")
+    params_now = load_params(layout.params_file)
+
+    first = feedback_export.run(params_now, layout)
+    assert first.exported == 1
+    [case] = opened.open_reviews()
+    opened.resolve(case["id"], "benign", "dr-senior")
+    opened.add_feedback(agreed, "benign", "dr-a", "k4")  # a correction after the export
+    second = feedback_export.run(params_now, layout)
+    rows = pd.read_parquet(layout.feedback / "exports" / second.export_id / "labels.parquet").set_index("prediction_id")
+    assert set(rows.index) == {disputed, agreed}
+    assert rows.loc[disputed, "confirmed_by"] == "adjudicated" and rows.loc[disputed, "supersedes_label"] == ""
+    assert rows.loc[agreed, "label"] == "benign" and rows.loc[agreed, "supersedes_label"] == "malignant"
+    assert feedback_export.run(params_now, layout).export_id is None
+    assert feedback_export.exported_labels(layout) == {disputed: "benign", agreed: "benign"}
+    opened.close()
