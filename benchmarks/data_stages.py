@@ -42,27 +42,17 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import BENCH_SALT, child_env  # noqa: E402 - benchmarks/common.py
+
 DEFAULT_OUT = ROOT / "benchmarks" / "out"
 MARKER = ".data_stages_out"  # a non-default --out is only wiped when it carries this marker
 STAGES = ("collect", "clean", "validate", "preprocess")
-BENCH_SALT = "benchmark-salt-not-secret-0123456789"
 MIB = 1024 * 1024
 
 
 # --------------------------------------------------------------------------------------------
 # measuring one child process
 # --------------------------------------------------------------------------------------------
-
-
-def child_env() -> dict[str, str]:
-    """medloop's tool environment (this interpreter first on PATH), quiet, with a salt."""
-    from pipelines.versioning import tool_env
-
-    env = tool_env()
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env.setdefault("MEDLOOP_DEID_SALT", BENCH_SALT)
-    env.setdefault("DO_NOT_TRACK", "1")
-    return env
 
 
 class TreeSampler(threading.Thread):

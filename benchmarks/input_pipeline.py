@@ -46,9 +46,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import BENCH_SALT, child_env  # noqa: E402 - benchmarks/common.py
+
 DEFAULT_OUT = ROOT / "benchmarks" / "out" / "input_pipeline"
 MARKER = ".input_pipeline_out"  # a non-default --out is only wiped when it carries this marker
-BENCH_SALT = "benchmark-salt-not-secret-0123456789"
 CASES = ("medloop", "medloop_nondeterministic", "image_dataset_from_directory", "ImageDataGenerator")
 BATCH = 32
 SIZE = (150, 150)
@@ -249,17 +250,6 @@ def _rate(per_epoch: list[tuple[int, float]]) -> dict:
 # --------------------------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------------------------
-
-
-def child_env() -> dict[str, str]:
-    """medloop's tool environment (this interpreter first on PATH), quiet, with a salt."""
-    from pipelines.versioning import tool_env
-
-    env = tool_env()
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env.setdefault("MEDLOOP_DEID_SALT", BENCH_SALT)
-    env.setdefault("DO_NOT_TRACK", "1")
-    return env
 
 
 def run_case(case: str, setup: dict, epochs: int, logs: Path) -> dict:

@@ -28,6 +28,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import BENCH_SALT  # noqa: E402 - benchmarks/common.py
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,7 +38,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where to build the workspace (default: a temp folder)")
     args = parser.parse_args()
 
-    os.environ.setdefault("MEDLOOP_DEID_SALT", "benchmark-salt-not-a-secret-0123456789")
+    os.environ.setdefault("MEDLOOP_DEID_SALT", BENCH_SALT)
     os.environ.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PREFECT_LOGGING_LEVEL="WARNING",
                       TF_CPP_MIN_LOG_LEVEL="2")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="medloop-bench-orchestration-"))

@@ -88,7 +88,7 @@ def run(params: Params, layout: Layout, version: str | None = None, *, actor: st
     except MlflowException:
         raise DeployError(f"model {name} has no version {version}") from None
 
-    deployed = deployed_version(params, layout)
+    deployed = _deployed(client, name)
     if champion is not None and str(champion.version) == version and deployed == version:
         return DeployResult("unchanged", name, version, None, actor, _now())
     if champion is None or str(champion.version) != version:
@@ -147,13 +147,6 @@ def _record_in_store(params: Params, layout: Layout, version: str, actor: str, f
         store.close()
 
 
-def deployed_version(params: Params, layout: Layout) -> str | None:
-    """The version last recorded as in service, or None before the first deployment."""
-    from mlflow import MlflowClient
-
-    configure(params, layout)
-    client = MlflowClient()
-    if not _registered(client, params.model.name):
-        return None
-    recorded = client.get_registered_model(params.model.name).tags.get(DEPLOYED_TAG)
+def _deployed(client, name: str) -> str | None:
+    recorded = client.get_registered_model(name).tags.get(DEPLOYED_TAG)
     return json.loads(recorded)["version"] if recorded else None

@@ -51,7 +51,7 @@ class ExportResult:
 
 def run(params: Params, layout: Layout) -> ExportResult:
     """Export the labels confirmed since the last export (see module docstring)."""
-    exported_before = exported_labels(layout)
+    exported_before, mark = _read_exports(layout)
     store = FeedbackStore(database_url(layout, params.serving.store_url))
     try:
         confirmed = [case for case in store.confirmed_labels()
@@ -59,7 +59,7 @@ def run(params: Params, layout: Layout) -> ExportResult:
         if not confirmed:
             if layout.feedback.is_dir() and not (layout.root / "data" / "feedback.dvc").is_file():
                 track(layout, layout.feedback)  # an export published before a failed `dvc add`
-            return ExportResult(None, 0, 0, max(_marks(layout), default=0), None)
+            return ExportResult(None, 0, 0, mark, None)
         export_id = new_batch_id()
         staging = layout.tmp / f"feedback-{export_id}"
         (staging / "images").mkdir(parents=True)
@@ -84,16 +84,19 @@ def run(params: Params, layout: Layout) -> ExportResult:
 
 def exported_labels(layout: Layout) -> dict[str, str]:
     """The label last exported for each prediction, read from every export (oldest first)."""
+    return _read_exports(layout)[0]
+
+
+def _read_exports(layout: Layout) -> tuple[dict[str, str], int]:
+    """Every export read once: the label last exported per prediction, and the highest
+    feedback id exported (0 before the first export)."""
     labels: dict[str, str] = {}
+    mark = 0
     for labels_file in sorted((layout.feedback / "exports").glob(f"*/{LABELS_FILE}")):
-        frame = pd.read_parquet(labels_file, columns=["prediction_id", "label"])
+        frame = pd.read_parquet(labels_file, columns=["prediction_id", "label", "last_feedback_id"])
         labels.update(zip(frame["prediction_id"], frame["label"]))
-    return labels
-
-
-def _marks(layout: Layout) -> list[int]:
-    return [int(pd.read_parquet(path, columns=["last_feedback_id"])["last_feedback_id"].max())
-            for path in (layout.feedback / "exports").glob(f"*/{LABELS_FILE}")]
+        mark = max(mark, int(frame["last_feedback_id"].max()))
+    return labels, mark
 
 
 def _row(prediction: dict, case: dict, layout: Layout, staging, superseded: str | None) -> dict:

@@ -100,13 +100,13 @@ def file_sha256(path: Path) -> str:
 
 
 def _git_commit(layout: Layout) -> str:
-    from pipelines.versioning import git
+    from pipelines.versioning import git, head_commit
 
-    done = git(layout, "rev-parse", "HEAD", check=False)
-    if done.returncode != 0:
+    head = head_commit(layout)
+    if head is None:
         return "none"
     dirty = git(layout, "status", "--porcelain", "--untracked-files=no", check=False).stdout.strip()
-    return done.stdout.strip() + ("-dirty" if dirty else "")
+    return head + ("-dirty" if dirty else "")
 
 
 def _dvc_file_hash(path: Path) -> str:

@@ -125,7 +125,7 @@ def tag(layout: Layout, name: str, message: str) -> str:
     Raises:
         WorkspaceError: the tag exists on another commit (a version number is never reused).
     """
-    head = git(layout, "rev-parse", "HEAD").stdout.strip()
+    head = head_commit(layout)
     existing = git(layout, "rev-list", "-n", "1", name, check=False)
     if existing.returncode == 0:
         if existing.stdout.strip() != head:
@@ -141,7 +141,13 @@ def commit(layout: Layout, message: str) -> str | None:
     if not git(layout, "status", "--porcelain").stdout.strip():
         return None
     git(layout, "-c", "user.name=medloop", "-c", "user.email=medloop@localhost", "commit", "--quiet", "-m", message)
-    return git(layout, "rev-parse", "HEAD").stdout.strip()
+    return head_commit(layout)
+
+
+def head_commit(layout: Layout) -> str | None:
+    """The workspace's HEAD commit, or None before its first commit."""
+    done = git(layout, "rev-parse", "HEAD", check=False)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 class StageFailed(WorkspaceError):

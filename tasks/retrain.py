@@ -18,7 +18,7 @@ from prefect.logging import get_run_logger
 from pipelines import deploy, lineage, promote, report
 from pipelines.config import load_params
 from pipelines.tracking import tracking_uri
-from pipelines.versioning import changed, commit, push, tag
+from pipelines.versioning import changed, commit, head_commit, push, tag
 from pipelines.workspace import Layout, read_json
 from tasks import progress
 
@@ -97,7 +97,7 @@ def commit_task(workspace: str, message: str, git_tag: str | None) -> dict[str, 
     layout = Layout.at(workspace)
     progress.emit("publish", "running")
     made = commit(layout, message)
-    head = made or _head(layout)
+    head = made or head_commit(layout)
     tagged = None
     if git_tag and head:
         tag(layout, git_tag, message)
@@ -161,13 +161,6 @@ def links(workspace: str, run_id: str | None) -> dict[str, str]:
             found["mlflow_run"] = f"http://127.0.0.1:5000/{page} (after `medloop ui -w {layout.root}`)"
     found["lineage"] = f"medloop lineage -w {layout.root}"
     return found
-
-
-def _head(layout: Layout) -> str | None:
-    from pipelines.versioning import git
-
-    done = git(layout, "rev-parse", "HEAD", check=False)
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def workspace_of(params_file: str) -> str:
