@@ -357,11 +357,7 @@ class ScheduleSpec(Strict):
     @field_validator("cron")
     @classmethod
     def _five_fields(cls, value: str) -> str:
-        fields = value.split()
-        allowed = set("0123456789*/,-") | set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-        if len(fields) != 5 or any(set(field) - allowed for field in fields):
-            raise ValueError(f"expected five cron fields 'minute hour day month weekday', got {value!r}")
-        return value
+        return _cron(value)
 
     @field_validator("timezone")
     @classmethod
@@ -390,6 +386,12 @@ class ServingSpec(Strict):
             reload at once (with the admin token from ``admin_token_env``) instead of waiting for
             its next check.
         admin_token_env: the environment variable holding an admin token of the service.
+        batch_max_size: the service scores requests that arrive together as one batch, up to
+            this many inputs (1 turns micro-batching off).
+        batch_max_wait_ms: how long the first request of a batch waits for others to join.
+        shadow: a candidate that also scores every request, its answers logged, not returned:
+            a registered version (``"7"``) or a run (``"run:<mlflow run id>"``, e.g. a refused
+            model); ``null`` for none.
     """
 
     store_url: str
@@ -399,6 +401,53 @@ class ServingSpec(Strict):
     max_batch: int = Field(ge=1)
     url: str | None = None
     admin_token_env: str = "MEDLOOP_SERVICE_TOKEN"
+    batch_max_size: int = Field(ge=1)
+    batch_max_wait_ms: float = Field(ge=0.0, le=1000.0)
+    shadow: str | None = Field(default=None, pattern=r"^([0-9]+|run:[0-9A-Za-z]+)$")
+
+
+class MonitoringSpec(Strict):
+    """Live monitoring: input drift against the training reference, and prediction drift.
+
+    Attributes:
+        window_days: the served inputs of the last this many days are compared with the reference.
+        min_inputs: below this many served inputs in the window, drift is not judged.
+        bins: quantile bins of the reference for the population stability index.
+        psi_threshold: a feature (or prediction) drifts when its PSI is over this
+            (0.1 slight, 0.2 significant is the usual reading).
+        ks_pvalue: ... or when the two-sample Kolmogorov-Smirnov p-value is under this.
+        reference_size: at most this many training items make the reference.
+    """
+
+    window_days: float = Field(gt=0)
+    min_inputs: int = Field(ge=1)
+    bins: int = Field(ge=2, le=100)
+    psi_threshold: float = Field(gt=0)
+    ks_pvalue: float = Field(gt=0.0, lt=1.0)
+    reference_size: int = Field(ge=10)
+
+
+class RetrainPolicySpec(Strict):
+    """When to retrain outside the nightly schedule (a Prefect flow checks it on ``check_cron``).
+
+    Attributes:
+        check_cron: when the policy is checked (five cron fields, in ``schedule.timezone``).
+        min_new_labels: retrain once this many confirmed labels are waiting for export.
+        on_drift: retrain when input or prediction drift is over the monitoring thresholds.
+        cooldown_hours: never start a retrain within this long of the last one (any trigger).
+        deployment: the policy check's own Prefect deployment name.
+    """
+
+    check_cron: str
+    min_new_labels: int = Field(ge=1)
+    on_drift: bool
+    cooldown_hours: float = Field(ge=0)
+    deployment: str = Field(min_length=1)
+
+    @field_validator("check_cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        return _cron(value)
 
 
 class Params(Strict):
@@ -418,6 +467,8 @@ class Params(Strict):
     storage: StorageSpec
     schedule: ScheduleSpec
     serving: ServingSpec
+    monitoring: MonitoringSpec
+    retrain_policy: RetrainPolicySpec
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -457,6 +508,14 @@ class Params(Strict):
         """A stable hash of the resolved params, for lineage."""
         payload = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _cron(value: str) -> str:
+    fields = value.split()
+    allowed = set("0123456789*/,-") | set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+    if len(fields) != 5 or any(set(field) - allowed for field in fields):
+        raise ValueError(f"expected five cron fields 'minute hour day month weekday', got {value!r}")
+    return value
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:

@@ -37,7 +37,7 @@ def _common(validate_section: dict[str, Any]) -> dict[str, Any]:
         "deid": {"salt_env": "MEDLOOP_DEID_SALT"},
         "validate": validate_section,
         "storage": {"dvc_remote": "../remote"},
-        **{section: shipped[section] for section in ("train", "tracking", "evaluate", "promote", "schedule", "serving")},
+        **{section: shipped[section] for section in ("train", "tracking", "evaluate", "promote", "schedule", "serving", "monitoring", "retrain_policy")},
     }
 
 
