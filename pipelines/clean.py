@@ -9,6 +9,14 @@ Reads the whole of ``data/raw`` (all batches) and writes:
 - ``data/clean/intake.parquet``: every collected item, accepted or not, with the reason.
 - ``reports/quarantine.csv``: every item that was not accepted, with its source and the reason
   (unreadable, unknown label, duplicate, wrong type, ...). Nothing is dropped without a row here.
+
+A clinician's confirmed label (label provenance ``clinician``, from the feedback exports)
+overrides the label of the same item collected before it: the same pixels for images, the same
+feature values for tables. The earlier record keeps its identity (record id, patient, split) and
+takes the latest clinician label, its provenance and ``label_batch_id`` (the batch the label came
+in); the feedback item itself is listed in the intake as merged, not quarantined. An item that a
+clinician labelled first and the dataset brings again later keeps the clinician's label. The
+frozen test set's labels are never changed by this: preprocess keeps the labels it froze.
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ log = logging.getLogger("medloop.clean")
 QUARANTINE_COLUMNS = ["item", "source", "reason", "batch_id", "record_id"]
 RECORD_BASE_COLUMNS = [
     "record_id", "content_hash", "batch_id", "arrival_time", "source", "source_ref",
-    "patient_id", "study_year", "label", "label_provenance",
+    "patient_id", "study_year", "label", "label_provenance", "label_batch_id",
 ]
+CLINICIAN = "clinician"
 IMAGE_COLUMNS = [
     "image_path", "width", "height", "channels", "mean_intensity", "std_intensity",
     "min_intensity", "max_intensity", "conversion",
@@ -84,17 +93,32 @@ class Verdicts:
     def __init__(self, raw: pd.DataFrame):
         self.raw = raw.reset_index(drop=True)
         self.reason = pd.Series("", index=self.raw.index, dtype="object")
+        self.merged = pd.Series("", index=self.raw.index, dtype="object")
         self.label = pd.Series(pd.NA, index=self.raw.index, dtype="string")
+        self.provenance = self.raw["label_provenance"].fillna("dataset").astype("string")
+        self.label_batch = self.raw["batch_id"].astype("string")
 
     @property
     def accepted(self) -> pd.Series:
-        return self.reason == ""
+        """Items that become records (neither quarantined nor merged into another)."""
+        return (self.reason == "") & (self.merged == "")
 
     def reject(self, index, reason: str) -> None:
         """Quarantine one item (or several), keeping the first reason found."""
         index = pd.Index(np.atleast_1d(index))
-        still_open = index[self.reason.loc[index] == ""]
+        still_open = index[self.accepted.loc[index]]
         self.reason.loc[still_open] = reason
+
+    def is_clinician(self, index) -> bool:
+        return self.provenance.loc[index] == CLINICIAN
+
+    def merge_label(self, index, keeper) -> None:
+        """A clinician's label for an item collected before: the earlier record takes it."""
+        self.label.loc[keeper] = self.label.loc[index]
+        self.provenance.loc[keeper] = CLINICIAN
+        self.label_batch.loc[keeper] = self.raw.at[index, "batch_id"]
+        self.merged.loc[index] = (f"merged: clinician label {self.label.loc[index]!r} applied to "
+                                  f"{self.raw.at[keeper, 'source_ref']}")
 
     def quarantine_unstored(self) -> None:
         unstored = self.raw["status"] != "stored"
@@ -119,12 +143,13 @@ class Verdicts:
         return pd.DataFrame({
             "record_id": raw["record_id"].fillna(raw["source_ref"]).astype("string"),
             "batch_id": raw["batch_id"].astype("string"),
-            "accepted": self.accepted.astype(bool),
-            "reason": self.reason.astype("string"),
+            # A merged clinician label was taken in (by the record it labels): accepted.
+            "accepted": (self.reason == "").astype(bool),
+            "reason": self.reason.where(self.reason != "", self.merged).astype("string"),
         })
 
     def quarantine(self) -> pd.DataFrame:
-        rejected = ~self.accepted
+        rejected = self.reason != ""
         raw = self.raw[rejected]
         return pd.DataFrame({
             "item": raw["source_ref"].astype("string"),
@@ -137,8 +162,12 @@ class Verdicts:
     def records(self, extra: pd.DataFrame | None = None) -> pd.DataFrame:
         """Accepted items with the base columns (and the given per-item columns)."""
         keep = self.accepted
-        frame = self.raw.loc[keep, [c for c in RECORD_BASE_COLUMNS if c != "label"]].copy()
-        frame.insert(RECORD_BASE_COLUMNS.index("label"), "label", self.label[keep])
+        own = ("label", "label_provenance", "label_batch_id")
+        frame = self.raw.loc[keep, [c for c in RECORD_BASE_COLUMNS if c not in own]].copy()
+        frame["label"] = self.label[keep]
+        frame["label_provenance"] = self.provenance[keep]
+        frame["label_batch_id"] = self.label_batch[keep]
+        frame = frame[RECORD_BASE_COLUMNS]
         for column in manifest.SUBGROUP_COLUMNS:
             frame[column] = self.raw.loc[keep, column]
         if extra is not None:
@@ -167,7 +196,7 @@ def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> p
         outcomes = [_clean_one_image(job) for job in jobs]
 
     metadata: dict[int, dict] = {}
-    first_with_pixels: dict[str, str] = {}
+    first_with_pixels: dict[str, int] = {}  # pixel hash -> index of the item kept
     kept_paths: set[str] = set()
     for index, outcome in zip(todo, outcomes):
         if "problem" in outcome:
@@ -175,11 +204,15 @@ def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> p
             continue
         pixel_hash = outcome.pop("pixel_hash")
         if pixel_hash in first_with_pixels:
-            verdicts.reject(index, f"duplicate image: same pixels as {first_with_pixels[pixel_hash]}")
+            keeper = first_with_pixels[pixel_hash]
+            if verdicts.is_clinician(index):
+                verdicts.merge_label(index, keeper)
+            else:
+                verdicts.reject(index, f"duplicate image: same pixels as {verdicts.raw.at[keeper, 'source_ref']}")
             if outcome["image_path"] not in kept_paths:
                 Path(layout.clean / outcome["image_path"]).unlink(missing_ok=True)
             continue
-        first_with_pixels[pixel_hash] = verdicts.raw.at[index, "source_ref"]
+        first_with_pixels[pixel_hash] = index
         kept_paths.add(outcome["image_path"])
         metadata[index] = outcome
     extra = pd.DataFrame.from_dict(metadata, orient="index", columns=IMAGE_COLUMNS)
@@ -242,6 +275,7 @@ def _clean_rows(params: Params, layout: Layout, verdicts: Verdicts) -> pd.DataFr
     for name in schema.subgroups:
         if name not in manifest.SUBGROUP_COLUMNS:
             features[name] = rows[name].astype("string") if name in rows else pd.NA
+    _merge_clinician_rows(verdicts, features[list(schema.features)])
     # Same de-identified content as an earlier item: keep the first, quarantine the rest.
     content = verdicts.raw["content_hash"]
     first_ref = {}
@@ -252,6 +286,23 @@ def _clean_rows(params: Params, layout: Layout, verdicts: Verdicts) -> pd.DataFr
         else:
             first_ref[digest] = verdicts.raw.at[index, "source_ref"]
     return verdicts.records(features)
+
+
+def _merge_clinician_rows(verdicts: Verdicts, features: pd.DataFrame) -> None:
+    """A clinician's row with the same feature values as an earlier row labels that row; a
+    dataset row repeating a row a clinician labelled is a duplicate of it."""
+    keys = pd.util.hash_pandas_object(features, index=False)
+    first: dict[int, int] = {}
+    for index in verdicts.raw.index[verdicts.accepted]:
+        key = int(keys.loc[index])
+        keeper = first.get(key)
+        if keeper is None:
+            first[key] = index
+        elif verdicts.is_clinician(index):
+            verdicts.merge_label(index, keeper)
+        elif verdicts.is_clinician(keeper):
+            verdicts.reject(index, f"duplicate row: same values as {verdicts.raw.at[keeper, 'source_ref']}, "
+                                   "which a clinician labelled")
 
 
 def _stored_rows(layout: Layout, raw: pd.DataFrame) -> pd.DataFrame:

@@ -10,11 +10,17 @@ version.
 Items that cannot be stored (unreadable, impossible to de-identify, vanished from the source,
 duplicated within the batch) are still recorded in the manifest as ``rejected`` or
 ``duplicate`` with the reason; clean turns them into quarantine entries.
+
+Clinicians' confirmed labels come in the same way: every row of the feedback exports under
+``data/feedback/exports/`` (see ``pipelines.feedback_export``) that no earlier batch holds is
+stored with its image or feature values, source ``feedback``, label provenance ``clinician``.
+Clean then lets a clinician's label override the dataset's label of the same item.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import shutil
@@ -95,6 +101,9 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
             rows = _collect_images(source, state, salt, seen, staging, batch_id)
         else:
             rows = _collect_tables(params, source, state, salt, seen, staging, batch_id)
+        feedback = _collect_feedback(params, layout, salt, seen, staging, batch_id)
+        rows["manifest"].extend(feedback["manifest"])
+        rows["already"] += feedback["already"]
         counts = _count(rows)
         if not counts["new"]:
             log.info("nothing new from %s (%d already collected)", source.name, counts["already"])
@@ -105,7 +114,7 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
         frame = pd.concat(parts, ignore_index=True)
         frame["batch_id"] = batch_id
         frame["arrival_time"] = arrival
-        frame["source"] = source.name
+        frame["source"] = frame["source"].fillna(source.name)
         manifest.write_batch(frame, staging)
         layout.batches.mkdir(parents=True, exist_ok=True)
         staging.rename(layout.batches / batch_id)  # publish: one atomic rename
@@ -345,6 +354,85 @@ def _storable(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _as_label(value) -> str | None:
     return None if pd.isna(value) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# clinicians' confirmed labels (the feedback exports)
+# ---------------------------------------------------------------------------------------------
+
+FEEDBACK_SOURCE = "feedback"
+
+
+def _collect_feedback(params: Params, layout: Layout, salt: bytes, seen: set[str], staging: Path,
+                      batch_id: str) -> dict:
+    """Every exported label no earlier batch holds, stored with what it refers to.
+
+    An exported image is de-identified again on the way in (it already was, by the service, with
+    the same function: this only guards against a hand-edited export). A label whose input the
+    service no longer had is recorded as rejected with the reason, so it shows in quarantine.
+    """
+    from pipelines.feedback_export import LABELS_FILE
+
+    rows: list[dict] = []
+    already = 0
+    feedback_rows: list[dict] = []
+    image_model = params.model.modality == "image"
+    for labels_file in sorted((layout.feedback / "exports").glob(f"*/{LABELS_FILE}")):
+        export = labels_file.parent
+        for case in pd.read_parquet(labels_file).to_dict("records"):
+            ref = f"feedback/exports/{export.name}#prediction={case['prediction_id']}"
+            item_id = keyed_hash(salt, ref.encode(), "feedback")
+            if item_id in seen:
+                already += 1
+                continue
+            seen.add(item_id)
+            base = {"source": FEEDBACK_SOURCE, "source_ref": ref, "item_id": item_id, "label": case["label"],
+                    "label_provenance": "clinician"}
+            if case["status"] != "exported":
+                rows.append({**base, "status": REJECTED, "reason": f"clinician label {case['label']!r} without "
+                             f"its input: {case['reason'] or case['status']}"})
+                continue
+            if image_model:
+                rows.append(_feedback_image(case, export, base, salt, staging, batch_id))
+            else:
+                # The service stores only model features (it refuses any other field), so the
+                # row needs no de-identification; without a patient it is its own patient.
+                features = json.loads(case["features"] or "{}")
+                patient = pseudonym(salt, f"item:{item_id}")
+                feedback_rows.append({"patient_id": patient, **features, params.tabular.label: case["label"]})
+                rows.append({**base, "record_id": f"batches/{batch_id}/{FEEDBACK_ROWS}#{len(feedback_rows) - 1}",
+                             "content_hash": content_hash(json.dumps(features, sort_keys=True).encode()),
+                             "patient_id": patient, "file_format": "row", "status": STORED, "reason": ""})
+    if feedback_rows:
+        pd.DataFrame(feedback_rows).to_parquet(staging / FEEDBACK_ROWS, index=False)
+    return {"manifest": rows, "already": already}
+
+
+FEEDBACK_ROWS = "feedback_rows.parquet"
+
+
+def _feedback_image(case: dict, export: Path, base: dict, salt: bytes, staging: Path, batch_id: str) -> dict:
+    path = export / case["record"]
+    try:
+        file_format, stored, meta = deidentify_image(path.read_bytes(), salt)
+    except OSError as exc:
+        return {**base, "status": REJECTED, "reason": f"exported image {path.name} unreadable: {exc.strerror or exc}"}
+    except DeidentificationError as exc:
+        return {**base, "status": REJECTED, "reason": f"exported image {path.name}: {exc}"}
+    folder = staging / "feedback"
+    folder.mkdir(exist_ok=True)
+    # One file per exported label: the same image may come back with a later, corrected label.
+    name = f"{export.name}-{case['prediction_id']}.{EXTENSIONS[file_format]}"
+    (folder / name).write_bytes(stored)
+    exported = {key: case.get(key) or None for key in ("patient_id", "sex", "age_band", "view", "site")}
+    year = case.get("study_year")
+    return {
+        **base, **exported, **{k: v for k, v in meta.items() if v is not None},
+        "patient_id": meta.get("patient_id") or exported["patient_id"] or pseudonym(salt, f"item:{case['input_sha256']}"),
+        "study_year": int(year) if year not in (None, "") else meta.get("study_year"),
+        "record_id": f"batches/{batch_id}/feedback/{name}",
+        "content_hash": content_hash(stored), "file_format": file_format, "status": STORED, "reason": "",
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -156,7 +156,10 @@ class Rule:
         observed_as: how to phrase the observation: ``outside``/``missing`` (rows breaking it),
             ``share``/``share_unexpected`` (fraction of rows matching / breaking the value set),
             ``value`` (a single observed value) or ``presence``.
-        batch: only rows of this batch_id count (the newest batch suites).
+        batch: only rows of this batch count (the newest batch suites).
+        batch_column: the column that names a row's batch: ``batch_id``, or for records
+            ``label_batch_id`` (a record relabelled by a clinician counts for the batch that
+            brought the label).
     """
 
     suite: str
@@ -167,6 +170,7 @@ class Rule:
     expected: str
     observed_as: str
     batch: str | None = None
+    batch_column: str = "batch_id"
 
 
 def build_rules(params: Params, newest_batch: str) -> list[Rule]:
@@ -286,8 +290,8 @@ def _newest_batch_rules(params: Params, newest_batch: str) -> list[Rule]:
         Rule(
             NEWEST_SUITE, "expect_table_row_count_to_be_between", None,
             {"min_value": spec.min_new_items, "max_value": None},
-            f"records of batch {batch}", f"at least {spec.min_new_items}", "value",
-            batch=newest_batch,
+            f"records of batch {batch} (new or newly labelled)", f"at least {spec.min_new_items}", "value",
+            batch=newest_batch, batch_column="label_batch_id",
         ),
         Rule(
             NEWEST_INTAKE_SUITE, "expect_column_values_to_be_in_set", "accepted",
@@ -521,8 +525,7 @@ def _use_docs_site(context: Any, folder: Path) -> None:
 
 def _columns_for(rules: list[Rule], suite: str, present: list[str]) -> list[str]:
     wanted = {rule.column for rule in rules if rule.suite == suite and rule.column}
-    if any(rule.suite == suite and rule.batch is not None for rule in rules):
-        wanted.add("batch_id")
+    wanted.update(rule.batch_column for rule in rules if rule.suite == suite and rule.batch is not None)
     # Reading a column the file lacks would fail the whole suite; the expectations on it
     # report the missing column instead.
     return [name for name in present if name in wanted]
@@ -537,7 +540,7 @@ def _gx_expectation(rule: Rule, index: int) -> Any:
     if rule.column is not None:
         kwargs["column"] = rule.column
     if rule.batch is not None:
-        kwargs["row_condition"] = Column(name="batch_id") == rule.batch
+        kwargs["row_condition"] = Column(name=rule.batch_column) == rule.batch
     # Results come back grouped by suite and not in suite order; the index finds the rule.
     return cls(**kwargs, meta={"medloop_rule": index})
 
@@ -620,7 +623,7 @@ def _json_safe(value: Any) -> Any:
 def _report_entry(rule: Rule, outcome: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(rule.kwargs)
     if rule.batch is not None:
-        kwargs["row_condition"] = f"batch_id == {rule.batch!r}"
+        kwargs["row_condition"] = f"{rule.batch_column} == {rule.batch!r}"
     return {
         "suite": rule.suite,
         "expectation": rule.expectation,
@@ -766,9 +769,9 @@ def _pandas_outcome(rule: Rule, frame: "pd.DataFrame") -> dict[str, Any]:
 
     rows = None
     if rule.batch is not None:
-        if "batch_id" not in frame.columns:
-            return _error("column 'batch_id' not found")
-        rows = (frame["batch_id"] == rule.batch).fillna(False).to_numpy(dtype=bool)
+        if rule.batch_column not in frame.columns:
+            return _error(f"column {rule.batch_column!r} not found")
+        rows = (frame[rule.batch_column] == rule.batch).fillna(False).to_numpy(dtype=bool)
     if kind == "expect_table_row_count_to_be_between":
         count = int(rows.sum()) if rows is not None else len(frame)
         low, high = rule.kwargs.get("min_value"), rule.kwargs.get("max_value")

@@ -138,6 +138,7 @@ def _identity_columns(n: int, batches: list[str], labels: list[str]) -> dict[str
         "study_year": pd.array([2026] * n, dtype="Int64"),
         "label": pd.array(labels, dtype="string"),
         "label_provenance": pd.array(["dataset"] * n, dtype="string"),
+        "label_batch_id": pd.array(batches, dtype="string"),
     }
 
 
@@ -360,7 +361,7 @@ FAILURES: dict[str, tuple[Callable, list[str]]] = {
     ),
     "too few new records": (
         _few_new,
-        [f"- newest_batch: records of batch '{NEW_BATCH}' at least 5: found 2"],
+        [f"- newest_batch: records of batch '{NEW_BATCH}' (new or newly labelled) at least 5: found 2"],
     ),
     "too many quarantined": (
         _quarantined,
