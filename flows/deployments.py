@@ -22,6 +22,7 @@ from pipelines.versioning import tool_env
 from pipelines.workspace import Layout
 
 FLOW_NAME = "retrain"
+POLICY_FLOW_NAME = "retrain-policy"
 PREFECT_FILE = Path("infra") / "prefect.yaml"
 
 
@@ -56,15 +57,19 @@ def deployment_values(params: Params, layout: Layout) -> dict[str, str]:
         "MEDLOOP_PARAMS_FILE": str(layout.params_file),
         "MEDLOOP_PROJECT_ROOT": str(project_root()),
         "MEDLOOP_MODEL": params.model.name,
+        "MEDLOOP_POLICY_DEPLOYMENT": params.retrain_policy.deployment,
+        "MEDLOOP_POLICY_CRON": params.retrain_policy.check_cron,
     }
 
 
 def apply_schedule(params: Params, layout: Layout) -> dict[str, Any]:
-    """Create the work pool (when missing) and the deployment with its nightly schedule.
+    """Create the work pool (when missing), the retrain deployment with its nightly schedule, and
+    the retraining policy's check deployment on ``retrain_policy.check_cron``.
 
     Returns:
         ``deployment`` (flow/deployment name), ``work_pool``, ``cron``, ``timezone``,
-        ``next_run`` (ISO time of the first scheduled run, or None if not yet planned).
+        ``next_run`` (ISO time of the first scheduled run, or None if not yet planned),
+        ``policy_deployment`` and ``policy_cron``.
 
     Raises:
         ScheduleError: no server, or ``prefect deploy`` failed (its own words are included).
@@ -85,6 +90,8 @@ def apply_schedule(params: Params, layout: Layout) -> dict[str, Any]:
         "cron": params.schedule.cron,
         "timezone": params.schedule.timezone,
         "next_run": next_run.isoformat() if next_run else None,
+        "policy_deployment": f"{POLICY_FLOW_NAME}/{params.retrain_policy.deployment}",
+        "policy_cron": params.retrain_policy.check_cron,
     }
 
 

@@ -41,9 +41,11 @@ PROMOTED = ("promoted", "override")
 
 
 @flow(name="retrain", on_failure=[on_retrain_failure], on_crashed=[on_retrain_failure])
-def retrain(params_file: str = "params.yaml") -> dict:
+def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") -> dict:
     """One night of the loop for the workspace that holds ``params_file``. It starts by exporting
     the clinicians' labels confirmed since the last night into ``data/feedback`` (DVC-tracked).
+    ``reason`` says what started it (the schedule, a person, or the retraining policy's finding);
+    it is kept in the report and on the MLflow run (``medloop.trigger``).
 
     ``seconds`` holds each step's own wall time, measured inside its task (collect, each DVC
     command, promote, deploy, publish) and ``total``, the flow body's.
@@ -61,7 +63,7 @@ def retrain(params_file: str = "params.yaml") -> dict:
     layout = Layout.at(workspace).require()
     params = load_params(layout.params_file)
     summary: dict = {"model": params.model.name, "workspace": workspace, "flow_run_id": str(flow_run.id or ""),
-                     "started_at": _now(), "seconds": {}}
+                     "trigger": reason, "started_at": _now(), "seconds": {}}
     with exclusive(layout):
         exported = feedback_export_task(workspace)
         summary["feedback_export"] = exported
@@ -115,7 +117,7 @@ def retrain(params_file: str = "params.yaml") -> dict:
         publish_seconds += published["push_seconds"]
         if published["commit"] and promotion.get("run_id") and (published["new_commit"] or version):
             publish_seconds += record_commit_task(workspace, promotion["run_id"], version, published["commit"],
-                                                  published["git_tag"])
+                                                  published["git_tag"], reason)
         else:
             progress.emit("publish", "done")
         summary["publish"] = published

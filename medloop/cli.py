@@ -15,8 +15,8 @@ import typer
 
 app = typer.Typer(
     name="medloop",
-    help="Continuous training for medical diagnosis models: collect, clean, validate, preprocess "
-    "(and, as the loop grows, train, evaluate, promote, deploy, feedback).",
+    help="Continuous training for medical diagnosis models: collect, clean, validate, preprocess, "
+    "train, evaluate, promote, deploy, and clinicians' feedback back into the data.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -130,10 +130,50 @@ def rollback(
 
 
 @app.command()
-def run(workspace: Path = WorkspaceOption) -> None:
+def run(
+    workspace: Path = WorkspaceOption,
+    reason: str = typer.Option("started by hand (medloop run)", "--reason",
+                               help="What started it; kept in the report and on the MLflow run."),
+) -> None:
     """Run the retrain flow once now, with a live view of its steps."""
-    summary = _run_retrain(_layout(workspace))
+    summary = _run_retrain(_layout(workspace), reason)
     _print_summary(summary)
+
+
+@app.command()
+def policy(
+    workspace: Path = WorkspaceOption,
+    check_only: bool = typer.Option(False, "--check-only", help="Say what the policy decides; start nothing."),
+    as_json: bool = typer.Option(False, "--json", help="The decision as JSON."),
+) -> None:
+    """Check the retraining policy now and start the retrain deployment if it says so.
+
+    The policy weighs the confirmed labels waiting, the champion's drift and the cooldown. Without
+    --check-only it runs the retrain-policy flow, which needs PREFECT_API_URL."""
+    _quiet_prefect()
+    import json
+
+    from pipelines import policy as retrain_policy
+    from pipelines.config import load_params
+
+    layout = _layout(workspace)
+    if check_only:
+        from pipelines import drift
+
+        params = load_params(layout.params_file)
+        report = drift.champion_report(params, layout) if params.retrain_policy.on_drift else None
+        decision = retrain_policy.decide(params, layout, drift=report).as_dict()
+    else:
+        from flows.deployments import api_url
+        from flows.policy import retrain_policy as policy_flow
+
+        api_url()  # the retrain it may start is a run of the deployment on the server
+        decision = policy_flow(str(layout.params_file))
+    if as_json:
+        typer.echo(json.dumps(decision, indent=2, default=str))
+        return
+    console = _console()
+    console.print(retrain_policy.render_markdown(retrain_policy.PolicyDecision(**decision)), highlight=False)
 
 
 @app.command()
@@ -192,6 +232,8 @@ def schedule(workspace: Path = WorkspaceOption) -> None:
                   f"cron '{applied['cron']}' ({applied['timezone']}); next run "
                   f"{applied['next_run'] or 'planned by the server within a minute (see `medloop status`)'}",
                   highlight=False)
+    console.print(f"[green]scheduled[/] {applied['policy_deployment']}: the retraining policy is checked on cron "
+                  f"'{applied['policy_cron']}' ({applied['timezone']})", highlight=False)
     console.print(f"start a worker with: medloop worker -w {layout.root}", highlight=False)
 
 
@@ -339,12 +381,12 @@ def demo(
     layout = create_workspace(workspace, params)
     for night in range(1, nights + 1):
         console.rule(f"night {night}")
-        summary = _run_retrain(layout)
+        summary = _run_retrain(layout, f"demo night {night}")
         _print_summary(summary)
     _demo_summary(layout)
 
 
-def _run_retrain(layout) -> dict:
+def _run_retrain(layout, reason: str = "started by hand (medloop run)") -> dict:
     """The retrain flow in this process, drawn live."""
     _quiet_prefect()
     from rich.live import Live
@@ -359,7 +401,7 @@ def _run_retrain(layout) -> dict:
     progress.subscribe(view.update)
     try:
         with Live(view, console=console, refresh_per_second=4):
-            return retrain(str(layout.params_file))
+            return retrain(str(layout.params_file), reason)
     finally:
         progress.unsubscribe(view.update)
         if not console.is_terminal:

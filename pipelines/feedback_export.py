@@ -54,8 +54,7 @@ def run(params: Params, layout: Layout) -> ExportResult:
     exported_before, mark = _read_exports(layout)
     store = FeedbackStore(database_url(layout, params.serving.store_url))
     try:
-        confirmed = [case for case in store.confirmed_labels()
-                     if exported_before.get(case["prediction_id"]) != case["label"]]
+        confirmed = pending(store, layout, exported_before)
         if not confirmed:
             if layout.feedback.is_dir() and not (layout.root / "data" / "feedback.dvc").is_file():
                 track(layout, layout.feedback)  # an export published before a failed `dvc add`
@@ -80,6 +79,12 @@ def run(params: Params, layout: Layout) -> ExportResult:
     missing = sum(row["status"] == "missing_input" for row in rows)
     log.info("feedback export %s: %d confirmed labels (%d without their input)", export_id, len(rows), missing)
     return ExportResult(export_id, len(rows), missing, last, dvc_file.relative_to(layout.root).as_posix())
+
+
+def pending(store: FeedbackStore, layout: Layout, exported: dict[str, str] | None = None) -> list[dict]:
+    """The confirmed labels an export would take now: new, or changed since their export."""
+    exported = exported_labels(layout) if exported is None else exported
+    return [case for case in store.confirmed_labels() if exported.get(case["prediction_id"]) != case["label"]]
 
 
 def exported_labels(layout: Layout) -> dict[str, str]:

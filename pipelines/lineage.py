@@ -21,6 +21,7 @@ from pipelines.workspace import Layout
 
 COMMIT_TAG = "medloop.commit"          # the workspace commit holding the version's dvc.lock
 GIT_TAG_TAG = "medloop.commit_tag"     # the git tag on that commit (``<model>-v<version>``)
+TRIGGER_TAG = "medloop.trigger"        # what started the flow run (schedule, person, retrain policy)
 
 
 class LineageError(MedloopError):
@@ -33,19 +34,19 @@ def git_tag_name(model_name: str, version: str) -> str:
 
 
 def record_commit(params: Params, layout: Layout, run_id: str, version: str | None, commit: str,
-                  git_tag: str | None) -> None:
-    """Write the commit (and its tag) that holds a run's ``dvc.lock`` onto the run and the version."""
+                  git_tag: str | None, trigger: str | None = None) -> None:
+    """Write the commit (and its tag) that holds a run's ``dvc.lock``, and what started the flow
+    run (``trigger``), onto the run and the version."""
     from mlflow import MlflowClient
 
     configure(params, layout)
     client = MlflowClient()
-    client.set_tag(run_id, COMMIT_TAG, commit)
-    if git_tag:
-        client.set_tag(run_id, GIT_TAG_TAG, git_tag)
-    if version is not None:
-        client.set_model_version_tag(params.model.name, version, COMMIT_TAG, commit)
-        if git_tag:
-            client.set_model_version_tag(params.model.name, version, GIT_TAG_TAG, git_tag)
+    tags = {COMMIT_TAG: commit, GIT_TAG_TAG: git_tag, TRIGGER_TAG: trigger}
+    for key, value in tags.items():
+        if value:
+            client.set_tag(run_id, key, value)
+            if version is not None:
+                client.set_model_version_tag(params.model.name, version, key, value)
 
 
 def version_lineage(params: Params, layout: Layout, version: str | None = None) -> dict[str, Any]:
@@ -53,6 +54,7 @@ def version_lineage(params: Params, layout: Layout, version: str | None = None) 
 
     Returns:
         ``model``, ``version``, ``aliases``, ``commit`` and ``git_tag`` (where the dvc.lock is),
+        ``trigger`` (what started the flow run that made it),
         ``trained_from_commit`` (HEAD when training started), ``data`` (DVC hashes of raw,
         feedback, processed and the frozen test set), ``params_hash`` and ``params`` (as logged
         with the run), ``gates`` (every gate's verdict), ``operating_threshold``, ``metrics``
@@ -90,6 +92,7 @@ def version_lineage(params: Params, layout: Layout, version: str | None = None) 
         "aliases": sorted(model_version.aliases),
         "commit": tags.get(COMMIT_TAG) or run_tags.get(COMMIT_TAG),
         "git_tag": tags.get(GIT_TAG_TAG) or run_tags.get(GIT_TAG_TAG),
+        "trigger": tags.get(TRIGGER_TAG) or run_tags.get(TRIGGER_TAG),
         "trained_from_commit": tags.get("medloop.git_commit"),
         "data": {
             "raw": tags.get("medloop.data.raw"),

@@ -37,6 +37,8 @@ def headline(summary: dict[str, Any]) -> str:
 def render_markdown(summary: dict[str, Any]) -> str:
     """The Prefect artifact of a retrain run."""
     lines = [f"# {headline(summary)}", ""]
+    if summary.get("trigger"):
+        lines += [f"Started by: {summary['trigger']}", ""]
     collected = summary.get("collect") or {}
     lines += ["## Collected", "",
               f"- new items stored: **{collected.get('stored', 0)}**, rejected: {collected.get('rejected', 0)}, "

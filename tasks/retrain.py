@@ -116,12 +116,12 @@ def push_task(workspace: str) -> float:
 
 @task(name="record-lineage", **REGISTRY_RETRIES)
 def record_commit_task(workspace: str, run_id: str, version: str | None, commit_sha: str,
-                       git_tag: str | None) -> float:
-    """Write the commit (and tag) that holds the run's dvc.lock onto the MLflow run and version;
-    the wall time it took."""
+                       git_tag: str | None, trigger: str | None = None) -> float:
+    """Write the commit (and tag) that holds the run's dvc.lock, and what started the run, onto the
+    MLflow run and version; the wall time it took."""
     started = time.perf_counter()
     layout = Layout.at(workspace)
-    lineage.record_commit(load_params(layout.params_file), layout, run_id, version, commit_sha, git_tag)
+    lineage.record_commit(load_params(layout.params_file), layout, run_id, version, commit_sha, git_tag, trigger)
     progress.emit("publish", "done")
     return round(time.perf_counter() - started, 3)
 

@@ -1,0 +1,110 @@
+"""The retraining policy: confirmed labels waiting, cooldown, the nightly run due soon, and the
+policy flow starting the retrain deployment on a real Prefect server with the reason recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from conftest import load, make_workspace, tabular_params
+from pipelines import policy, report
+from pipelines.store.feedback import FeedbackStore
+from pipelines.workspace import database_url
+from test_schedule_integration import prefect_api  # noqa: F401 - the module's Prefect server fixture
+
+
+def _workspace(tmp_path, **rules):
+    params = tabular_params()
+    params["retrain_policy"].update({"min_new_labels": 3, "cooldown_hours": 6, "on_drift": False, **rules})
+    return make_workspace(tmp_path, params)
+
+
+def _confirm(layout, count: int, start: int = 0) -> None:
+    store = FeedbackStore(database_url(layout, load(layout).serving.store_url))
+    for index in range(start, start + count):
+        prediction = store.record_prediction(
+            model_name="m", model_version="1", input_sha256=f"{index:064x}", modality="tabular",
+            probabilities={"benign": 0.3, "malignant": 0.7}, decision="malignant", operating_threshold=0.5,
+            requested_by="dr-a", input_metadata={"features": {"x": index}})
+        store.add_feedback(prediction, "benign", "dr-a", f"key-{index}")
+    store.close()
+
+
+def test_enough_confirmed_labels_start_a_retrain_and_fewer_do_not(tmp_path):
+    layout = _workspace(tmp_path)
+    _confirm(layout, 2)
+    quiet = policy.decide(load(layout), layout)
+    assert (quiet.retrain, quiet.new_labels, quiet.reasons) == (False, 2, [])
+    _confirm(layout, 1, start=2)
+    due = policy.decide(load(layout), layout)
+    assert due.retrain and due.reasons == ["3 new confirmed labels >= 3"]
+    assert due.reason == "policy: 3 new confirmed labels >= 3"
+
+
+def test_the_cooldown_and_a_nightly_run_due_soon_hold_a_retrain_back(tmp_path):
+    layout = _workspace(tmp_path)
+    _confirm(layout, 3)
+    now = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+    report.append_run(layout, {"model": "m", "outcome": "promoted",
+                               "started_at": (now - timedelta(hours=2)).isoformat()})
+    held = policy.decide(load(layout), layout, now=now)
+    assert not held.retrain and held.reasons
+    assert held.held_back_by.startswith("cooldown: the last retrain started 2 h 00 min ago")
+    later = now + timedelta(hours=5)
+    nightly_soon = policy.decide(load(layout), layout, now=later, next_nightly=later + timedelta(minutes=30))
+    assert not nightly_soon.retrain
+    assert nightly_soon.held_back_by.startswith("the nightly retrain is due in 30 min")
+    free = policy.decide(load(layout), layout, now=later, next_nightly=later + timedelta(hours=12))
+    assert free.retrain and free.held_back_by is None
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_policy_flow_starts_the_retrain_deployment_with_its_reason(tmp_path, prefect_api, monkeypatch):  # noqa: F811
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api["url"])
+    monkeypatch.setenv("PREFECT_HOME", prefect_api["home"])
+    layout = _workspace(tmp_path)
+    params = load(layout)
+    medloop = [sys.executable, "-m", "medloop"]
+    scheduled = subprocess.run([*medloop, "schedule", "-w", str(layout.root)], env=dict(os.environ),
+                               capture_output=True, text=True, timeout=300)
+    assert scheduled.returncode == 0, scheduled.stdout + scheduled.stderr
+    assert f"retrain-policy/{params.retrain_policy.deployment}" in scheduled.stdout
+
+    def retrain_runs() -> list:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=[params.schedule.deployment])))
+
+    def started_by_policy() -> list:
+        return [run for run in retrain_runs() if "trigger:policy" in run.tags]
+
+    _confirm(layout, 2)
+    checked = subprocess.run([*medloop, "policy", "-w", str(layout.root), "--json"], env=dict(os.environ),
+                             capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    decision = json.loads(checked.stdout[checked.stdout.index("{"):])
+    assert decision["retrain"] is False and decision["flow_run_id"] is None
+    assert started_by_policy() == []
+
+    _confirm(layout, 1, start=2)
+    checked = subprocess.run([*medloop, "policy", "-w", str(layout.root), "--json"], env=dict(os.environ),
+                             capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    decision = json.loads(checked.stdout[checked.stdout.index("{"):])
+    assert decision["retrain"] is True
+    started = started_by_policy()
+    assert [str(run.id) for run in started] == [decision["flow_run_id"]]
+    assert started[0].parameters["reason"] == "policy: 3 new confirmed labels >= 3"
+    assert started[0].parameters["params_file"] == str(layout.params_file)
+    assert "trigger:policy" in started[0].tags
+    logged = [json.loads(line) for line in (layout.state / policy.POLICY_FILE).read_text().splitlines()]
+    assert [entry["retrain"] for entry in logged] == [False, True]
