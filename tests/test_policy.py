@@ -63,6 +63,31 @@ def test_the_cooldown_and_a_nightly_run_due_soon_hold_a_retrain_back(tmp_path):
     assert free.retrain and free.held_back_by is None
 
 
+def test_drift_starts_a_retrain_only_when_judged_and_only_with_on_drift(tmp_path):
+    import numpy as np
+
+    from pipelines import drift
+    from test_drift import NOW, rows, tabular_reference
+
+    layout = _workspace(tmp_path, on_drift=True)
+    params = load(layout)
+    params = params.model_copy(update={"monitoring": params.monitoring.model_copy(update={"min_inputs": 30})})
+    rng = np.random.default_rng(4)
+    reference = tabular_reference({"mean_radius": rng.normal(14, 3, 500)}, rng.uniform(0, 1, 300))
+    shifted = drift.drift_report(params, reference, rows([{"mean_radius": v} for v in rng.normal(22, 3, 60)],
+                                                         list(rng.uniform(0, 1, 60))), now=NOW)
+    steady = drift.drift_report(params, reference, rows([{"mean_radius": v} for v in rng.normal(14, 3, 300)],
+                                                        list(rng.uniform(0, 1, 300))), now=NOW)
+    few = drift.drift_report(params, reference, rows([{"mean_radius": 40.0}] * 5), now=NOW)
+    decided = policy.decide(params, layout, drift=shifted, now=NOW)
+    assert decided.retrain and decided.reasons[0].startswith("drift: feature 'mean_radius': PSI ")
+    assert decided.drift["drifted"] is True
+    assert not policy.decide(params, layout, drift=steady, now=NOW).retrain
+    assert not policy.decide(params, layout, drift=few, now=NOW).retrain  # not judged: too few inputs
+    off = params.model_copy(update={"retrain_policy": params.retrain_policy.model_copy(update={"on_drift": False})})
+    assert not policy.decide(off, layout, drift=shifted, now=NOW).retrain
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_the_policy_flow_starts_the_retrain_deployment_with_its_reason(tmp_path, prefect_api, monkeypatch):  # noqa: F811
@@ -71,7 +96,7 @@ def test_the_policy_flow_starts_the_retrain_deployment_with_its_reason(tmp_path,
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api["url"])
     monkeypatch.setenv("PREFECT_HOME", prefect_api["home"])
-    layout = _workspace(tmp_path)
+    layout = _workspace(tmp_path, on_drift=True)  # no champion yet: drift is checked, and absent
     params = load(layout)
     medloop = [sys.executable, "-m", "medloop"]
     scheduled = subprocess.run([*medloop, "schedule", "-w", str(layout.root)], env=dict(os.environ),
@@ -92,7 +117,7 @@ def test_the_policy_flow_starts_the_retrain_deployment_with_its_reason(tmp_path,
                              capture_output=True, text=True, timeout=300)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     decision = json.loads(checked.stdout[checked.stdout.index("{"):])
-    assert decision["retrain"] is False and decision["flow_run_id"] is None
+    assert decision["retrain"] is False and decision["flow_run_id"] is None and decision["drift"] is None
     assert started_by_policy() == []
 
     _confirm(layout, 1, start=2)
