@@ -44,13 +44,13 @@ def served_workspace(tmp_path_factory):
         os.environ["MEDLOOP_DEID_SALT"] = previous
 
 
-def start_service(layout, store_url: str | None = None):
+def start_service(layout, store_url: str | None = None, port: int | None = None):
     """`medloop serve` in a child process; returns (process, base URL) once /healthz answers."""
     if store_url is not None:
         params = yaml.safe_load(layout.params_file.read_text())
         params["serving"]["store_url"] = store_url
         layout.params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    port = free_port()
+    port = port or free_port()
     process = subprocess.Popen([sys.executable, "-m", "medloop", "serve", "-w", str(layout.root), "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "MEDLOOP_DEID_SALT": SALT})
     base = f"http://127.0.0.1:{port}"
