@@ -4,6 +4,14 @@ keeps serving while MLflow is down, and swapped atomically when the champion mov
 A request takes the `Served` object once and uses it to the end, so a reload never drops or
 mixes requests in flight; a version that fails to download or load leaves the old one serving
 (and the failure is reported by `ModelManager.last_error` and ``/readyz``).
+
+Shadow mode: when ``serving.shadow`` names a candidate (a registered version ``"7"``, or
+``"run:<id>"`` for a run's logged model, e.g. one that promotion refused), the manager loads it
+too, into the same cache (``v<N>/`` or ``run-<id>/``), with its own operating threshold: a
+version's tag ``medloop.operating_threshold``, or for a run the same tag set by evaluate (else
+the threshold in its ``evaluation/metrics.json``). It is `ModelManager.shadow`; a candidate that
+cannot be loaded is reported in `ModelManager.shadow_error`, retried at each `refresh`, and never
+stops the champion from serving. The candidate is fixed for the life of the process.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Params
+from pipelines.errors import MedloopError
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.serving")
@@ -45,8 +54,31 @@ class Served:
         return max(others, key=others.get)
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """The shadow candidate: scored on every input the champion scores, its answers logged only.
+
+    Attributes:
+        reference: as configured in ``serving.shadow``: ``"7"`` or ``"run:<id>"``.
+        version: its registered version (None for a run that is not registered).
+        run_id: the MLflow run that trained it, when known.
+        served: its pyfunc and decision rule (``served.version`` is ``reference``).
+    """
+
+    reference: str
+    version: str | None
+    run_id: str | None
+    served: Served
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/readyz`` and ``/monitoring`` show of it."""
+        return {"candidate": self.reference, "loaded": True, "version": self.version, "run_id": self.run_id,
+                "operating_threshold": self.served.operating_threshold, "loaded_at": self.served.loaded_at}
+
+
 class ModelManager:
-    """Loads the champion, checks for a new one, and swaps it in (see module docstring)."""
+    """Loads the champion, checks for a new one, and swaps it in; loads the shadow candidate
+    (see module docstring)."""
 
     def __init__(self, params: Params, layout: Layout, cache: Path | None = None):
         self.params = params
@@ -54,15 +86,50 @@ class ModelManager:
         self.cache = cache or layout.state / "serving" / params.model.name
         self.current: Served | None = None
         self.last_error: str | None = None
-        self._lock = threading.Lock()
+        self.shadow_reference: str | None = params.serving.shadow
+        self.shadow: Candidate | None = None
+        self.shadow_error: str | None = None
+        self._lock = threading.Lock()  # one download or load at a time (champion or candidate)
 
     def start(self) -> None:
-        """Load the champion from the registry, or, when that fails, the last local copy."""
-        if not self.refresh():
+        """Load the champion from the registry, or, when that fails, the last local copy; then the
+        shadow candidate, if one is configured (its failure is logged, never raised)."""
+        if not self._refresh_champion():
             self._load_cached()
+        self.load_shadow()
 
     def refresh(self) -> bool:
-        """Serve the champion if it moved; True when a new version is now served."""
+        """Serve the champion if it moved; True when a new version is now served. A shadow
+        candidate that could not be loaded yet is tried again."""
+        changed = self._refresh_champion()
+        if self.shadow_reference and self.shadow is None:
+            self.load_shadow()
+        return changed
+
+    def load_shadow(self) -> bool:
+        """Load the shadow candidate (from the local copy when there is one, else from MLflow);
+        True when it is loaded now. A failure is kept in `shadow_error` and logged."""
+        reference = self.shadow_reference
+        if not reference:
+            return False
+        with self._lock:  # requests never wait on this lock
+            if self.shadow is not None:
+                return True
+            try:
+                candidate = self._load_candidate(reference)
+            except Exception as exc:  # noqa: BLE001 - a broken candidate must never stop the service
+                error = f"{type(exc).__name__}: {exc}"
+                if error != self.shadow_error:  # once per distinct failure, not at every retry
+                    log.error("shadow candidate %s cannot be loaded (the champion serves without it): %s",
+                              reference, error)
+                self.shadow_error = error
+                return False
+            self.shadow, self.shadow_error = candidate, None
+            log.info("shadow candidate %s loaded (version %s, run %s, operating threshold %s)", reference,
+                     candidate.version, candidate.run_id, candidate.served.operating_threshold)
+            return True
+
+    def _refresh_champion(self) -> bool:
         with self._lock:  # one reload at a time; requests never wait on this lock
             try:
                 version, tags = self._champion()
@@ -96,31 +163,94 @@ class ModelManager:
 
     def _download(self, version: str, tags: dict[str, str]) -> Path:
         """The version's pyfunc and decision rule under the cache (downloaded once)."""
-        import mlflow
-
         target = self.cache / f"v{version}"
         if not (target / "medloop.json").is_file():
-            staging = self.cache / f".v{version}.partial"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            mlflow.artifacts.download_artifacts(f"models:/{self.params.model.name}/{version}", dst_path=str(staging / "model"))
-            rule = {
-                "name": self.params.model.name, "version": version,
-                "classes": json.loads(tags.get("medloop.metrics", "{}")).get("classes") or list(self.params.model.classes),
-                "positive_class": tags.get("medloop.positive_class") or self.params.model.positive_class,
-                "operating_threshold": float(tags["medloop.operating_threshold"]),
-            }
-            (staging / "medloop.json").write_text(json.dumps(rule, indent=2))
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)  # a partial download is never taken for a copy
+            rule = self._rule(version, tags, metrics={}, what=f"{self.params.model.name} v{version}")
+            self._fetch(f"models:/{self.params.model.name}/{version}", rule, target)
         return target
+
+    def _fetch(self, model_uri: str, rule: dict[str, Any], target: Path) -> None:
+        """Download a pyfunc and write its decision rule beside it, published by one rename."""
+        import mlflow
+
+        staging = target.parent / f".{target.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(model_uri, dst_path=str(staging / "model"))
+        (staging / "medloop.json").write_text(json.dumps(rule, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)  # a partial download is never taken for a copy
+
+    def _rule(self, version: str, tags: dict[str, str], metrics: dict[str, Any], what: str) -> dict[str, Any]:
+        """The decision rule recorded with a version or run: classes, positive class, threshold."""
+        recorded = json.loads(tags.get("medloop.metrics", "{}")) or metrics
+        threshold = tags.get("medloop.operating_threshold")
+        if threshold in (None, "", "None"):
+            threshold = recorded.get("operating_threshold")
+        if threshold in (None, "", "None"):
+            raise MedloopError(f"{what} has no operating threshold (tag medloop.operating_threshold): "
+                               "evaluate it before serving it")
+        return {
+            "name": self.params.model.name, "version": version,
+            "classes": recorded.get("classes") or list(self.params.model.classes),
+            "positive_class": tags.get("medloop.positive_class") or recorded.get("positive_class")
+            or self.params.model.positive_class,
+            "operating_threshold": float(threshold),
+            "run_id": tags.get("medloop.run_id"),
+        }
+
+    def _load_candidate(self, reference: str) -> Candidate:
+        """The shadow candidate from its local copy, or downloaded from MLflow first."""
+        if reference.startswith("run:"):
+            run_id = reference.removeprefix("run:")
+            folder = self.cache / f"run-{run_id}"
+            if not (folder / "medloop.json").is_file():
+                self._fetch_run(run_id, reference, folder)
+            return Candidate(reference, None, run_id, self._load(reference, folder))
+        folder = self.cache / f"v{reference}"
+        if not (folder / "medloop.json").is_file():
+            folder = self._download(reference, self._version_tags(reference))
+        rule = json.loads((folder / "medloop.json").read_text())
+        served = self._load(reference, folder)
+        return Candidate(reference, reference, rule.get("run_id"), served)
+
+    def _version_tags(self, version: str) -> dict[str, str]:
+        from mlflow import MlflowClient
+
+        from pipelines.tracking import configure
+
+        configure(self.params, self.layout)
+        return dict(MlflowClient().get_model_version(self.params.model.name, version).tags)
+
+    def _fetch_run(self, run_id: str, reference: str, folder: Path) -> None:
+        """A run's logged pyfunc (as promote would register it) and its decision rule."""
+        import mlflow
+        from mlflow import MlflowClient
+
+        from pipelines.evaluate import MLFLOW_ARTIFACT_PATH
+        from pipelines.promote import _get_run, _logged_model
+        from pipelines.tracking import configure
+
+        configure(self.params, self.layout)
+        client = MlflowClient()
+        mlflow_run = _get_run(client, run_id, self.params, self.layout)
+        tags = dict(mlflow_run.data.tags)
+        metrics: dict[str, Any] = {}
+        if tags.get("medloop.operating_threshold") in (None, "", "None"):
+            try:
+                metrics = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{MLFLOW_ARTIFACT_PATH}/metrics.json"))
+            except Exception:  # noqa: BLE001 - no evaluation: _rule says what is missing
+                metrics = {}
+        rule = {**self._rule(reference, tags, metrics, what=f"run {run_id}"), "run_id": run_id}
+        _model_id, source = _logged_model(client, mlflow_run)
+        self._fetch(source, rule, folder)
 
     def _load(self, version: str, folder: Path) -> Served:
         import mlflow
 
         rule = json.loads((folder / "medloop.json").read_text())
         model = mlflow.pyfunc.load_model(str(folder / "model"))
-        return Served(rule["name"], str(rule["version"]), model, list(rule["classes"]), rule["positive_class"],
+        return Served(rule["name"], str(version), model, list(rule["classes"]), rule["positive_class"],
                       float(rule["operating_threshold"]))
 
     def _load_cached(self) -> None:

@@ -44,11 +44,100 @@ def test_migrations_create_exactly_the_models_schema_and_rerun_as_a_no_op(store_
     from pipelines.store.models import Base
 
     engine = engine_for(store_url)
-    assert upgrade(engine) == "0001"
-    assert upgrade(engine) == "0001"
+    assert upgrade(engine) == "0002"
+    assert upgrade(engine) == "0002"
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     engine.dispose()
+
+
+@pytest.mark.integration
+def test_an_existing_0001_store_upgrades_to_0002_keeping_its_rows(store_url):
+    """A store made before shadow mode (revision 0001, with predictions and feedback in it) is
+    brought to 0002 on open: its rows are kept and shadow answers can be stored for them."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import inspect, text
+
+    from pipelines.store.db import engine_for, upgrade
+    from pipelines.store.feedback import FeedbackStore
+    from pipelines.store.models import Base
+
+    engine = engine_for(store_url)
+    assert upgrade(engine, "0001") == "0001"
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO predictions (id, created_at, model_name, model_version, input_sha256, modality, "
+            "input_metadata, probabilities, decision, operating_threshold, requested_by) VALUES "
+            "('p-old', '2026-11-30 10:00:00+00:00', 'pneumonia-cxr', '3', :sha, 'image', '{}', "
+            "'{\"NORMAL\": 0.3, \"PNEUMONIA\": 0.7}', 'PNEUMONIA', 0.41, 'dr-a')"), {"sha": "c" * 64})
+        connection.execute(text(
+            "INSERT INTO feedback (created_at, prediction_id, label, reviewer_id, idempotency_key) VALUES "
+            "('2026-11-30 11:00:00+00:00', 'p-old', 'PNEUMONIA', 'dr-a', 'old-key')"))
+    assert "shadow_predictions" not in inspect(engine).get_table_names()
+    engine.dispose()
+
+    store = FeedbackStore(store_url)  # migrates on open
+    try:
+        assert store.revision == "0002"
+        with store.engine.connect() as connection:
+            assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+        assert "shadow_predictions" in inspect(store.engine).get_table_names()
+        assert store.prediction("p-old")["probabilities"] == {"NORMAL": 0.3, "PNEUMONIA": 0.7}
+        assert [case["label"] for case in store.confirmed_labels()] == ["PNEUMONIA"]
+        stored = store.record_shadow_predictions(
+            candidate="4", model_name="pneumonia-cxr", model_version="4", run_id="r4", operating_threshold=0.5,
+            answers=[{"prediction_id": "p-old", "probabilities": {"NORMAL": 0.6, "PNEUMONIA": 0.4},
+                      "decision": "NORMAL"}])
+        assert stored == 1 and store.shadow_predictions("p-old")[0]["decision"] == "NORMAL"
+    finally:
+        store.close()
+
+
+@pytest.mark.integration
+def test_shadow_answers_are_stored_once_and_judged_on_the_same_confirmed_cases(store):
+    """Served v1 and candidate run:abc on the same five cases, four of them confirmed: the
+    report puts both sets of figures side by side, and v2's cases (not shadow-scored) are apart."""
+    truths = ["PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL", None]
+    served = ["PNEUMONIA", "NORMAL", "NORMAL", "PNEUMONIA", "NORMAL"]
+    shadow = ["PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL", "PNEUMONIA"]
+    answers = []
+    for n, (truth, decision, candidate_decision) in enumerate(zip(truths, served, shadow)):
+        prediction = store.record_prediction(
+            model_name="pneumonia-cxr", model_version="1", input_sha256=f"{n:064x}", modality="image",
+            probabilities={"NORMAL": 0.5, "PNEUMONIA": 0.5}, decision=decision, operating_threshold=0.5,
+            requested_by="t")
+        if truth is not None:
+            store.add_feedback(prediction, truth, "dr-a", f"k{n}")
+        answers.append({"prediction_id": prediction, "decision": candidate_decision,
+                        "probabilities": {"NORMAL": 0.1 * n, "PNEUMONIA": 1 - 0.1 * n}})
+    unshadowed = store.record_prediction(
+        model_name="pneumonia-cxr", model_version="2", input_sha256="f" * 64, modality="image",
+        probabilities={"NORMAL": 0.5, "PNEUMONIA": 0.5}, decision="NORMAL", operating_threshold=0.5, requested_by="t")
+    store.add_feedback(unshadowed, "NORMAL", "dr-a", "k-v2")
+
+    record = dict(candidate="run:abc", model_name="pneumonia-cxr", model_version=None, run_id="abc",
+                  operating_threshold=0.37)
+    assert store.record_shadow_predictions(**record, answers=answers[:3]) == 3
+    assert store.record_shadow_predictions(**record, answers=answers) == 2  # the first three are kept once
+    [kept] = store.shadow_predictions(answers[1]["prediction_id"])
+    assert kept["probabilities"] == {"NORMAL": 0.1, "PNEUMONIA": 0.9} and kept["decision"] == "PNEUMONIA"
+    assert kept["candidate"] == "run:abc" and kept["model_version"] is None and kept["run_id"] == "abc"
+    assert kept["operating_threshold"] == 0.37
+    assert store.shadow_predictions(unshadowed) == []
+
+    [entry] = store.shadow_performance("pneumonia-cxr", "PNEUMONIA")
+    assert {key: entry[key] for key in ("served_version", "candidate", "candidate_version", "run_id",
+                                        "operating_threshold", "scored", "confirmed", "decisions_differ")} == {
+        "served_version": "1", "candidate": "run:abc", "candidate_version": None, "run_id": "abc",
+        "operating_threshold": 0.37, "scored": 5, "confirmed": 4, "decisions_differ": 3}
+    assert entry["served"] == {"predictions": 5, "confirmed": 4, "agreement": 0.5, "sensitivity": 0.5,
+                               "specificity": 0.5, "positive_rate": 0.4, "confusion": {"tp": 1, "fn": 1, "tn": 1, "fp": 1}}
+    assert entry["shadow"] == {"predictions": 5, "confirmed": 4, "agreement": 1.0, "sensitivity": 1.0,
+                               "specificity": 1.0, "positive_rate": 0.6, "confusion": {"tp": 2, "fn": 0, "tn": 2, "fp": 0}}
+    # The served versions' own report is unchanged by shadow answers.
+    first, second = store.live_performance("pneumonia-cxr", "PNEUMONIA")
+    assert first["predictions"] == 5 and first["agreement"] == 0.5 and second["confirmed"] == 1
 
 
 @pytest.mark.integration

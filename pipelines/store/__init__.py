@@ -1,5 +1,6 @@
 """The feedback store: predictions served, clinicians' feedback (an append-only audit trail),
-adjudication of conflicting labels, and deployments (what was served when).
+adjudication of conflicting labels, deployments (what was served when), and a shadow candidate's
+answers for the predictions served (logged, never returned).
 
 SQLAlchemy 2 models (`models`), Alembic migrations (`migrations/`), and the engine set-up
 (`db`): SQLite by default, in WAL mode with a busy timeout and immediate transactions so that

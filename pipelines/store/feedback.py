@@ -1,6 +1,7 @@
-"""The feedback store's operations: record predictions, take clinicians' feedback (idempotent,
-append-only), queue conflicting labels for adjudication, resolve them, and list the labels that
-may enter training.
+"""The feedback store's operations: record predictions (and a shadow candidate's answers for
+them), take clinicians' feedback (idempotent, append-only), queue conflicting labels for
+adjudication, resolve them, list the labels that may enter training, and report live
+performance from those labels.
 
 A prediction's confirmed label is:
 
@@ -21,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from pipelines.errors import MedloopError
 from pipelines.store.db import engine_for, sessions, upgrade
-from pipelines.store.models import Adjudication, Deployment, Feedback, Prediction, utcnow
+from pipelines.store.models import Adjudication, Deployment, Feedback, Prediction, ShadowPrediction, utcnow
 
 
 class NotFound(MedloopError):
@@ -78,6 +79,46 @@ class FeedbackStore:
                 requested_by=requested_by,
             ))
         return prediction_id
+
+    def record_shadow_predictions(self, *, candidate: str, model_name: str, model_version: str | None,
+                                  run_id: str | None, operating_threshold: float,
+                                  answers: list[dict[str, Any]]) -> int:
+        """Store a shadow candidate's answers for predictions the champion served.
+
+        Args:
+            candidate: the candidate as configured (``serving.shadow``: ``"7"`` or ``"run:<id>"``).
+            model_name: the registered model's name.
+            model_version: the candidate's registered version (None for a run).
+            run_id: the MLflow run that trained the candidate, when known.
+            operating_threshold: the candidate's own decision threshold.
+            answers: ``{"prediction_id", "probabilities", "decision"}`` each.
+
+        Returns:
+            How many answers were stored; one already stored for the same prediction and
+            candidate is skipped, so storing twice changes nothing.
+        """
+        ids = [answer["prediction_id"] for answer in answers]
+        with self.session.begin() as session:
+            seen = set(session.scalars(select(ShadowPrediction.prediction_id).where(
+                ShadowPrediction.candidate == candidate, ShadowPrediction.prediction_id.in_(ids))).all())
+            fresh = [answer for answer in answers if answer["prediction_id"] not in seen]
+            session.add_all(ShadowPrediction(
+                prediction_id=answer["prediction_id"], candidate=candidate, model_name=model_name,
+                model_version=None if model_version is None else str(model_version), run_id=run_id,
+                probabilities=answer["probabilities"], decision=answer["decision"],
+                operating_threshold=operating_threshold,
+            ) for answer in fresh)
+        return len(fresh)
+
+    def shadow_predictions(self, prediction_id: str) -> list[dict[str, Any]]:
+        """The shadow answers stored for a prediction, oldest first."""
+        with self.session() as session:
+            rows = session.scalars(select(ShadowPrediction).where(ShadowPrediction.prediction_id == prediction_id)
+                                   .order_by(ShadowPrediction.id)).all()
+            return [{"id": row.id, "created_at": row.created_at.isoformat(), "prediction_id": row.prediction_id,
+                     "candidate": row.candidate, "model_name": row.model_name, "model_version": row.model_version,
+                     "run_id": row.run_id, "probabilities": row.probabilities, "decision": row.decision,
+                     "operating_threshold": row.operating_threshold} for row in rows]
 
     def record_deployment(self, model_name: str, model_version: str, actor: str, flow_run_id: str | None = None) -> int:
         with self.session.begin() as session:
@@ -241,30 +282,52 @@ class FeedbackStore:
         with self.session() as session:
             rows = session.execute(select(Prediction.id, Prediction.model_version, Prediction.decision)
                                    .where(Prediction.model_name == model_name)).all()
-        versions: dict[str, dict[str, Any]] = {}
+        versions: dict[str, list[tuple[str, str | None]]] = {}
         for prediction_id, version, decision in rows:
-            stats = versions.setdefault(version, {"version": version, "predictions": 0, "positive_decisions": 0,
-                                                  "confirmed": 0, "agreed": 0, "tp": 0, "fn": 0, "tn": 0, "fp": 0})
-            stats["predictions"] += 1
-            stats["positive_decisions"] += decision == positive_class
+            versions.setdefault(version, []).append((decision, confirmed.get(prediction_id)))
+        return [{"version": version, **_figures(versions[version], positive_class)}
+                for version in sorted(versions, key=_version_order)]
+
+    def shadow_performance(self, model_name: str, positive_class: str) -> list[dict[str, Any]]:
+        """Each shadow candidate beside the served version, on the same cases: for every pair of
+        served version and candidate, the predictions the candidate also scored, how often the
+        two decisions differ, and the figures of `live_performance` for the served decisions and
+        for the candidate's decisions on exactly those cases (so a candidate is judged on live,
+        confirmed cases before anyone promotes it).
+
+        Returns:
+            One entry per (``served_version``, ``candidate``): ``candidate_version``,
+            ``run_id``, ``operating_threshold`` (the candidate's, latest), ``scored``,
+            ``confirmed``, ``decisions_differ``, ``served`` and ``shadow`` (each: predictions,
+            confirmed, agreement, sensitivity, specificity, positive_rate, confusion).
+        """
+        confirmed = {case["prediction_id"]: case["label"] for case in self.confirmed_labels()}
+        with self.session() as session:
+            rows = session.execute(
+                select(Prediction.id, Prediction.model_version, Prediction.decision, ShadowPrediction.candidate,
+                       ShadowPrediction.model_version, ShadowPrediction.run_id, ShadowPrediction.decision,
+                       ShadowPrediction.operating_threshold)
+                .join(ShadowPrediction, ShadowPrediction.prediction_id == Prediction.id)
+                .where(Prediction.model_name == model_name)
+                .order_by(ShadowPrediction.id)).all()
+        pairs: dict[tuple[str, str], dict[str, Any]] = {}
+        for prediction_id, served_version, served, candidate, version, run_id, shadow, threshold in rows:
+            entry = pairs.setdefault((served_version, candidate), {"served": [], "shadow": []})
+            entry.update(candidate_version=version, run_id=run_id, operating_threshold=threshold)
             truth = confirmed.get(prediction_id)
-            if truth is None:
-                continue
-            stats["confirmed"] += 1
-            stats["agreed"] += decision == truth
-            said, is_positive = decision == positive_class, truth == positive_class
-            stats["tp" if said and is_positive else "fn" if is_positive else "fp" if said else "tn"] += 1
+            entry["served"].append((served, truth))
+            entry["shadow"].append((shadow, truth))
         report = []
-        for version in sorted(versions, key=lambda v: (len(v), v)):
-            stats = versions[version]
-            positives, negatives = stats["tp"] + stats["fn"], stats["tn"] + stats["fp"]
+        for served_version, candidate in sorted(pairs, key=lambda key: (_version_order(key[0]), key[1])):
+            entry = pairs[(served_version, candidate)]
+            served = _figures(entry["served"], positive_class)
             report.append({
-                "version": version, "predictions": stats["predictions"], "confirmed": stats["confirmed"],
-                "agreement": stats["agreed"] / stats["confirmed"] if stats["confirmed"] else None,
-                "sensitivity": stats["tp"] / positives if positives else None,
-                "specificity": stats["tn"] / negatives if negatives else None,
-                "positive_rate": stats["positive_decisions"] / stats["predictions"],
-                "confusion": {key: stats[key] for key in ("tp", "fn", "tn", "fp")},
+                "served_version": served_version, "candidate": candidate,
+                "candidate_version": entry["candidate_version"], "run_id": entry["run_id"],
+                "operating_threshold": entry["operating_threshold"],
+                "scored": served["predictions"], "confirmed": served["confirmed"],
+                "decisions_differ": sum(a != b for (a, _), (b, _) in zip(entry["served"], entry["shadow"])),
+                "served": served, "shadow": _figures(entry["shadow"], positive_class),
             })
         return report
 
@@ -298,3 +361,33 @@ class FeedbackStore:
 def _feedback_dict(row: Feedback) -> dict[str, Any]:
     return {"id": row.id, "label": row.label, "reviewer_id": row.reviewer_id, "comment": row.comment,
             "created_at": row.created_at.isoformat()}
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return len(version), version  # "2" before "10"
+
+
+def _figures(cases: list[tuple[str, str | None]], positive_class: str) -> dict[str, Any]:
+    """Live figures of (decision, confirmed label or None) pairs: ``predictions``,
+    ``confirmed``, ``agreement``, ``sensitivity``, ``specificity`` (None when there are no cases
+    to compute them on), ``positive_rate`` (over all predictions) and ``confusion``."""
+    confusion = {"tp": 0, "fn": 0, "tn": 0, "fp": 0}
+    confirmed = agreed = positive_decisions = 0
+    for decision, truth in cases:
+        said = decision == positive_class
+        positive_decisions += said
+        if truth is None:
+            continue
+        confirmed += 1
+        agreed += decision == truth
+        is_positive = truth == positive_class
+        confusion["tp" if said and is_positive else "fn" if is_positive else "fp" if said else "tn"] += 1
+    positives, negatives = confusion["tp"] + confusion["fn"], confusion["tn"] + confusion["fp"]
+    return {
+        "predictions": len(cases), "confirmed": confirmed,
+        "agreement": agreed / confirmed if confirmed else None,
+        "sensitivity": confusion["tp"] / positives if positives else None,
+        "specificity": confusion["tn"] / negatives if negatives else None,
+        "positive_rate": positive_decisions / len(cases) if cases else None,
+        "confusion": confusion,
+    }

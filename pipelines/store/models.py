@@ -1,6 +1,6 @@
-"""Tables of the feedback store. Rows are only ever added: a correction is a new feedback row,
-a resolution is an update of its adjudication's open row into a resolved one, and nothing is
-deleted."""
+"""Tables of the feedback store: predictions, feedback, adjudications, deployments and shadow
+answers. Rows are only ever added: a correction is a new feedback row, a resolution is an update
+of its adjudication's open row into a resolved one, and nothing is deleted."""
 
 from __future__ import annotations
 
@@ -79,3 +79,27 @@ class Deployment(Base):
     model_version: Mapped[str] = mapped_column(String(50))
     actor: Mapped[str] = mapped_column(String(200))
     flow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class ShadowPrediction(Base):
+    """A shadow candidate's answer for a prediction the champion served: logged, never returned,
+    so that the candidate can be judged on live, clinician-confirmed cases before it is promoted.
+
+    ``candidate`` is the reference as configured (``serving.shadow``: ``"7"`` or
+    ``"run:<id>"``); ``model_version`` is set for a registered version, ``run_id`` for both when
+    known.
+    """
+
+    __tablename__ = "shadow_predictions"
+    __table_args__ = (UniqueConstraint("prediction_id", "candidate", name="uq_shadow_prediction_candidate"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
+    candidate: Mapped[str] = mapped_column(String(100), index=True)
+    model_name: Mapped[str] = mapped_column(String(200))
+    model_version: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    probabilities: Mapped[dict] = mapped_column(JSON)
+    decision: Mapped[str] = mapped_column(String(100))
+    operating_threshold: Mapped[float] = mapped_column(Float)
