@@ -39,6 +39,7 @@ from pipelines import metrics as clinical
 from pipelines import model_card
 from pipelines.config import Params
 from pipelines.errors import MedloopError
+from pipelines.gradcam import gradcam, overlay
 from pipelines.stage import stage_main
 from pipelines.inputs import processed_summary
 from pipelines.tracking import configure, display_uri, dumps, lineage
@@ -428,109 +429,19 @@ def write_gradcams(model, layout: Layout, summary: dict, test: Predictions, clas
     folder.mkdir(parents=True, exist_ok=True)
     score = {r: test.probabilities[np.flatnonzero(test.record_id == r)[0], positive] for r in order}
     plt = _pyplot()
-    from matplotlib import colormaps
-
     written = []
     for image, cam, record_id in zip(pixels, heat, order):
         k, position = chosen[record_id]
-        rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
-        rgb = np.clip(rgb / 255.0, 0.0, 1.0)
-        overlay = 0.55 * rgb + 0.45 * colormaps["jet"](cam)[..., :3]
+        rgb, blended = overlay(image, cam)
         fig, axes = plt.subplots(1, 2, figsize=(6, 3.3))
         axes[0].imshow(rgb)
-        axes[1].imshow(np.clip(overlay, 0.0, 1.0))
+        axes[1].imshow(blended)
         for ax in axes:
             ax.axis("off")
         fig.suptitle(f"actual {classes[k]} #{position}: P({classes[positive]}) = {score[record_id]:.2f}")
         path = folder / f"{_safe_name(classes[k])}_{position:02d}.png"
         written.append(_save(fig, path))
     return written
-
-
-def gradcam(model, images: np.ndarray, class_index: np.ndarray, n_classes: int) -> np.ndarray | None:
-    """Grad-CAM (Selvaraju et al. 2017) of the last Conv2D layer for each image's target class.
-
-    Returns:
-        (n, H, W) heat maps in [0, 1] at the input's size, or None without a Conv2D layer.
-    """
-    import tensorflow as tf
-
-    path = last_conv_path(model)
-    if path is None:
-        return None
-    x = tf.convert_to_tensor(images, dtype=tf.float32)
-    with tf.GradientTape() as tape:
-        conv_output, output = _forward_capturing(model, path, x)
-        output = tf.cast(output, tf.float32)
-        if output.shape[-1] == 1 and n_classes == 2:
-            p = output[:, 0]
-            target = tf.where(tf.constant(class_index) == 1, p, 1.0 - p)
-        else:
-            target = tf.gather(output, tf.constant(class_index), axis=1, batch_dims=1)
-        total = tf.reduce_sum(target)
-    gradients = tape.gradient(total, conv_output)
-    if gradients is None:  # the conv output is not on the path to the output (a branch)
-        return None
-    gradients = tf.cast(gradients, tf.float32)
-    conv_output = tf.cast(conv_output, tf.float32)
-    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * conv_output, axis=-1))[..., None]
-    cam = tf.image.resize(cam, images.shape[1:3], method="bilinear")[..., 0].numpy()
-    peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
-    return np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0)
-
-
-def last_conv_path(model) -> list | None:
-    """The last Conv2D layer, walking ``model.layers`` (and nested models) in order, as the path
-    of layers leading to it (``[conv]`` when it is a top-level layer).
-
-    For medloop's own architectures the layer named by `pipelines.models.GRADCAM_LAYERS` is
-    used instead: the last feature map after its batch norm and activation, the usual target.
-    """
-    import keras
-
-    from pipelines.models import GRADCAM_LAYERS
-
-    designed = GRADCAM_LAYERS.get(getattr(model, "name", ""))
-    if designed and designed in {layer.name for layer in model.layers}:
-        return [model.get_layer(designed)]
-    found = None
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2D):
-            found = [layer]
-        elif hasattr(layer, "layers"):
-            inner = last_conv_path(layer)
-            if inner is not None:
-                found = [layer, *inner]
-    return found
-
-
-def _forward_capturing(model, path: list, x):
-    """(output of path[-1], model output), differentiable inside a GradientTape.
-
-    A functional model with the conv layer at its top level: a functional sub-model from the
-    model's inputs to both outputs. A Sequential model, or a conv inside a nested block: the
-    top-level layers are applied one after the other (the model must be a chain, as Sequential
-    stacks and the reference CNNs are), recursing into the block. (A Sequential model loaded
-    from a file has layer outputs from an earlier trace, so no sub-model can be cut from it.)
-    """
-    import keras
-
-    if len(path) == 1 and not isinstance(model, keras.Sequential):
-        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-        sub_model = keras.Model(inputs, [path[0].output, model.outputs[0]])
-        return sub_model(x, training=False)
-    captured, h = None, x
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        if layer is path[0] and len(path) == 1:
-            captured = h = layer(h, training=False)
-        elif layer is path[0]:
-            captured, h = _forward_capturing(layer, path[1:], h)
-        else:
-            h = layer(h, training=False)
-    return captured, h
 
 
 def permutation_importance(model, test: Predictions, positive: int, features: list[str], seed: int,

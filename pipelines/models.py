@@ -111,6 +111,18 @@ def class_probabilities(model: Any, x: Any, batch_size: int = PREDICT_BATCH) -> 
         raw = model.predict(x, batch_size=batch_size, verbose=0)
     else:
         raw = model.predict(x, verbose=0)
+    return class_columns(raw)
+
+
+def class_columns(raw: Any) -> np.ndarray:
+    """A model's raw output as one probability column per class.
+
+    Args:
+        raw: what the model returned for ``n`` inputs: ``(n, 1)`` sigmoid or ``(n, k)`` softmax.
+
+    Returns:
+        float64 array ``(n, n_classes)``; for a binary model ``[1 - p, p]``.
+    """
     raw = np.asarray(raw, dtype=np.float64)
     if raw.ndim == 1:
         raw = raw[:, None]

@@ -14,6 +14,12 @@ Input (``predict``):
 
 Output: a DataFrame with one probability column per class, named by the class.
 
+Drift: the model carries its own drift reference (artifact ``drift_reference.json``, made at
+training by `pipelines.drift_reference.build_reference`), loaded as ``drift_reference`` (None
+for versions logged before references existed). `MedloopPyfunc.embed` gives the penultimate
+layer's embedding of prepared images, which `pipelines.drift_reference.summarize_inputs` uses, and
+`MedloopPyfunc.predict_with_drift` gives the probabilities and the drift summaries from one pass.
+
 This module is imported by the train stage and by serving only, both of which need MLflow, so
 MLflow is imported at its top; TensorFlow is imported only when a model is loaded.
 """
@@ -23,6 +29,8 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import json
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,7 @@ ARTIFACT_PATH = "model"  # the pyfunc's name within the run (contract: runs:/<ru
 KERAS_ARTIFACT = "keras_model"
 PREPROCESS_ARTIFACT = "preprocess_json"
 SCALER_ARTIFACT = "scaler_json"
+DRIFT_REFERENCE_ARTIFACT = "drift_reference_json"  # stored as artifacts/drift_reference.json
 IMAGE_COLUMN = "image"
 # Distributions the pyfunc imports at prediction time, pinned to the running versions.
 REQUIREMENTS = ("keras", "numpy", "pandas", "pillow", "pydicom", "pydantic", "pyyaml")
@@ -55,7 +64,8 @@ class MedloopPyfunc(mlflow.pyfunc.PythonModel):
         self.image_limits = dict(image_limits or {})
 
     def load_context(self, context) -> None:
-        """Load the Keras model, ``preprocess.json`` and (tables) ``scaler.json``."""
+        """Load the Keras model, ``preprocess.json``, (tables) ``scaler.json`` and the drift
+        reference, when the model carries one."""
         from pipelines.models import load_model
 
         artifacts = context.artifacts
@@ -65,6 +75,63 @@ class MedloopPyfunc(mlflow.pyfunc.PythonModel):
         self.scaler = (
             json.loads(Path(artifacts[SCALER_ARTIFACT]).read_text()) if SCALER_ARTIFACT in artifacts else None
         )
+        self.drift_reference = (
+            json.loads(Path(artifacts[DRIFT_REFERENCE_ARTIFACT]).read_text())
+            if DRIFT_REFERENCE_ARTIFACT in artifacts else None
+        )
+        self._heads = None
+        self._heads_lock = threading.Lock()
+
+    def embed(self, prepared: np.ndarray) -> np.ndarray:
+        """The penultimate layer's embedding (float64 ``(n, d)``) of prepared input (what
+        `prepare` returns)."""
+        return self.embed_and_score(prepared)[0]
+
+    def predict_with_drift(self, model_input: Any) -> tuple[pd.DataFrame, list[dict]]:
+        """`predict` and `pipelines.drift_reference.summarize_inputs` at once: the input is
+        prepared once and, for images, the network runs once for both the probabilities and the
+        embedding (half the work of calling the two one after the other).
+
+        Returns:
+            ``(probabilities, summaries)``: what ``predict`` returns, and one drift summary per input.
+        """
+        from pipelines.drift_reference import summarize_inputs
+        from pipelines.models import class_probabilities
+
+        prepared = self.prepare(model_input)
+        if self.summary["modality"] == "image":
+            embeddings, probabilities = self.embed_and_score(prepared)
+        else:
+            embeddings, probabilities = None, class_probabilities(self.model, prepared)
+        index = model_input.index if isinstance(model_input, pd.DataFrame) else None
+        frame = pd.DataFrame(probabilities, columns=self.classes, index=index)
+        return frame, summarize_inputs(self, model_input, prepared=prepared, embeddings=embeddings)
+
+    def embed_and_score(self, prepared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The penultimate layer's embedding and the per-class probabilities of prepared input,
+        from one forward pass of a sub-model sharing the weights, with the penultimate layer as a
+        second output (built once, on first use).
+
+        Returns:
+            ``(embeddings float64 (n, d), probabilities float64 (n, n_classes))``; the
+            probabilities are the model's own (up to float32 rounding between batch sizes).
+        """
+        from pipelines.drift_reference import embedding_model
+        from pipelines.models import PREDICT_BATCH, class_columns
+
+        if self._heads is None:
+            with self._heads_lock:  # requests run in threads: build it once
+                if self._heads is None:
+                    self._heads = embedding_model(self.model, with_output=True)
+        x = np.asarray(prepared, dtype=np.float32)
+        if len(x) <= PREDICT_BATCH:
+            # One batch: `predict` would build a data pipeline and callbacks on every call,
+            # which costs more than the model for the few images of a request.
+            embedding, raw = self._heads.predict_on_batch(x)
+        else:
+            embedding, raw = self._heads.predict(x, batch_size=PREDICT_BATCH, verbose=0)
+        embedding = np.asarray(embedding, dtype=np.float64).reshape(len(x), -1)
+        return embedding, class_columns(raw)
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
         """Per-class probabilities of raw input.
@@ -166,14 +233,16 @@ def scale_features(frame: pd.DataFrame, scaler: dict) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def log_pyfunc(params: Params, layout: Layout, input_example: Any) -> Any:
-    """Log `MedloopPyfunc` (with ``models/model.keras``, ``preprocess.json`` and, for tables,
-    ``scaler.json``) to the active run under the name ``model``.
+def log_pyfunc(params: Params, layout: Layout, input_example: Any, drift_reference: dict | None = None) -> Any:
+    """Log `MedloopPyfunc` (with ``models/model.keras``, ``preprocess.json``, for tables
+    ``scaler.json``, and the drift reference) to the active run under the name ``model``.
 
     Args:
         params: the configuration.
         layout: the workspace (the model file must be written already).
         input_example: one or two rows of raw input, stored with the model as its example.
+        drift_reference: `pipelines.drift_reference.build_reference`'s result, stored as the
+            artifact ``drift_reference.json`` (``<model>/artifacts/drift_reference.json``).
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri``, ``model_id``, ...).
@@ -200,17 +269,25 @@ def log_pyfunc(params: Params, layout: Layout, input_example: Any) -> Any:
         signature = ModelSignature(
             inputs=Schema([ColSpec("double", name) for name in summary["features"]]), outputs=outputs
         )
-    return mlflow.pyfunc.log_model(
-        name=ARTIFACT_PATH,
-        python_model=python_model,
-        artifacts=artifacts,
-        signature=signature,
-        input_example=input_example,
-        pip_requirements=pinned_requirements(),
-        # Bundle the code it was trained with, so the logged model does not depend on whichever
-        # medloop happens to be installed where it is loaded.
-        code_paths=[str(Path(__file__).resolve().parent)],
-    )
+    with tempfile.TemporaryDirectory(prefix="medloop-drift-") as scratch:
+        if drift_reference is not None:
+            # Not a workspace file: the reference lives only inside the logged model.
+            from pipelines.drift_reference import REFERENCE_FILE
+
+            reference_file = Path(scratch) / REFERENCE_FILE
+            reference_file.write_text(json.dumps(drift_reference, separators=(",", ":")))
+            artifacts[DRIFT_REFERENCE_ARTIFACT] = str(reference_file)
+        return mlflow.pyfunc.log_model(
+            name=ARTIFACT_PATH,
+            python_model=python_model,
+            artifacts=artifacts,
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=pinned_requirements(),
+            # Bundle the code it was trained with, so the logged model does not depend on whichever
+            # medloop happens to be installed where it is loaded.
+            code_paths=[str(Path(__file__).resolve().parent)],
+        )
 
 
 def pinned_requirements() -> list[str]:

@@ -10,7 +10,9 @@
   from the training split, so the rarer finding is not ignored.
 - Tracked: one MLflow run per training with the flattened params, per-epoch metrics, lineage
   tags, device facts, the training and validation sets as dataset inputs, and a pyfunc model
-  that takes raw input (`pipelines.pyfunc_model`).
+  that takes raw input (`pipelines.pyfunc_model`) and carries its own drift reference
+  (`pipelines.drift_reference`: a seeded sample of the training inputs, and the validation
+  split's predicted probabilities), made after the weights are saved so it never changes them.
 
 Outputs: ``models/model.keras`` and ``models/train.json``. Runs in its own process (the DVC stage
 command), so the GPU's memory is freed when it ends.
@@ -110,9 +112,11 @@ def run(params: Params, layout: Layout) -> TrainResult:
             mlflow.log_metrics({"best_val_auroc": best_val_auroc, "best_epoch": best_epoch,
                                 "epochs_run": epochs_run, "parameters": count})
             mlflow.set_tag("medloop.weights_sha256", digest)
+            from pipelines.drift_reference import build_reference
             from pipelines.pyfunc_model import log_pyfunc
 
-            model_info = log_pyfunc(params, layout, _input_example(params, layout, summary))
+            reference = build_reference(params, layout, model)
+            model_info = log_pyfunc(params, layout, _input_example(params, layout, summary), reference)
             run_id = active.info.run_id
 
         record = {
@@ -132,6 +136,8 @@ def run(params: Params, layout: Layout) -> TrainResult:
             "device": device.facts,
             "mixed_precision": device.mixed_precision,
             "parameters": count,
+            "drift_reference": {"items": reference["items"], "statistics": list(reference["statistics"]),
+                                "prediction_items": len(reference["prediction"]["values"])},
         }
         layout.train_json.write_text(tracking.dumps(record))
     finally:

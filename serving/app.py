@@ -4,11 +4,22 @@
   ``image/jpeg`` or ``application/dicom``), or JSON: ``{"images": [base64, ...]}`` or
   ``{"instances": [{feature: value, ...}, ...]}``. Images are de-identified on arrival exactly as
   collect does it and prepared as in training. Each answer: probability per class, the decision
-  at the version's operating threshold, model name and version, and a prediction id.
+  at the version's operating threshold, model name and version, and a prediction id. Requests
+  that arrive together are scored by one model call (`serving.batching`, up to
+  ``serving.batch_max_size`` inputs, waiting at most ``batch_max_wait_ms``; 1 turns it off).
+  ``?explain=gradcam`` (image models) adds to each answer a Grad-CAM heat map over the image as
+  the model saw it, for the class decided (``explanation``: ``method``, ``class``, ``image_png``
+  in base64); such requests are scored on their own, outside any batch.
 - ``POST /feedback``: ``{prediction_id, label, idempotency_key, comment?}``; the reviewer is the
   caller. ``GET /review`` and ``POST /review/{id}``: the adjudication queue (reviewer role).
 - ``POST /admin/reload``: check for a new champion now (admin role).
-- ``GET /healthz``, ``GET /readyz`` (a model is loaded), ``GET /metrics`` (Prometheus).
+- ``GET /monitoring`` (reviewer role): live sensitivity, specificity and agreement per served
+  version from confirmed labels, and beside each version the shadow candidate's figures on the
+  same cases; ``drift``: the served version's input and prediction drift against its training
+  reference (`pipelines.drift`). The shadow candidate (``serving.shadow``) scores every input off the response
+  path; its answers are stored, never returned (`serving.shadow`).
+- ``GET /healthz``, ``GET /readyz`` (a model is loaded; also the shadow candidate, loaded or
+  its load error), ``GET /metrics`` (Prometheus).
 
 Every write records the caller. Requests larger than ``serving.max_request_bytes`` get 413; a
 wrong content type 415; malformed input 422 naming the field; a missing or unknown token 401; a
@@ -23,20 +34,25 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from pipelines.config import Params, load_params
 from pipelines.errors import mask_credentials
 from pipelines.workspace import Layout, database_url
+from serving import scoring
 from serving.auth import Caller, TokenTable
+from serving.batching import MicroBatcher
 from serving.model import ModelManager, Served
+from serving.shadow import ShadowScorer
 
 log = logging.getLogger("medloop.serving")
 
@@ -67,7 +83,8 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
     params = load_params(params_path)
     spec = params.serving
     salt = load_salt(params.deid.salt_env)
-    store = FeedbackStore(database_url(layout, spec.store_url))
+    store_url = database_url(layout, spec.store_url)
+    store = FeedbackStore(store_url)
     tokens = TokenTable(_path(spec.tokens_file, layout))
     manager = ModelManager(params, layout)
     inputs_dir = layout.state / "serving" / "inputs"  # de-identified uploads, for the feedback export
@@ -81,15 +98,31 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
     served_version = Gauge("medloop_model_version", "version in service", ["model"], registry=registry)
     feedback_posts = Counter("medloop_feedback_total", "feedback posts", ["outcome"], registry=registry)
     predictions_made = Counter("medloop_predictions_total", "inputs scored", ["model", "version"], registry=registry)
+    batch_inputs = Histogram("medloop_batch_inputs", "inputs scored per model call (micro-batching)", registry=registry,
+                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+    # serving.batch_max_size 1 turns micro-batching off: each request is then scored on its own.
+    batcher = (MicroBatcher(scoring.probabilities, spec.batch_max_size, spec.batch_max_wait_ms / 1000,
+                            batch_inputs.observe) if spec.batch_max_size > 1 else None)
+    # Predictions are stored by threads of their own, so that waiting on the database never holds
+    # up preparing and scoring; one for SQLite, which takes one writer at a time anyway (more would
+    # only wait on its lock), several for a server database.
+    prediction_writer = ThreadPoolExecutor(1 if store.url.startswith("sqlite") else 4,
+                                           thread_name_prefix="medloop-store")
+    shadow = ShadowScorer(manager, store, params, inputs_dir, registry)  # serving.shadow: logged, never returned
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         await asyncio.to_thread(manager.start)
+        shadow.start()
         task = asyncio.create_task(_watch(manager, interval))
         try:
             yield
         finally:
             task.cancel()
+            if batcher is not None:
+                await batcher.close()
+            await asyncio.to_thread(shadow.stop)
+            prediction_writer.shutdown(wait=True)
             store.close()
 
     app = FastAPI(title="medloop prediction service", version="1", lifespan=lifespan,
@@ -134,9 +167,9 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
         served = manager.current
         error = mask_credentials(manager.last_error) if manager.last_error else None
         if served is None:
-            return JSONResponse({"ready": False, "error": error}, status_code=503)
+            return JSONResponse({"ready": False, "error": error, "shadow": _shadow_status(manager)}, status_code=503)
         return {"ready": True, "model": served.name, "version": served.version, "loaded_at": served.loaded_at,
-                "last_reload_error": error}
+                "last_reload_error": error, "shadow": _shadow_status(manager)}
 
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:
@@ -147,24 +180,32 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
     @app.post("/predict")
-    async def predict(request: Request, who: Caller = Depends(caller("predict"))) -> dict:
+    async def predict(request: Request, who: Caller = Depends(caller("predict")),
+                      explain: str | None = Query(None, description="gradcam: add a Grad-CAM heat map per image "
+                                                                      "(image models)")) -> dict:
         served = manager.current  # one version for the whole request, whatever reloads meanwhile
         if served is None:
             raise HTTPException(503, f"no model loaded yet ({manager.last_error or 'starting'})")
+        if explain is not None:
+            _check_explain(explain, params)
         body = await request.body()
         if len(body) > spec.max_request_bytes:
             raise HTTPException(413, f"request body of {len(body)} bytes is over the limit of {spec.max_request_bytes}")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         inputs = _parse_inputs(content_type, body, params, spec.max_batch)
-        answers = await asyncio.to_thread(_score, served, inputs, params, salt, inputs_dir)
-        for answer in answers:
-            answer["prediction_id"] = await asyncio.to_thread(
-                store.record_prediction, model_name=served.name, model_version=served.version,
-                input_sha256=answer.pop("input_sha256"), modality=params.model.modality,
-                probabilities=answer["probabilities"], decision=answer["decision"],
-                operating_threshold=served.operating_threshold, requested_by=who.name,
-                input_metadata=answer.pop("metadata"))
+        if explain is not None:  # gradients: scored on its own, outside any batch
+            answers = await asyncio.to_thread(_explain, served, inputs, params, salt, inputs_dir)
+        elif batcher is None:
+            answers = await asyncio.to_thread(_score, served, inputs, params, salt, inputs_dir)
+        else:
+            with batcher.preparing():  # a batch forming now waits for this request
+                prepared = await asyncio.to_thread(scoring.prepare, served, inputs, params, salt, inputs_dir)
+            scored = await batcher.score(served, prepared.model_input, len(prepared))
+            answers = scoring.answers(served, scored, prepared)
+        await asyncio.get_running_loop().run_in_executor(
+            prediction_writer, _record, store, served, answers, who.name, params.model.modality)
         predictions_made.labels(served.name, served.version).inc(len(answers))
+        shadow.submit([answer["prediction_id"] for answer in answers])  # never blocks; answers unchanged
         return {"model": served.name, "version": served.version, "operating_threshold": served.operating_threshold,
                 "predictions": answers}
 
@@ -207,9 +248,16 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
 
     @app.get("/monitoring")
     async def monitoring(_who: Caller = Depends(caller("review"))) -> dict:
-        """Live performance per served version, from clinicians' confirmed labels."""
-        report = await asyncio.to_thread(store.live_performance, params.model.name, params.model.positive_class)
-        return {"model": params.model.name, "positive_class": params.model.positive_class, "versions": report}
+        """Live performance per served version, from clinicians' confirmed labels, and beside each
+        version every shadow candidate's figures on the same cases (``shadow``)."""
+        name, positive = params.model.name, params.model.positive_class
+        report = await asyncio.to_thread(store.live_performance, name, positive)
+        shadows = await asyncio.to_thread(store.shadow_performance, name, positive)
+        for version in report:
+            version["shadow"] = [entry for entry in shadows if entry["served_version"] == version["version"]]
+        drift = await asyncio.to_thread(_drift, manager.current, params, store_url)
+        return {"model": name, "positive_class": positive, "versions": report, "shadow": _shadow_status(manager),
+                "drift": drift}
 
     @app.post("/admin/reload")
     async def reload(who: Caller = Depends(caller("admin"))) -> dict:
@@ -272,51 +320,76 @@ def _parse_inputs(content_type: str, body: bytes, params: Params, max_batch: int
         for name, value in item.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise HTTPException(422, f"instances[{index}].{name} must be a number or null, got {type(value).__name__}")
+            if value is not None and not _finite(value):
+                raise HTTPException(422, f"instances[{index}].{name} must be a finite number (null when missing), "
+                                         f"got {value!r:.40}")
         rows.append(item)
     return rows
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float range
+        return False
+
+
 def _score(served: Served, inputs: list[Any], params: Params, salt: bytes, inputs_dir: Path) -> list[dict]:
     """De-identify, hash, keep the de-identified image (for the feedback export), predict and
-    decide (in a worker thread)."""
-    import pandas as pd
+    decide, for one request on its own (in a worker thread; `serving.scoring`)."""
+    prepared = scoring.prepare(served, inputs, params, salt, inputs_dir)
+    [scored] = scoring.probabilities(served, [prepared.model_input])
+    return scoring.answers(served, scored, prepared)
 
-    from pipelines.collect import EXTENSIONS, deidentify_image
-    from pipelines.deid.keys import content_hash, keyed_hash
-    from pipelines.errors import DeidentificationError
-    from pipelines.images import ImageProblem
 
-    if params.model.modality == "image":
-        frames, metadata, hashes = [], [], []
-        for index, data in enumerate(inputs):
-            try:
-                file_format, stored, meta = deidentify_image(data, salt)
-            except DeidentificationError as exc:
-                raise HTTPException(422, f"image {index}: {exc}") from None
-            frames.append(stored)
-            digest = content_hash(stored)
-            kept = inputs_dir / f"{digest}.{EXTENSIONS[file_format]}"
-            if not kept.exists():
-                kept.write_bytes(stored)
-            metadata.append({"format": file_format, "content_hash": digest, "file": kept.name,
-                             **{k: v for k, v in meta.items() if v is not None}})
-            hashes.append(keyed_hash(salt, stored))
-        frame = pd.DataFrame({"image": frames})
-    else:
-        features = list(params.tabular.features)
-        frame = pd.DataFrame([{name: row.get(name) for name in features} for row in inputs], columns=features)
-        metadata = [{"features": {k: v for k, v in row.items()}} for row in inputs]
-        hashes = [keyed_hash(salt, json.dumps(row, sort_keys=True).encode()) for row in inputs]
-    try:
-        scored = served.model.predict(frame)
-    except ImageProblem as exc:
-        raise HTTPException(422, f"image cannot be used: {exc}") from None
-    answers = []
-    for position, (_, row) in enumerate(scored.iterrows()):
-        probabilities = {label: round(float(row[label]), 6) for label in served.classes}
-        answers.append({"probabilities": probabilities, "decision": served.decide(probabilities),
-                        "input_sha256": hashes[position], "metadata": metadata[position]})
+def _explain(served: Served, inputs: list[Any], params: Params, salt: bytes, inputs_dir: Path) -> list[dict]:
+    """`_score` with a Grad-CAM heat map per image (``explanation``)."""
+    prepared = scoring.prepare(served, inputs, params, salt, inputs_dir)
+    scored, explanations = scoring.explain_gradcam(served, prepared)
+    answers = scoring.answers(served, scored, prepared)
+    for answer, explanation in zip(answers, explanations):
+        answer["explanation"] = explanation
     return answers
+
+
+def _check_explain(explain: str, params: Params) -> None:
+    if explain != "gradcam":
+        raise HTTPException(422, f"explain={explain!r} is not offered; the one explanation is explain=gradcam "
+                                 "(image models)")
+    if params.model.modality != "image":
+        raise HTTPException(422, f"explain=gradcam needs an image model; {params.model.name} is a "
+                                 f"{params.model.modality} model")
+
+
+def _record(store: Any, served: Served, answers: list[dict], requested_by: str, modality: str) -> None:
+    """Store each answer's prediction (in a worker thread); its id goes into the answer."""
+    for answer in answers:
+        answer["prediction_id"] = store.record_prediction(
+            model_name=served.name, model_version=served.version, input_sha256=answer.pop("input_sha256"),
+            modality=modality, probabilities=answer["probabilities"], decision=answer["decision"],
+            operating_threshold=served.operating_threshold, requested_by=requested_by,
+            input_metadata=answer.pop("metadata"))
+
+
+def _drift(served: Served | None, params: Params, store_url: str) -> dict | None:
+    """The served version's input and prediction drift against the reference it carries
+    (`pipelines.drift`); None when nothing is served or the version carries no reference."""
+    from pipelines import drift
+
+    reference = getattr(served.model.unwrap_python_model(), "drift_reference", None) if served else None
+    if not reference:
+        return None
+    return drift.report_from_store(params, reference, store_url, served.version).as_dict()
+
+
+def _shadow_status(manager: ModelManager) -> dict | None:
+    """The shadow candidate as /readyz and /monitoring show it: None when none is configured."""
+    if not manager.shadow_reference:
+        return None
+    if manager.shadow is not None:
+        return manager.shadow.describe()
+    error = mask_credentials(manager.shadow_error) if manager.shadow_error else "not loaded yet"
+    return {"candidate": manager.shadow_reference, "loaded": False, "error": error}
 
 
 def _path(value: str, layout: Layout) -> Path:

@@ -66,6 +66,23 @@ def start_service(layout, store_url: str | None = None, port: int | None = None)
         time.sleep(0.5)
 
 
+def tiny_cnn_workspace(tmp_path):
+    """A workspace whose champion is a 2-epoch CNN on two tiny synthetic nights:
+    (params dict, layout, promotion result)."""
+    from conftest import image_params
+
+    params = image_params()
+    params["train"]["epochs"] = 2
+    layout = make_workspace(tmp_path, params)
+    for _night in range(2):
+        collect.run(load(layout), layout)
+    assert repro(layout, "evaluate")
+    result = promote.run(load(layout), layout, actor="test")
+    if not result.passed:  # a 2-epoch CNN on 48 tiny images: register it by override for the test
+        result = promote.override(load(layout), layout, result.run_id, "test: serve a tiny CNN", actor="test")
+    return params, layout, result
+
+
 def stop(process) -> None:
     process.terminate()
     process.wait(timeout=30)
@@ -165,8 +182,11 @@ def test_predict_feedback_adjudication_and_reload(served_workspace):
                     headers=bearer(tokens["clinician"]))
         assert feedback_export.run(load(layout), layout).exported == 1
 
-        live = client.get("/monitoring", headers=bearer(tokens["reviewer"])).json()["versions"]
+        monitored = client.get("/monitoring", headers=bearer(tokens["reviewer"])).json()
+        live = monitored["versions"]
         assert live[0]["version"] == "1" and live[0]["predictions"] >= 3 and live[0]["confirmed"] == 3
+        # Drift of v1 against the reference it carries: a handful of inputs is not judged.
+        assert monitored["drift"]["judged"] is False and monitored["drift"]["inputs"] >= 3
         assert live[0]["agreement"] is not None and 0 <= live[0]["positive_rate"] <= 1
         assert client.get("/monitoring", headers=bearer(tokens["clinician"])).status_code == 403
 
@@ -252,20 +272,11 @@ def test_images_are_de_identified_on_arrival_and_scored(tmp_path):
 
     from PIL import Image
 
-    from conftest import image_params
     from pipelines.config import SyntheticCxrSource
     from pipelines.sources.synthetic_cxr import SyntheticCxrSourceReader
     from serving.auth import add_token
 
-    params = image_params()
-    params["train"]["epochs"] = 2
-    layout = make_workspace(tmp_path, params)
-    for _night in range(2):
-        collect.run(load(layout), layout)
-    assert repro(layout, "evaluate")
-    result = promote.run(load(layout), layout, actor="test")
-    if not result.passed:  # a 2-epoch CNN on 48 tiny images: register it by override for the test
-        result = promote.override(load(layout), layout, result.run_id, "test: serve a tiny CNN", actor="test")
+    params, layout, result = tiny_cnn_workspace(tmp_path)
     token = add_token(layout.root / ".medloop" / "tokens.json", "dr-x", "clinician")
 
     source = SyntheticCxrSourceReader(SyntheticCxrSource(**params["source"]))
@@ -312,6 +323,18 @@ def test_images_are_de_identified_on_arrival_and_scored(tmp_path):
         rows = dict(connection.execute("SELECT id, input_metadata FROM predictions").fetchall())
     kept = __import__("json").loads(rows[answer["prediction_id"]])
     assert kept["format"] == "dicom" and kept["patient_id"].startswith("pt") and "age_band" in kept
+    # Its drift summary, from the same model pass: intensity and the embedding's components,
+    # comparable with the reference the version carries.
+    assert set(kept["drift"]) >= {"intensity_mean", "intensity_std", "embedding_pc1"}
+    assert 0 <= kept["drift"]["intensity_mean"] <= 255
+    from pipelines import drift
+    from pipelines.drift_reference import load_reference
+
+    reference = load_reference(layout.state / "serving" / load(layout).model.name / f"v{result.version}" / "model")
+    report = drift.report_from_store(load(layout), reference, f"sqlite:///{layout.root / '.medloop' / 'feedback.db'}",
+                                     result.version)
+    assert report.inputs == 3 and not report.judged  # three inputs: too few to judge
+    assert {s.name for s in report.statistics} >= {"intensity_mean", "embedding_pc1"}
     database = (layout.root / ".medloop" / "feedback.db").read_bytes()
     wal = layout.root / ".medloop" / "feedback.db-wal"
     stored = database + (wal.read_bytes() if wal.exists() else b"")
