@@ -26,8 +26,19 @@ def medloop(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
 def test_help_lists_every_command():
     done = medloop("--help")
     assert done.returncode == 0
-    for command in ("run", "status", "schedule", "worker", "ui", "lineage", "promote", "rollback", "demo"):
+    for command in ("run", "status", "schedule", "worker", "ui", "lineage", "promote", "rollback", "demo", "policy"):
         assert f" {command} " in done.stdout
+
+
+def test_python_m_medloop_inside_a_workspace_uses_the_installed_code(tmp_path):
+    """A workspace holds its own copy of pipelines/ (for DVC); `python -m medloop` run from
+    inside it must not import that copy instead of the installed medloop's."""
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "__init__.py").write_text("raise SystemExit('the workspace copy was imported')\n")
+    done = subprocess.run([*MEDLOOP, "status", "-w", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert "the workspace copy was imported" not in done.stdout + done.stderr
+    assert "is not a medloop workspace (no .dvc folder)" in " ".join((done.stdout + done.stderr).split())
 
 
 def test_status_of_a_new_workspace_and_schedule_without_a_server(tmp_path):
