@@ -68,7 +68,7 @@ CHECKED = 16  # inputs whose answers are compared between the two servers
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--only", choices=sorted(MODELS), default=None, help="one model only")
     parser.add_argument("--requests", type=int, default=300, help="measured requests per concurrency")
     parser.add_argument("--warmup", type=int, default=50, help="requests before measuring (per server)")
