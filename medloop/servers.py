@@ -30,6 +30,9 @@ def serve_uis(layout: Layout, mlflow_port: int, prefect_port: int | None, consol
     params = load_params(layout.params_file)
     env = {**tool_env(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the children like Ctrl-C does
+    # Ctrl-C must stop them even when started from a script or a shell that ignores SIGINT in
+    # what it runs in the background (Python then leaves SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     children: list[tuple[str, subprocess.Popen]] = []
     logs = layout.logs
     logs.mkdir(parents=True, exist_ok=True)

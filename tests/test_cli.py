@@ -77,9 +77,12 @@ def test_ui_starts_mlflow_and_prefect_on_localhost_and_stops_on_ctrl_c(tmp_path)
     mlflow_port, prefect_port = free_port(), free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
+    # Started the way `medloop ui &` starts it from a script: with SIGINT ignored, which Python
+    # keeps unless told otherwise. Ctrl-C must stop it all the same.
     process = subprocess.Popen([*MEDLOOP, "ui", "-w", str(layout.root), "--mlflow-port", str(mlflow_port),
                                 "--prefect-port", str(prefect_port)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=env)
+                               stderr=subprocess.STDOUT, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines = []
     try:
         deadline = time.monotonic() + 240
