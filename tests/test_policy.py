@@ -1,21 +1,16 @@
-"""The retraining policy: confirmed labels waiting, cooldown, the nightly run due soon, and the
-policy flow starting the retrain deployment on a real Prefect server with the reason recorded."""
+"""The retraining policy: confirmed labels waiting, cooldown, the nightly run due soon, drift.
+The policy flow against a real Prefect server is tested in test_schedule_integration.py, on
+that module's server."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 
-import pytest
 
 from conftest import load, make_workspace, tabular_params
 from pipelines import policy, report
 from pipelines.store.feedback import FeedbackStore
 from pipelines.workspace import database_url
-from test_schedule_integration import prefect_api  # noqa: F401 - the module's Prefect server fixture
 
 
 def _workspace(tmp_path, **rules):
@@ -86,50 +81,3 @@ def test_drift_starts_a_retrain_only_when_judged_and_only_with_on_drift(tmp_path
     assert not policy.decide(params, layout, drift=few, now=NOW).retrain  # not judged: too few inputs
     off = params.model_copy(update={"retrain_policy": params.retrain_policy.model_copy(update={"on_drift": False})})
     assert not policy.decide(off, layout, drift=shifted, now=NOW).retrain
-
-
-@pytest.mark.slow
-@pytest.mark.integration
-def test_the_policy_flow_starts_the_retrain_deployment_with_its_reason(tmp_path, prefect_api, monkeypatch):  # noqa: F811
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-
-    monkeypatch.setenv("PREFECT_API_URL", prefect_api["url"])
-    monkeypatch.setenv("PREFECT_HOME", prefect_api["home"])
-    layout = _workspace(tmp_path, on_drift=True)  # no champion yet: drift is checked, and absent
-    params = load(layout)
-    medloop = [sys.executable, "-m", "medloop"]
-    scheduled = subprocess.run([*medloop, "schedule", "-w", str(layout.root)], env=dict(os.environ),
-                               capture_output=True, text=True, timeout=300)
-    assert scheduled.returncode == 0, scheduled.stdout + scheduled.stderr
-    assert f"retrain-policy/{params.retrain_policy.deployment}" in scheduled.stdout
-
-    def retrain_runs() -> list:
-        with get_client(sync_client=True) as client:
-            return client.read_flow_runs(deployment_filter=DeploymentFilter(
-                name=DeploymentFilterName(any_=[params.schedule.deployment])))
-
-    def started_by_policy() -> list:
-        return [run for run in retrain_runs() if "trigger:policy" in run.tags]
-
-    _confirm(layout, 2)
-    checked = subprocess.run([*medloop, "policy", "-w", str(layout.root), "--json"], env=dict(os.environ),
-                             capture_output=True, text=True, timeout=300)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    decision = json.loads(checked.stdout[checked.stdout.index("{"):])
-    assert decision["retrain"] is False and decision["flow_run_id"] is None and decision["drift"] is None
-    assert started_by_policy() == []
-
-    _confirm(layout, 1, start=2)
-    checked = subprocess.run([*medloop, "policy", "-w", str(layout.root), "--json"], env=dict(os.environ),
-                             capture_output=True, text=True, timeout=300)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    decision = json.loads(checked.stdout[checked.stdout.index("{"):])
-    assert decision["retrain"] is True
-    started = started_by_policy()
-    assert [str(run.id) for run in started] == [decision["flow_run_id"]]
-    assert started[0].parameters["reason"] == "policy: 3 new confirmed labels >= 3"
-    assert started[0].parameters["params_file"] == str(layout.params_file)
-    assert "trigger:policy" in started[0].tags
-    logged = [json.loads(line) for line in (layout.state / policy.POLICY_FILE).read_text().splitlines()]
-    assert [entry["retrain"] for entry in logged] == [False, True]

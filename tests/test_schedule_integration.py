@@ -120,13 +120,68 @@ def wait_for_final(runs, worker, tmp_path):
             time.sleep(2)
 
 
-def test_prefect_yaml_declares_the_nightly_deployment():
+def test_prefect_yaml_declares_the_nightly_and_the_policy_deployments():
     import yaml
 
     spec = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
-    [deployment] = spec["deployments"]
-    assert deployment["entrypoint"] == "flows/retrain.py:retrain"
-    assert deployment["parameters"] == {"params_file": "{{ $MEDLOOP_PARAMS_FILE }}"}
-    assert deployment["work_pool"]["name"] == "{{ $MEDLOOP_WORK_POOL }}"
-    assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
-    assert (ROOT / deployment["entrypoint"].split(":")[0]).is_file()
+    nightly, policy_check = spec["deployments"]
+    assert nightly["entrypoint"] == "flows/retrain.py:retrain"
+    assert policy_check["entrypoint"] == "flows/policy.py:retrain_policy"
+    assert policy_check["schedules"][0]["cron"] == "{{ $MEDLOOP_POLICY_CRON }}"
+    for deployment in (nightly, policy_check):
+        assert deployment["parameters"] == {"params_file": "{{ $MEDLOOP_PARAMS_FILE }}"}
+        assert deployment["work_pool"]["name"] == "{{ $MEDLOOP_WORK_POOL }}"
+        assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+        assert (ROOT / deployment["entrypoint"].split(":")[0]).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_policy_flow_starts_the_retrain_deployment_with_its_reason(tmp_path, prefect_api, monkeypatch):
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from pipelines import policy
+    from test_policy import _confirm, _workspace
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api["url"])
+    monkeypatch.setenv("PREFECT_HOME", prefect_api["home"])
+    layout = _workspace(tmp_path, on_drift=True)  # no champion yet: drift is checked, and absent
+    params = load(layout)
+    medloop = [sys.executable, "-m", "medloop"]
+    scheduled = subprocess.run([*medloop, "schedule", "-w", str(layout.root)], env=dict(os.environ),
+                               capture_output=True, text=True, timeout=300)
+    assert scheduled.returncode == 0, scheduled.stdout + scheduled.stderr
+    assert f"retrain-policy/{params.retrain_policy.deployment}" in scheduled.stdout
+
+    def retrain_runs() -> list:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=[params.schedule.deployment])))
+
+    def started_by_policy() -> list:
+        return [run for run in retrain_runs() if "trigger:policy" in run.tags]
+
+    _confirm(layout, 2)
+    checked = subprocess.run([*medloop, "policy", "-w", str(layout.root), "--json"], env=dict(os.environ),
+                             capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    decision = json.loads(checked.stdout[checked.stdout.index("{"):])
+    assert decision["retrain"] is False and decision["flow_run_id"] is None and decision["drift"] is None
+    assert started_by_policy() == []
+
+    _confirm(layout, 1, start=2)
+    checked = subprocess.run([*medloop, "policy", "-w", str(layout.root), "--json"], env=dict(os.environ),
+                             capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    decision = json.loads(checked.stdout[checked.stdout.index("{"):])
+    assert decision["retrain"] is True
+    started = started_by_policy()
+    assert [str(run.id) for run in started] == [decision["flow_run_id"]]
+    assert started[0].parameters["reason"] == "policy: 3 new confirmed labels >= 3"
+    assert started[0].parameters["params_file"] == str(layout.params_file)
+    assert "trigger:policy" in started[0].tags
+    logged = [json.loads(line) for line in (layout.state / policy.POLICY_FILE).read_text().splitlines()]
+    assert [entry["retrain"] for entry in logged] == [False, True]
