@@ -16,7 +16,7 @@ says which rules fired and which one held it back, and is kept in ``.medloop/pol
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -39,6 +39,7 @@ class PolicyDecision:
         drift: the drift report (``DriftReport.as_dict()``), or None when drift is not checked.
         last_run_started: when the last retrain started (ISO), None when there was none.
         checked_at: when the check ran (ISO, UTC).
+        flow_run_id: the retrain flow run the check started, if it started one.
     """
 
     retrain: bool
@@ -49,7 +50,6 @@ class PolicyDecision:
     last_run_started: str | None
     checked_at: str
     flow_run_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def reason(self) -> str:
