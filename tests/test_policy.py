@@ -13,9 +13,10 @@ from pipelines.store.feedback import FeedbackStore
 from pipelines.workspace import database_url
 
 
-def _workspace(tmp_path, **rules):
+def _workspace(tmp_path, schedule=None, **rules):
     params = tabular_params()
     params["retrain_policy"].update({"min_new_labels": 3, "cooldown_hours": 6, "on_drift": False, **rules})
+    params["schedule"].update(schedule or {})
     return make_workspace(tmp_path, params)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT, free_port, load, make_workspace
 from test_flow_retrain import passing_params, registry
+from tests_support import daily_cron_away_from_now
 
 RUN_SECONDS = 600
 
@@ -44,8 +45,12 @@ def test_schedule_worker_and_a_backlog_of_due_runs(tmp_path, prefect_api, monkey
     monkeypatch.setenv("PREFECT_API_URL", prefect_api["url"])
     monkeypatch.setenv("PREFECT_HOME", prefect_api["home"])
     params = passing_params()
-    params["schedule"].update(work_pool="medloop-test", deployment="nightly-test", cron="30 1 * * *",
+    # Schedules far from the test's own clock: no scheduled nightly run or policy check falls due
+    # (and races the three runs below for the worker) while the test runs, at any hour.
+    nightly_cron, nightly_at = daily_cron_away_from_now("Europe/Paris")
+    params["schedule"].update(work_pool="medloop-test", deployment="nightly-test", cron=nightly_cron,
                               timezone="Europe/Paris")
+    params["retrain_policy"]["check_cron"] = daily_cron_away_from_now(hours_ahead=11)[0]
     layout = make_workspace(tmp_path, params)
     env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
     medloop = [sys.executable, "-m", "medloop"]
@@ -63,7 +68,7 @@ def test_schedule_worker_and_a_backlog_of_due_runs(tmp_path, prefect_api, monkey
         assert deployment.global_concurrency_limit.limit == 1
         assert deployment.concurrency_options.collision_strategy.value == "CANCEL_NEW"
         [schedule] = deployment.schedules
-        assert schedule.schedule.cron == "30 1 * * *" and schedule.schedule.timezone == "Europe/Paris"
+        assert schedule.schedule.cron == nightly_cron and schedule.schedule.timezone == "Europe/Paris"
         # The nightly schedule has put runs on the calendar; `medloop status` reports the next one.
         from flows.deployments import next_scheduled_run
 
@@ -71,7 +76,7 @@ def test_schedule_worker_and_a_backlog_of_due_runs(tmp_path, prefect_api, monkey
         while (due := next_scheduled_run(load(layout))) is None and time.monotonic() < deadline:
             time.sleep(1)
         assert due is not None and due.timestamp() > time.time()
-        assert due.astimezone(ZoneInfo("Europe/Paris")).strftime("%H:%M") == "01:30"
+        assert due.astimezone(ZoneInfo("Europe/Paris")).strftime("%H:%M") == nightly_at
 
         # Three runs due now, as after a worker outage: only one may run.
         runs = [client.create_flow_run_from_deployment(deployment.id) for _ in range(3)]
@@ -148,7 +153,12 @@ def test_the_policy_flow_starts_the_retrain_deployment_with_its_reason(tmp_path,
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api["url"])
     monkeypatch.setenv("PREFECT_HOME", prefect_api["home"])
-    layout = _workspace(tmp_path, on_drift=True)  # no champion yet: drift is checked, and absent
+    # The nightly run is due about 12 h after the test's clock, well outside the 6 h cooldown, so the
+    # policy's "nightly run due soon" rule holds nothing back at any hour of the day.
+    nightly_cron = daily_cron_away_from_now()[0]
+    layout = _workspace(tmp_path, on_drift=True,  # no champion yet: drift is checked, and absent
+                        schedule={"cron": nightly_cron, "timezone": "UTC"},
+                        check_cron=daily_cron_away_from_now(hours_ahead=11)[0])
     params = load(layout)
     medloop = [sys.executable, "-m", "medloop"]
     scheduled = subprocess.run([*medloop, "schedule", "-w", str(layout.root)], env=dict(os.environ),

@@ -39,3 +39,21 @@ def fresh_postgres_database(prefix: str):
                                {"name": name})
             connection.execute(text(f'DROP DATABASE "{name}"'))
         admin.dispose()
+
+
+def daily_cron_away_from_now(timezone: str = "UTC", hours_ahead: int = 12) -> tuple[str, str]:
+    """A daily cron that fires about ``hours_ahead`` hours after the test's own clock, in ``timezone``.
+
+    Schedules in tests are chosen relative to the clock the test runs at, so that no scheduled run
+    falls due while the test runs and no "nightly run due soon" rule depends on the hour of day.
+    The local hour 02 is skipped: daylight saving makes it missing or doubled on some days.
+
+    Returns:
+        The cron expression and the ``"HH:MM"`` local time it fires at.
+    """
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    at = datetime.now(ZoneInfo(timezone)) + timedelta(hours=hours_ahead)
+    hour = 3 if at.hour == 2 else at.hour
+    return f"{at.minute} {hour} * * *", f"{hour:02d}:{at.minute:02d}"
