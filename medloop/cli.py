@@ -6,6 +6,7 @@ inside the commands so that ``medloop --help`` answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks 
 @app.command()
 def init(
     folder: Path = typer.Argument(Path("."), help="Where to create the workspace."),
-    params: Optional[Path] = typer.Option(None, "--params", help="Profile to use as params.yaml."),
+    params: Optional[str] = typer.Option(None, "--params", help="params file, or a shipped profile by name (breast_cancer)."),
 ) -> None:
     """Create a workspace (git + DVC, params.yaml, dvc.yaml, stage code, DVC remote)."""
     from pipelines.scaffold import create_workspace
@@ -77,10 +78,12 @@ def repro(
 @app.command()
 def refresh(workspace: Path = WorkspaceOption, night: Optional[int] = typer.Option(None)) -> None:
     """Run the data-refresh flow once (collect -> clean -> validate -> preprocess -> commit)."""
+    layout = _layout(workspace, collects=True)
     _quiet_prefect()
     from flows.data_refresh import data_refresh
 
-    outcome = data_refresh(str(Path(workspace).resolve()), night)
+    with _logs_to_workspace(layout):
+        outcome = data_refresh(str(layout.root), night)
     _console().print(outcome)
 
 
@@ -136,7 +139,7 @@ def run(
                                help="What started it; kept in the report and on the MLflow run."),
 ) -> None:
     """Run the retrain flow once now, with a live view of its steps."""
-    summary = _run_retrain(_layout(workspace), reason)
+    summary = _run_retrain(_layout(workspace, collects=True), reason)
     _print_summary(summary)
 
 
@@ -168,7 +171,8 @@ def policy(
         from flows.policy import retrain_policy as policy_flow
 
         api_url()  # the retrain it may start is a run of the deployment on the server
-        decision = policy_flow(str(layout.params_file))
+        with _logs_to_workspace(layout):
+            decision = policy_flow(str(layout.params_file))
     if as_json:
         typer.echo(json.dumps(decision, indent=2, default=str))
         return
@@ -370,7 +374,8 @@ def token_add(
 @app.command()
 def demo(
     workspace: Path = typer.Option(Path("workspace/demo"), "--workspace", "-w"),
-    params: Optional[Path] = typer.Option(None, "--params", help="Profile (default: params.yaml)."),
+    params: Optional[str] = typer.Option(None, "--params",
+                                         help="params file, or a shipped profile by name (default: params.yaml)."),
     nights: int = typer.Option(3, help="How many nights to simulate."),
 ) -> None:
     """Create a workspace and run the retrain flow for several simulated nights."""
@@ -400,7 +405,7 @@ def _run_retrain(layout, reason: str = "started by hand (medloop run)") -> dict:
     console = _console()
     progress.subscribe(view.update)
     try:
-        with Live(view, console=console, refresh_per_second=4):
+        with _logs_to_workspace(layout), Live(view, console=console, refresh_per_second=4):
             return retrain(str(layout.params_file), reason)
     finally:
         progress.unsubscribe(view.update)
@@ -446,10 +451,49 @@ def _demo_summary(layout) -> None:
     console.print(f"data versions:    git -C {layout.root} log --oneline; git -C {layout.root} tag", highlight=False)
 
 
-def _layout(workspace: Path):
+def _layout(workspace: Path, *, collects: bool = False):
+    """The workspace, with its params checked before any flow or server starts (a config error
+    is one paragraph in well under a second, not a failed flow run); with ``collects``, also the
+    de-identification salt that collecting needs."""
+    from pipelines.config import load_params
     from pipelines.workspace import Layout
 
-    return Layout.at(workspace).require()
+    layout = Layout.at(workspace).require()
+    params = load_params(layout.params_file)
+    if collects:
+        from pipelines.deid.keys import load_salt
+
+        load_salt(params.deid.salt_env)
+    return layout
+
+
+@contextlib.contextmanager
+def _logs_to_workspace(layout):
+    """While a flow runs in this process, what Prefect and medloop log (tracebacks of a failed
+    task included) goes to the workspace's ``logs/medloop.log``, not to the terminal: the person
+    sees the live view and one paragraph of error (``main``)."""
+    import logging
+
+    from pipelines.logs import FORMAT
+
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(layout.logs / "medloop.log")
+    to_file.setFormatter(logging.Formatter(FORMAT))
+    loggers = [logging.getLogger(), logging.getLogger("medloop")]
+    moved = {}
+    for logger in loggers:
+        moved[logger] = [h for h in logger.handlers if type(h) is not logging.FileHandler]
+        for handler in moved[logger]:
+            logger.removeHandler(handler)
+        logger.addHandler(to_file)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(to_file)
+            for handler in moved[logger]:
+                logger.addHandler(handler)
+        to_file.close()
 
 
 def _quiet_prefect() -> None:

@@ -537,7 +537,11 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem} (check the brackets, quotes and "
+                          f"indentation there)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return parse_params(raw, origin=str(path))
@@ -571,6 +575,9 @@ def _describe(exc: ValidationError) -> str:
             message = error["msg"]
             if "input" in error and kind not in ("model_type", "dict_type"):
                 message += f" (got {mask_credentials(repr(error['input']))})"
+            if isinstance(error.get("input"), bool) and kind == "string_type":
+                message += (f"; YAML reads an unquoted yes/no, on/off or true/false as a boolean: "
+                            f"quote it (\"{'Yes' if error['input'] else 'No'}\")")
         lines.append(f"  - {key}: {message}")
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from pipelines.config import load_params
-from pipelines.errors import WorkspaceError
+from pipelines.errors import ConfigError, WorkspaceError
 from pipelines.versioning import configure_remote, dvc, git
 from pipelines.workspace import Layout
 
@@ -20,6 +20,7 @@ WORKSPACE_GITIGNORE = """\
 # medloop workspace: data is tracked by DVC (.dvc files), not by git
 logs/
 .medloop/
+dvc-remote/
 __pycache__/
 *.pyc
 """
@@ -58,7 +59,7 @@ def create_workspace(target: str | Path, params_file: str | Path | None = None) 
         dvc(layout, "config", "core.autostage", "true")
         dvc(layout, "config", "core.analytics", "false")
     if params_file is not None or not layout.params_file.exists():
-        chosen = Path(params_file) if params_file is not None else source / "params.yaml"
+        chosen = resolve_profile(params_file) if params_file is not None else source / "params.yaml"
         params = load_params(chosen)  # refuse a broken profile before copying it
         shutil.copyfile(chosen, layout.params_file)
     else:
@@ -74,6 +75,27 @@ def create_workspace(target: str | Path, params_file: str | Path | None = None) 
         git(layout, "-c", "user.name=medloop", "-c", "user.email=medloop@localhost",
             "commit", "--quiet", "-m", "medloop workspace: params, dvc.yaml and stage code")
     return layout
+
+
+def resolve_profile(name: str | Path) -> Path:
+    """The params file a user named: a path, or a profile shipped with medloop by name.
+
+    ``profiles/breast_cancer.yaml``, ``breast_cancer.yaml`` and ``breast_cancer`` all name the
+    shipped tabular profile from any folder; an existing file at the given path wins.
+
+    Raises:
+        ConfigError: neither a file nor a shipped profile; the message lists the shipped ones.
+    """
+    given = Path(name)
+    if given.is_file():
+        return given
+    shipped = project_root() / "profiles"
+    for candidate in (project_root() / given, shipped / given.name, shipped / f"{given.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = ", ".join(sorted(p.stem for p in shipped.glob("*.yaml"))) or "none"
+    raise ConfigError(f"{name}: no such params file, and no shipped profile of that name "
+                      f"(shipped profiles: {names}; or give the path of your own params.yaml)")
 
 
 def _copy_code(source: Path, target: Path) -> None:

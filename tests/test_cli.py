@@ -108,3 +108,45 @@ def test_ui_starts_mlflow_and_prefect_on_localhost_and_stops_on_ctrl_c(tmp_path)
     for port in (mlflow_port, prefect_port):
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def test_init_by_profile_name_and_errors_in_one_paragraph_before_and_during_a_run(tmp_path):
+    """A shipped profile is found by name from any folder; the DVC remote is the workspace's own;
+    a config error stops `medloop run` before any flow starts; an error inside the flow is one
+    paragraph on the terminal, its traceback in the workspace's log."""
+    import shutil
+
+    import yaml
+
+    from conftest import ROOT, SALT
+
+    created = subprocess.run([*MEDLOOP, "init", "ws", "--params", "breast_cancer"], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=120)
+    assert created.returncode == 0, created.stderr
+    ws = tmp_path / "ws"
+    assert (ws / "params.yaml").read_text() == (ROOT / "profiles" / "breast_cancer.yaml").read_text()
+    assert f"url = {ws / 'dvc-remote'}" in (ws / ".dvc" / "config").read_text()
+    assert subprocess.run(["git", "-C", str(ws), "status", "--porcelain"], capture_output=True,
+                          text=True).stdout == ""  # the remote folder is not git's business
+    unknown = medloop("init", str(tmp_path / "other"), "--params", "no_such_profile")
+    assert unknown.returncode == 1 and "shipped profiles: breast_cancer" in " ".join(unknown.stderr.split())
+
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    good = yaml.safe_dump(params, sort_keys=False)
+    (ws / "params.yaml").write_text(good.replace("- benign\n  - malignant\n", "- No\n  - Yes\n")
+                                    .replace("positive_class: malignant", "positive_class: 'Yes'"))
+    refused = medloop("run", "-w", str(ws), env={"MEDLOOP_DEID_SALT": SALT})
+    assert refused.returncode == 1
+    message = " ".join(refused.stderr.split())
+    assert "model.classes.0: Input should be a valid string (got False)" in message
+    assert 'quote it ("No")' in message and "Traceback" not in refused.stdout + refused.stderr
+    assert not (ws / "logs").exists() and not (ws / "data").exists()  # no flow started
+
+    params["source"] = {"kind": "csv", "path": str(tmp_path / "missing.csv")}
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    failed = medloop("run", "-w", str(ws), env={"MEDLOOP_DEID_SALT": SALT})
+    assert failed.returncode == 1
+    assert f"error: source.path {tmp_path / 'missing.csv'}: file not found" in " ".join(failed.stderr.split())
+    assert "Traceback" not in failed.stdout + failed.stderr
+    assert "Traceback" in (ws / "logs" / "medloop.log").read_text()
+    shutil.rmtree(ws)

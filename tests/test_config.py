@@ -77,7 +77,7 @@ def test_unreadable_files_are_named(tmp_path):
         load_params(tmp_path / "missing.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"broken.yaml, line 2, column 1: not valid YAML: expected .*check the brackets"):
         load_params(broken)
     listed = tmp_path / "list.yaml"
     listed.write_text(yaml.safe_dump([1, 2]))
