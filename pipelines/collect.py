@@ -298,7 +298,7 @@ def _collect_tables(params: Params, source, state: SourceState, salt: bytes, see
         clean.insert(0, "item_id", item_ids[fresh].to_numpy())
         clean.insert(1, "content_hash", _row_hashes(clean.drop(columns=["item_id"]), None).to_numpy())
         stored_frames.append(clean)
-        subgroups = {name: clean[name] for name in ("sex", "age_band", "view", "site") if name in clean.columns}
+        subgroups = {name: clean[name] for name in manifest.SUBGROUP_COLUMNS if name in clean.columns}
         batch_manifest = pd.DataFrame({
             "record_id": [f"batches/{batch_id}/rows.parquet#{n}" for n in row_numbers],
             "item_id": clean["item_id"],

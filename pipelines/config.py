@@ -174,6 +174,9 @@ class TabularSchema(Strict):
     study_date: str | None = None
 
 
+# Subgroups that collect reads from an item's metadata (DICOM tags, image folders) into the manifest.
+METADATA_SUBGROUPS = ("sex", "age_band", "view", "site")
+
 IdentifierAction = Literal["drop", "pseudonymize", "year", "age_band", "age"]
 
 
@@ -492,12 +495,54 @@ class Params(Strict):
                 raise ValueError(f"source.kind {kind!r} gives images, but model.modality is tabular")
             if self.tabular is None:
                 raise ValueError("tabular is required when model.modality is tabular")
+        self._identifier_rules_hold_everywhere()
+        self._subgroups_have_a_source()
         for raw, target in self.clean.label_aliases.items():
             if target not in self.model.classes:
                 raise ValueError(
                     f"clean.label_aliases.{raw} maps to {target!r}, not one of {self.model.classes}"
                 )
         return self
+
+    def _identifier_rules_hold_everywhere(self) -> None:
+        """A Safe Harbor rule on a column holds wherever the column is used: a column whose rule
+        drops, pseudonymises or bands it cannot also be kept as the label, a feature or a
+        subgroup, where its raw value would be stored."""
+        schema = self.tabular
+        if schema is None:
+            return
+        kept_as_value = {"age": "whole years, ages over 89 become 90", "year": "its year only"}
+        uses = [("tabular.label", [schema.label]), ("tabular.features", list(schema.features)),
+                ("tabular.subgroups", list(schema.subgroups))]
+        for column, action in self.deid.columns.items():
+            if action in kept_as_value:
+                continue  # the feature or subgroup gets the de-identified value
+            for section, names in uses:
+                if column in names:
+                    raise ValueError(
+                        f"{section} uses {column!r}, but deid.columns.{column} is {action!r}: the "
+                        f"column would reach the data with its raw, identifying values. Keep it "
+                        f"under one of the two: "
+                        + (f"`deid.columns.{column}: age` keeps it as a number ({kept_as_value['age']}), "
+                           f"or use the subgroup age_band" if action == "age_band" else
+                           f"take it out of {section}, or give it a rule that keeps a safe value "
+                           f"({', '.join(f'{k}: {v}' for k, v in kept_as_value.items())})"))
+
+    def _subgroups_have_a_source(self) -> None:
+        """Every subgroup comes from somewhere: a column of the source (checked when it is read),
+        ``age_band`` from an ``age_band`` rule, or, for images, the DICOM metadata."""
+        if self.tabular is not None:
+            if "age_band" in self.tabular.subgroups and "age_band" not in self.deid.columns.values():
+                raise ValueError("tabular.subgroups names 'age_band', but no deid.columns rule is "
+                                 "'age_band' to make it (e.g. `deid.columns.age: age_band`)")
+            available, where = self.tabular.subgroups, "tabular.subgroups"
+        else:
+            available, where = list(METADATA_SUBGROUPS), "the image metadata"
+        missing = [name for name in self.evaluate.subgroups if name not in available]
+        if missing:
+            raise ValueError(f"evaluate.subgroups names {', '.join(repr(m) for m in missing)}, which "
+                             f"{where} does not give ({', '.join(available) or 'none'}): add it there, or "
+                             f"remove it from evaluate.subgroups")
 
     @property
     def validate_spec(self) -> ValidateSpec:

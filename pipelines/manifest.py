@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.config import METADATA_SUBGROUPS
 from pipelines.workspace import Layout
 
 MANIFEST_FILE = "manifest.parquet"
@@ -41,7 +42,7 @@ COLUMNS: dict[str, str] = {
     "reason": "string",  # why rejected (empty when stored)
 }
 
-SUBGROUP_COLUMNS = ("sex", "age_band", "view", "site")
+SUBGROUP_COLUMNS = METADATA_SUBGROUPS  # the manifest columns that hold subgroup values
 
 
 def new_batch_id(now: datetime | None = None) -> str:

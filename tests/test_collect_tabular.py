@@ -66,6 +66,24 @@ def test_ages_over_89_become_90_plus(tmp_path):
     collect.run(load(layout), layout)
     stored = pd.read_parquet(next(layout.batches.glob("*/rows.parquet")))
     assert list(stored["age_band"]) == ["30-39", "80-89", "90+", "90+", "90+", "60-69"]
+    assert "age" not in stored.columns
+
+
+def test_an_age_kept_as_a_feature_is_capped_there_too(tmp_path):
+    """`deid.columns.age: age` keeps the age as a feature, Safe Harbor capped (over 89 -> 90)."""
+    rows = breast_cancer_rows(6)
+    rows["age"] = [34, 89, 90, 95, 102, 61]
+    path = tmp_path / "ages.csv"
+    rows.to_csv(path, index=False)
+    params = tabular_params(kind="csv", path=str(path))
+    params["deid"]["columns"]["age"] = "age"
+    params["tabular"]["features"]["age"] = {"dtype": "int", "min": 0, "max": 120}
+    params["tabular"]["subgroups"] = ["site"]
+    params["evaluate"]["subgroups"] = ["site"]
+    layout = make_workspace(tmp_path, params)
+    collect.run(load(layout), layout)
+    stored = pd.read_parquet(next(layout.batches.glob("*/rows.parquet")))
+    assert list(stored["age"]) == [34, 89, 90, 90, 90, 61]
 
 
 def test_undeclared_identifier_column_is_refused_and_nothing_written(tmp_path):
@@ -91,6 +109,15 @@ def test_missing_columns_name_the_file_and_columns(tmp_path):
     with pytest.raises(SourceError) as error:
         collect.run(load(layout), layout)
     assert f"{path}: missing column(s) 'mean_radius', 'diagnosis'" in str(error.value)
+    assert not layout.batches.exists()
+
+
+def test_a_subgroup_the_source_does_not_have_is_an_error_not_unknown(tmp_path):
+    layout, path = csv_workspace(tmp_path, breast_cancer_rows(10).drop(columns=["site", "age"]))
+    with pytest.raises(SourceError) as error:
+        collect.run(load(layout), layout)
+    assert f"{path}: missing column(s) 'site', 'age'" in str(error.value)
+    assert "tabular.subgroups, or the source of the age_band subgroup" in " ".join(str(error.value).split())
     assert not layout.batches.exists()
 
 

@@ -38,6 +38,8 @@ def test_both_shipped_profiles_load():
         (lambda p: p["schedule"].update(cron="0 2 * *"), "schedule.cron: Value error, expected five cron fields"),
         (lambda p: p["schedule"].update(timezone="Mars/Olympus"), "schedule.timezone: Value error, unknown time zone 'Mars/Olympus'"),
         (lambda p: p.pop("schedule"), "schedule: missing key"),
+        (lambda p: p["evaluate"].update(subgroups=["sex", "ward"]),
+         "evaluate.subgroups names 'ward', which the image metadata does not give (sex, age_band, view, site)"),
     ],
 )
 def test_mistakes_name_the_key(mutate, expected):
@@ -83,3 +85,40 @@ def test_unreadable_files_are_named(tmp_path):
     listed.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_params(listed)
+
+
+def _age_feature(p):
+    p["tabular"]["features"]["age"] = {"dtype": "int", "min": 0, "max": 120}
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (_age_feature, "tabular.features uses 'age', but deid.columns.age is 'age_band': the column would reach "
+                       "the data with its raw, identifying values. Keep it under one of the two: "
+                       "`deid.columns.age: age` keeps it as a number (whole years, ages over 89 become 90)"),
+        (lambda p: p["tabular"]["subgroups"].append("mrn"), "tabular.subgroups uses 'mrn', but deid.columns.mrn is "
+                                                             "'pseudonymize'"),
+        (lambda p: p["tabular"].update(label="birth_date"), "tabular.label uses 'birth_date', but deid.columns."
+                                                             "birth_date is 'drop'"),
+        (lambda p: p["deid"]["columns"].pop("age"), "tabular.subgroups names 'age_band', but no deid.columns rule "
+                                                     "is 'age_band' to make it"),
+        (lambda p: p["evaluate"].update(subgroups=["age_band", "ward"]),
+         "evaluate.subgroups names 'ward', which tabular.subgroups does not give (age_band, site)"),
+    ],
+)
+def test_an_identifier_rule_holds_wherever_the_column_is_used(mutate, expected):
+    params = tabular_params()
+    mutate(params)
+    with pytest.raises(ConfigError) as error:
+        parse_params(params, origin="params.yaml")
+    assert expected in str(error.value)
+
+
+def test_an_age_rule_that_keeps_a_safe_value_may_feed_a_feature():
+    params = tabular_params()
+    params["deid"]["columns"]["age"] = "age"
+    _age_feature(params)
+    params["tabular"]["subgroups"] = ["site"]
+    params["evaluate"]["subgroups"] = ["site"]
+    assert "age" in parse_params(params).tabular.features

@@ -37,12 +37,17 @@ def check_columns(frame: pd.DataFrame, schema: TabularSchema, deid: DeidSpec, or
         DeidentificationError: a column is not declared anywhere.
     """
     columns = [str(c) for c in frame.columns]
-    required = [*schema.features, schema.label]
+    # A subgroup is a column of the source, or age_band made by an age_band rule from its column.
+    banded = [column for column, action in deid.columns.items() if action == "age_band"]
+    subgroup_sources = [name for name in schema.subgroups if name != AGE_BAND] + (
+        banded if AGE_BAND in schema.subgroups else [])
+    required = [*schema.features, schema.label, *subgroup_sources]
     missing = [name for name in required if name not in columns]
     if missing:
         raise SourceError(
             f"{origin}: missing column(s) {', '.join(repr(m) for m in missing)} "
-            f"(declared in tabular.features / tabular.label); found {columns}"
+            f"(declared in tabular.features / tabular.label / tabular.subgroups, or the source of "
+            f"the age_band subgroup); found {columns}"
         )
     declared = set(required) | set(schema.subgroups) | set(deid.columns)
     undeclared = [name for name in columns if name not in declared]
