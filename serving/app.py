@@ -11,7 +11,9 @@
   the model saw it, for the class decided (``explanation``: ``method``, ``class``, ``image_png``
   in base64); such requests are scored on their own, outside any batch.
 - ``POST /feedback``: ``{prediction_id, label, idempotency_key, comment?}``; the reviewer is the
-  caller. ``GET /review`` and ``POST /review/{id}``: the adjudication queue (reviewer role).
+  caller, and the idempotency key is the caller's own: a post that repeats the caller's earlier
+  one with the same key exactly (every field) is a replay (200, nothing stored); the same key
+  with any field changed is 409, naming the caller's own feedback. ``GET /review`` and ``POST /review/{id}``: the adjudication queue (reviewer role).
 - ``POST /admin/reload``: check for a new champion now (admin role).
 - ``GET /monitoring`` (reviewer role): live sensitivity, specificity and agreement per served
   version from confirmed labels, and beside each version the shadow candidate's figures on the

@@ -145,6 +145,11 @@ def test_predict_feedback_adjudication_and_reload(served_workspace):
         assert stored.status_code == 201 and stored.json()["reviewer"] == "dr-clinician"
         replay = client.post("/feedback", json=post, headers=bearer(tokens["clinician"]))
         assert replay.status_code == 200 and replay.json()["feedback_id"] == stored.json()["feedback_id"]
+        # A replay repeats every field: a changed comment is refused, naming the caller's own row.
+        changed = client.post("/feedback", json={**post, "comment": "on second look"}, headers=bearer(tokens["clinician"]))
+        assert changed.status_code == 409 and changed.json()["detail"].startswith(
+            f"idempotency key 'fb-1' was already used for your feedback {stored.json()['feedback_id']}, "
+            f"with a different comment:")
         assert client.post("/feedback", json={**post, "label": "cancer?"},
                            headers=bearer(tokens["clinician"])).status_code == 422
         assert client.post("/feedback", json={**post, "prediction_id": "missing", "idempotency_key": "fb-x"},
@@ -153,8 +158,10 @@ def test_predict_feedback_adjudication_and_reload(served_workspace):
         # Two clinicians disagree on the second case: it goes to the adjudication queue.
         client.post("/feedback", json={"prediction_id": second, "label": label, "idempotency_key": "fb-2"},
                     headers=bearer(tokens["clinician"]))
-        conflict = client.post("/feedback", json={"prediction_id": second, "label": other, "idempotency_key": "fb-3"},
+        # Another clinician's "fb-2" is a different key: stored, no collision.
+        conflict = client.post("/feedback", json={"prediction_id": second, "label": other, "idempotency_key": "fb-2"},
                                headers=bearer(tokens["clinician2"]))
+        assert conflict.status_code == 201 and conflict.json()["reviewer"] == "dr-clinician2"
         assert conflict.json()["adjudication_id"] is not None
         [case] = client.get("/review", headers=bearer(tokens["reviewer"])).json()["open"]
         assert case["prediction_id"] == second
@@ -194,6 +201,7 @@ def test_predict_feedback_adjudication_and_reload(served_workspace):
         assert 'medloop_model_version{model="breast-cancer-mlp"} 1.0' in metrics
         assert 'medloop_feedback_total{outcome="stored"} 4.0' in metrics
         assert 'medloop_feedback_total{outcome="replayed"} 1.0' in metrics
+        assert 'medloop_feedback_total{outcome="conflict"} 1.0' in metrics
 
         # A new champion: the service reloads to it on request (and on its interval).
         edited = yaml.safe_load(layout.params_file.read_text())

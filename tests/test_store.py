@@ -44,8 +44,8 @@ def test_migrations_create_exactly_the_models_schema_and_rerun_as_a_no_op(store_
     from pipelines.store.models import Base
 
     engine = engine_for(store_url)
-    assert upgrade(engine) == "0002"
-    assert upgrade(engine) == "0002"
+    assert upgrade(engine) == "0003"
+    assert upgrade(engine) == "0003"
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     engine.dispose()
@@ -54,7 +54,7 @@ def test_migrations_create_exactly_the_models_schema_and_rerun_as_a_no_op(store_
 @pytest.mark.integration
 def test_an_existing_0001_store_upgrades_to_0002_keeping_its_rows(store_url):
     """A store made before shadow mode (revision 0001, with predictions and feedback in it) is
-    brought to 0002 on open: its rows are kept and shadow answers can be stored for them."""
+    brought to the newest revision on open: its rows are kept and shadow answers can be stored for them."""
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy import inspect, text
@@ -79,7 +79,7 @@ def test_an_existing_0001_store_upgrades_to_0002_keeping_its_rows(store_url):
 
     store = FeedbackStore(store_url)  # migrates on open
     try:
-        assert store.revision == "0002"
+        assert store.revision == "0003"
         with store.engine.connect() as connection:
             assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
         assert "shadow_predictions" in inspect(store.engine).get_table_names()
@@ -145,15 +145,46 @@ def test_feedback_is_idempotent_and_a_reused_key_for_other_feedback_is_refused(s
     from pipelines.store.feedback import Conflict, NotFound
 
     prediction = predict(store)
-    first = store.add_feedback(prediction, "PNEUMONIA", "dr-a", "key-1")
-    again = store.add_feedback(prediction, "PNEUMONIA", "dr-a", "key-1")
+    first = store.add_feedback(prediction, "PNEUMONIA", "dr-a", "key-1", comment="left lower lobe")
+    again = store.add_feedback(prediction, "PNEUMONIA", "dr-a", "key-1", comment="left lower lobe")
     assert first.created and not again.created and again.feedback_id == first.feedback_id
     assert store.feedback_count() == 1
     with pytest.raises(Conflict, match="key-1"):
-        store.add_feedback(prediction, "NORMAL", "dr-a", "key-1")
+        store.add_feedback(prediction, "NORMAL", "dr-a", "key-1", comment="left lower lobe")
     with pytest.raises(NotFound, match="no prediction 'nope'"):
         store.add_feedback("nope", "NORMAL", "dr-a", "key-2")
     assert store.feedback_count() == 1
+
+
+@pytest.mark.integration
+def test_a_replay_must_repeat_every_field_and_keys_belong_to_their_author(store):
+    """The same key with only the comment changed is refused, not answered as a replay that
+    drops the comment; another reviewer's identical key is a different key, and a refusal names
+    only the caller's own feedback."""
+    from pipelines.store.feedback import Conflict
+
+    prediction, other = predict(store, "a" * 64), predict(store, "b" * 64)
+    mine = store.add_feedback(prediction, "PNEUMONIA", "dr-a", "k1", comment="first read")
+    for changed, field in [(dict(comment="second read"), "comment"), (dict(comment=None), "comment"),
+                           (dict(label="NORMAL"), "label"), (dict(prediction_id=other), "prediction_id"),
+                           (dict(label="NORMAL", comment="second read"), "label and comment")]:
+        post = {"prediction_id": prediction, "label": "PNEUMONIA", "comment": "first read", **changed}
+        with pytest.raises(Conflict) as refused:
+            store.add_feedback(post["prediction_id"], post["label"], "dr-a", "k1", comment=post["comment"])
+        assert str(refused.value) == (
+            f"idempotency key 'k1' was already used for your feedback {mine.feedback_id}, with a different "
+            f"{field}: a replay must repeat the prediction_id, label and comment exactly. Send new feedback "
+            f"(a correction too) with a new key.")
+    assert store.feedback_count() == 1
+
+    theirs = store.add_feedback(prediction, "PNEUMONIA", "dr-b", "k1", comment="first read")  # same key, other author
+    assert theirs.created and theirs.feedback_id != mine.feedback_id
+    with pytest.raises(Conflict) as refused:
+        store.add_feedback(prediction, "NORMAL", "dr-b", "k1")
+    assert f"your feedback {theirs.feedback_id}," in str(refused.value)
+    assert f"feedback {mine.feedback_id}" not in str(refused.value)
+    assert not store.add_feedback(prediction, "PNEUMONIA", "dr-a", "k1", comment="first read").created
+    assert store.feedback_count() == 2
 
 
 @pytest.mark.integration
@@ -222,6 +253,118 @@ def test_concurrent_writers_store_exactly_the_unique_feedback(store):
         thread.join()
     assert errors == []
     assert store.feedback_count() == 360
+
+
+APPEND_ONLY_TABLES = ["predictions", "feedback", "adjudications", "adjudication_resolutions", "deployments",
+                      "shadow_predictions"]
+
+
+@pytest.mark.integration
+def test_the_database_refuses_to_update_or_delete_any_stored_row(store):
+    """Append-only is the database's rule, not only the application's: a raw UPDATE or DELETE
+    on any table of the store is refused with an error naming the table, and the row stays."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    prediction = predict(store)
+    store.add_feedback(prediction, "PNEUMONIA", "dr-a", "k1")
+    [case_id] = [store.add_feedback(prediction, "NORMAL", "dr-b", "k2").adjudication_id]
+    store.resolve(case_id, "PNEUMONIA", "dr-senior", reason="lateral view")
+    store.record_deployment("pneumonia-cxr", "3", "test")
+    store.record_shadow_predictions(candidate="4", model_name="pneumonia-cxr", model_version="4", run_id=None,
+                                    operating_threshold=0.5, answers=[{"prediction_id": prediction, "decision": "NORMAL",
+                                                                       "probabilities": {"NORMAL": 0.6, "PNEUMONIA": 0.4}}])
+    statements = {table: [("UPDATE", f"UPDATE {table} SET id = id"), ("DELETE", f"DELETE FROM {table}")]
+                  for table in APPEND_ONLY_TABLES}
+    if store.engine.dialect.name == "postgresql":
+        for table in APPEND_ONLY_TABLES:
+            statements[table].append(("TRUNCATE", f"TRUNCATE {table} CASCADE"))
+    for table, refused in statements.items():
+        for operation, statement in refused:
+            with pytest.raises(IntegrityError) as error, store.engine.begin() as connection:
+                connection.execute(text(statement))
+            assert f"the feedback store is append-only: {operation} on {table} is refused" in str(error.value.orig)
+        with store.engine.connect() as connection:
+            assert connection.execute(text(f"SELECT count(*) FROM {table}")).scalar() >= 1, table
+    assert store.feedback_count() == 2
+    [confirmed] = store.confirmed_labels()
+    assert confirmed["label"] == "PNEUMONIA" and confirmed["how"] == "adjudicated"
+
+
+@pytest.mark.integration
+def test_a_0002_store_upgrades_keeping_its_resolutions_and_takes_keys_per_author(store_url):
+    """A store at 0002 with one resolved and one open adjudication: after the upgrade, the
+    resolution is its own row (the case is still adjudicated), the open case still waits, and
+    a second reviewer may use the first one's key."""
+    from sqlalchemy import text
+
+    from pipelines.store.db import engine_for, upgrade
+    from pipelines.store.feedback import FeedbackStore
+
+    engine = engine_for(store_url)
+    assert upgrade(engine, "0002") == "0002"
+    with engine.begin() as connection:
+        for n, prediction in enumerate(("p-resolved", "p-open")):
+            connection.execute(text(
+                "INSERT INTO predictions (id, created_at, model_name, model_version, input_sha256, modality, "
+                "input_metadata, probabilities, decision, operating_threshold, requested_by) VALUES "
+                "(:id, '2026-11-30 10:00:00+00:00', 'pneumonia-cxr', '3', :sha, 'image', '{}', "
+                "'{\"NORMAL\": 0.3, \"PNEUMONIA\": 0.7}', 'PNEUMONIA', 0.41, 'dr-a')"), {"id": prediction, "sha": f"{n:064x}"})
+            for reviewer, label in (("dr-a", "PNEUMONIA"), ("dr-b", "NORMAL")):
+                connection.execute(text(
+                    "INSERT INTO feedback (created_at, prediction_id, label, reviewer_id, idempotency_key) VALUES "
+                    "('2026-11-30 11:00:00+00:00', :prediction, :label, :reviewer, :key)"),
+                    {"prediction": prediction, "label": label, "reviewer": reviewer, "key": f"{reviewer}-{n}"})
+        connection.execute(text(
+            "INSERT INTO adjudications (created_at, prediction_id, status, labels_in_conflict, resolved_label, "
+            "resolved_by, resolved_at, reason) VALUES ('2026-11-30 12:00:00+00:00', 'p-resolved', 'resolved', "
+            "'[\"NORMAL\", \"PNEUMONIA\"]', 'NORMAL', 'dr-senior', '2026-11-30 13:00:00+00:00', 're-read')"))
+        connection.execute(text(
+            "INSERT INTO adjudications (created_at, prediction_id, status, labels_in_conflict) VALUES "
+            "('2026-11-30 12:00:00+00:00', 'p-open', 'open', '[\"NORMAL\", \"PNEUMONIA\"]')"))
+    engine.dispose()
+
+    store = FeedbackStore(store_url)
+    try:
+        assert store.revision == "0003"
+        [confirmed] = store.confirmed_labels()
+        assert confirmed["prediction_id"] == "p-resolved" and confirmed["label"] == "NORMAL"
+        assert confirmed["how"] == "adjudicated"
+        [waiting] = store.open_reviews()
+        assert waiting["prediction_id"] == "p-open" and waiting["labels_in_conflict"] == ["NORMAL", "PNEUMONIA"]
+        assert store.add_feedback("p-open", "NORMAL", "dr-c", "dr-a-1").created  # dr-a's key, dr-c's feedback
+        assert store.resolve(waiting["id"], "PNEUMONIA", "dr-senior")["resolved_label"] == "PNEUMONIA"
+        assert {case["prediction_id"]: case["label"] for case in store.confirmed_labels()} == {
+            "p-resolved": "NORMAL", "p-open": "PNEUMONIA"}
+    finally:
+        store.close()
+
+
+def test_the_sqlite_store_and_its_wal_files_are_private_to_their_owner(tmp_path):
+    """Created 0600 under a permissive umask; an existing world-readable store is made 0600
+    when it is opened."""
+    import os
+    import stat
+
+    from pipelines.store.feedback import FeedbackStore
+
+    def modes(name: str) -> dict[str, int]:
+        return {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.glob(f"{name}*")}
+
+    previous = os.umask(0o022)
+    try:
+        store = FeedbackStore(f"sqlite:///{tmp_path / 'feedback.db'}")
+        store.add_feedback(predict(store), "PNEUMONIA", "dr-a", "k1", comment="free text")
+        assert modes("feedback.db") == {"feedback.db": 0o600, "feedback.db-wal": 0o600, "feedback.db-shm": 0o600}
+        store.close()
+
+        (tmp_path / "old.db").touch(mode=0o644)
+        store = FeedbackStore(f"sqlite:///{tmp_path / 'old.db'}")
+        predict(store)
+        assert modes("old.db") == {"old.db": 0o600, "old.db-wal": 0o600, "old.db-shm": 0o600}
+        store.close()
+    finally:
+        os.umask(previous)
 
 
 def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path):

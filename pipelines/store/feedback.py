@@ -1,7 +1,8 @@
 """The feedback store's operations: record predictions (and a shadow candidate's answers for
 them), take clinicians' feedback (idempotent, append-only), queue conflicting labels for
 adjudication, resolve them, list the labels that may enter training, and report live
-performance from those labels.
+performance from those labels. Nothing here updates or deletes a row (the database refuses it):
+the state of a case is read from the rows added so far.
 
 A prediction's confirmed label is:
 
@@ -17,12 +18,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.exc import IntegrityError
 
 from pipelines.errors import MedloopError
 from pipelines.store.db import engine_for, sessions, upgrade
-from pipelines.store.models import Adjudication, Deployment, Feedback, Prediction, ShadowPrediction, utcnow
+from pipelines.store.models import (Adjudication, AdjudicationResolution, Deployment, Feedback, Prediction,
+                                    ShadowPrediction)
 
 
 class NotFound(MedloopError):
@@ -30,8 +32,8 @@ class NotFound(MedloopError):
 
 
 class Conflict(MedloopError):
-    """The request contradicts what is stored (an idempotency key reused for different feedback,
-    an adjudication resolved twice)."""
+    """The request contradicts what is stored (a reviewer's idempotency key reused for different
+    feedback, an adjudication resolved twice)."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,8 @@ class FeedbackResult:
     """What a feedback post did.
 
     Attributes:
-        feedback_id: the stored row (the earlier one when the idempotency key was seen before).
-        created: False when the key was seen before and nothing was stored.
+        feedback_id: the stored row (the earlier one when the post replays an earlier one).
+        created: False when the post replayed an earlier one and nothing was stored.
         adjudication_id: the open adjudication of the prediction, when reviewers now disagree.
     """
 
@@ -160,12 +162,15 @@ class FeedbackStore:
                      comment: str | None = None) -> FeedbackResult:
         """Append a reviewer's label for a prediction (a correction is simply a later row).
 
-        Posting again with the same ``idempotency_key`` stores nothing and returns the first
-        row; the same key with different content is refused.
+        An idempotency key is the reviewer's own: another reviewer's identical key is a different
+        key. A post that repeats an earlier one of the same reviewer with the same key, exactly
+        (prediction, label and comment), is a replay: nothing is stored and the earlier row is
+        returned. The same key with any field changed is refused, naming only the reviewer's own
+        earlier row.
 
         Raises:
             NotFound: no such prediction.
-            Conflict: the idempotency key was used for different feedback.
+            Conflict: the reviewer used the idempotency key for different feedback.
         """
         for _attempt in range(2):
             try:
@@ -178,11 +183,17 @@ class FeedbackStore:
     def _add_feedback(self, prediction_id: str, label: str, reviewer_id: str, idempotency_key: str,
                       comment: str | None) -> FeedbackResult:
         with self.session.begin() as session:
-            seen = session.scalars(select(Feedback).where(Feedback.idempotency_key == idempotency_key)).first()
+            seen = session.scalars(select(Feedback).where(Feedback.reviewer_id == reviewer_id,
+                                                          Feedback.idempotency_key == idempotency_key)).first()
             if seen is not None:
-                if (seen.prediction_id, seen.label, seen.reviewer_id) != (prediction_id, label, reviewer_id):
-                    raise Conflict(f"idempotency key {idempotency_key!r} was already used for other feedback "
-                                   f"(feedback {seen.id}); use a new key for new feedback")
+                changed = [name for name, stored, sent in (("prediction_id", seen.prediction_id, prediction_id),
+                                                           ("label", seen.label, label),
+                                                           ("comment", seen.comment, comment)) if stored != sent]
+                if changed:
+                    raise Conflict(
+                        f"idempotency key {idempotency_key!r} was already used for your feedback {seen.id}, "
+                        f"with a different {' and '.join(changed)}: a replay must repeat the prediction_id, "
+                        f"label and comment exactly. Send new feedback (a correction too) with a new key.")
                 return FeedbackResult(seen.id, False, self._open_adjudication(session, prediction_id))
             # Lock the prediction row (PostgreSQL) so that two reviewers' labels are judged
             # for conflict one after the other; SQLite's BEGIN IMMEDIATE already serialises.
@@ -197,45 +208,43 @@ class FeedbackStore:
             latest = self._latest_labels(session, prediction_id)
             adjudication = session.scalars(select(Adjudication).where(Adjudication.prediction_id == prediction_id)).first()
             if len(set(latest.values())) > 1 and adjudication is None:
-                adjudication = Adjudication(prediction_id=prediction_id, status="open",
-                                            labels_in_conflict=sorted(set(latest.values())))
+                adjudication = Adjudication(prediction_id=prediction_id, labels_in_conflict=sorted(set(latest.values())))
                 session.add(adjudication)
                 session.flush()
-            elif adjudication is not None and adjudication.status == "open":
-                adjudication.labels_in_conflict = sorted(set(latest.values()))
-            open_id = adjudication.id if adjudication is not None and adjudication.status == "open" else None
-            return FeedbackResult(row.id, True, open_id)
+                return FeedbackResult(row.id, True, adjudication.id)
+            return FeedbackResult(row.id, True, self._open_adjudication(session, prediction_id))
 
     def open_reviews(self) -> list[dict[str, Any]]:
         """The adjudication queue, oldest first, with every feedback row of each case."""
         with self.session() as session:
-            queue = session.scalars(select(Adjudication).where(Adjudication.status == "open")
+            queue = session.scalars(select(Adjudication).where(~_resolved(Adjudication.id))
                                     .order_by(Adjudication.id)).all()
             return [{
                 "id": case.id, "prediction_id": case.prediction_id, "created_at": case.created_at.isoformat(),
-                "labels_in_conflict": case.labels_in_conflict,
+                "labels_in_conflict": sorted(set(self._latest_labels(session, case.prediction_id).values())),
                 "feedback": [_feedback_dict(row) for row in self._feedback_of(session, case.prediction_id)],
             } for case in queue]
 
     def resolve(self, adjudication_id: int, label: str, reviewer_id: str, reason: str | None = None) -> dict[str, Any]:
-        """Settle a case; from now on ``label`` is the prediction's confirmed label.
+        """Settle a case (a resolution row beside it); from now on ``label`` is the prediction's
+        confirmed label.
 
         Raises:
             NotFound: no such adjudication.
             Conflict: it was already resolved.
         """
         with self.session.begin() as session:
+            # Locked (PostgreSQL) so that two reviewers resolving at once are judged one after the
+            # other; the unique adjudication_id of a resolution stands behind it.
             case = session.scalars(select(Adjudication).where(Adjudication.id == adjudication_id).with_for_update()).first()
             if case is None:
                 raise NotFound(f"no adjudication {adjudication_id}")
-            if case.status != "open":
-                raise Conflict(f"adjudication {adjudication_id} was already resolved as {case.resolved_label!r} "
-                               f"by {case.resolved_by}")
-            case.status = "resolved"
-            case.resolved_label = label
-            case.resolved_by = reviewer_id
-            case.resolved_at = utcnow()
-            case.reason = reason
+            earlier = self._resolution(session, adjudication_id)
+            if earlier is not None:
+                raise Conflict(f"adjudication {adjudication_id} was already resolved as {earlier.resolved_label!r} "
+                               f"by {earlier.resolved_by}")
+            session.add(AdjudicationResolution(adjudication_id=adjudication_id, resolved_label=label,
+                                               resolved_by=reviewer_id, reason=reason))
             return {"id": case.id, "prediction_id": case.prediction_id, "resolved_label": label,
                     "resolved_by": reviewer_id}
 
@@ -259,8 +268,9 @@ class FeedbackStore:
                 rows = self._feedback_of(session, prediction_id)
                 latest = self._latest_labels(session, prediction_id)
                 case = session.scalars(select(Adjudication).where(Adjudication.prediction_id == prediction_id)).first()
-                if case is not None and case.status == "resolved":
-                    label, how = case.resolved_label, "adjudicated"
+                resolution = None if case is None else self._resolution(session, case.id)
+                if resolution is not None:
+                    label, how = resolution.resolved_label, "adjudicated"
                 elif case is None and len(set(latest.values())) == 1:
                     label, how = next(iter(latest.values())), "agreed"
                 else:
@@ -353,9 +363,18 @@ class FeedbackStore:
 
     @staticmethod
     def _open_adjudication(session: Any, prediction_id: str) -> int | None:
-        case = session.scalars(select(Adjudication).where(Adjudication.prediction_id == prediction_id,
-                                                          Adjudication.status == "open")).first()
-        return case.id if case is not None else None
+        return session.scalars(select(Adjudication.id).where(Adjudication.prediction_id == prediction_id,
+                                                             ~_resolved(Adjudication.id))).first()
+
+    @staticmethod
+    def _resolution(session: Any, adjudication_id: int) -> AdjudicationResolution | None:
+        return session.scalars(select(AdjudicationResolution)
+                               .where(AdjudicationResolution.adjudication_id == adjudication_id)).first()
+
+
+def _resolved(adjudication_id: Any) -> Any:
+    """SQL: the adjudication has a resolution."""
+    return exists().where(AdjudicationResolution.adjudication_id == adjudication_id)
 
 
 def _feedback_dict(row: Feedback) -> dict[str, Any]:

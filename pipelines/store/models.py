@@ -1,6 +1,8 @@
-"""Tables of the feedback store: predictions, feedback, adjudications, deployments and shadow
-answers. Rows are only ever added: a correction is a new feedback row, a resolution is an update
-of its adjudication's open row into a resolved one, and nothing is deleted."""
+"""Tables of the feedback store: predictions, feedback, adjudications and their resolutions,
+deployments and shadow answers. Rows are only ever added: a correction is a new feedback row, a
+resolution is a new row beside its adjudication, and nothing is updated or deleted. The database
+holds to that itself: migration 0003 puts triggers on every one of these tables that refuse
+UPDATE and DELETE (and TRUNCATE on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -37,10 +39,14 @@ class Prediction(Base):
 
 
 class Feedback(Base):
-    """A clinician's confirmed label for a prediction. Append-only: a correction is a new row."""
+    """A clinician's confirmed label for a prediction. Append-only: a correction is a new row.
+
+    An idempotency key belongs to its author (``reviewer_id``, the token's holder): two reviewers
+    may use the same key for different feedback.
+    """
 
     __tablename__ = "feedback"
-    __table_args__ = (UniqueConstraint("idempotency_key", name="uq_feedback_idempotency_key"),)
+    __table_args__ = (UniqueConstraint("reviewer_id", "idempotency_key", name="uq_feedback_reviewer_idempotency_key"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
@@ -52,19 +58,29 @@ class Feedback(Base):
 
 
 class Adjudication(Base):
-    """Reviewers disagree on a prediction's label: the case waits here until a reviewer with the
-    reviewer role resolves it, and only then enters training."""
+    """Reviewers disagree on a prediction's label: the case waits in the queue until a reviewer
+    with the reviewer role resolves it (an `AdjudicationResolution` row), and only then enters
+    training. The row itself never changes: ``labels_in_conflict`` are the labels when the case
+    was opened (the queue shows the reviewers' current labels)."""
 
     __tablename__ = "adjudications"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), unique=True)
-    status: Mapped[str] = mapped_column(String(20), default="open", index=True)  # open | resolved
     labels_in_conflict: Mapped[list] = mapped_column(JSON)
-    resolved_label: Mapped[str | None] = mapped_column(String(100), nullable=True)
-    resolved_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AdjudicationResolution(Base):
+    """How a case was settled: at most one per adjudication (a second resolution is refused)."""
+
+    __tablename__ = "adjudication_resolutions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    adjudication_id: Mapped[int] = mapped_column(ForeignKey("adjudications.id"), unique=True)
+    resolved_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    resolved_label: Mapped[str] = mapped_column(String(100))
+    resolved_by: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
