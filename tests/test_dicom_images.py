@@ -8,12 +8,10 @@ compressed file is compared with its uncompressed (or lossless) twin where pydic
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -33,45 +31,27 @@ from pipelines.config import DicomHeaderSpec, load_params, parse_params
 from pipelines.deid.dicom import deidentify_dicom
 from pipelines.errors import ConfigError
 from pipelines.images import DecodedImage, ImageProblem, check_dicom_header, decode_image
+from tests_support import chest_dicom, dicom_file_bytes
+from tests_support import pydicom_test_file as shipped
 
 CHEST_XRAY = load_params(ROOT / "params.yaml").clean.image.dicom
 LIMITS = {"min_side": 1, "max_pixels": 50_000_000}
-
-
-def shipped(name: str) -> bytes:
-    path = get_testdata_file(name, download=False)
-    assert path is not None, f"pydicom test file {name} is not installed"
-    return Path(path).read_bytes()
 
 
 def dataset(name: str) -> pydicom.Dataset:
     return pydicom.dcmread(io.BytesIO(shipped(name)))
 
 
-def as_bytes(ds: pydicom.Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def chest(ds: pydicom.Dataset, **tags: str | None) -> bytes:
-    """The data set relabelled as a chest radiograph, with the given tags changed (None: removed)."""
-    ds.Modality = "CR"
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    for keyword, value in tags.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    return as_bytes(ds)
+def frontal(name: str, **tags: str | None) -> bytes:
+    """A pydicom test file relabelled as a PA chest radiograph, with the given tags changed."""
+    return chest_dicom(name, **{"ViewPosition": "PA", **tags})
 
 
 def decode(data: bytes, channels: int = 1, rules: DicomHeaderSpec | None = None) -> DecodedImage:
     return decode_image(data, channels=channels, dicom_header=rules, **LIMITS)
 
 
-def rules(**tags: dict) -> DicomHeaderSpec:
+def header_rules(**tags: dict) -> DicomHeaderSpec:
     return DicomHeaderSpec(tags=tags)
 
 
@@ -94,26 +74,26 @@ class TestHeaderRules:
         assert str(caught.value) == reason
 
     def test_a_chest_radiograph_passes(self) -> None:
-        decoded = decode(chest(dataset("MR_small.dcm")), rules=CHEST_XRAY)
+        decoded = decode(frontal("MR_small.dcm"), rules=CHEST_XRAY)
         assert decoded.pixels.shape == (64, 64, 1) and decoded.header_warnings == ()
 
     @pytest.mark.parametrize("absent", ["ViewPosition", "BodyPartExamined"])
     def test_an_absent_optional_tag_passes(self, absent: str) -> None:
         # A PACS export often lacks ViewPosition (and BodyPartExamined, which is Type 3).
-        decode(chest(dataset("MR_small.dcm"), **{absent: None}), rules=CHEST_XRAY)
+        decode(frontal("MR_small.dcm", **{absent: None}), rules=CHEST_XRAY)
 
     def test_an_empty_tag_counts_as_absent(self) -> None:
-        decode(chest(dataset("MR_small.dcm"), ViewPosition=""), rules=CHEST_XRAY)
+        decode(frontal("MR_small.dcm", ViewPosition=""), rules=CHEST_XRAY)
 
     def test_an_absent_required_tag_is_refused(self) -> None:
         with pytest.raises(ImageProblem) as caught:
-            decode(chest(dataset("MR_small.dcm"), Modality=None), rules=CHEST_XRAY)
+            decode(frontal("MR_small.dcm", Modality=None), rules=CHEST_XRAY)
         assert str(caught.value) == (
             "DICOM Modality is absent but required (clean.image.dicom.tags.Modality.required)"
         )
 
     def test_every_broken_rule_is_named(self) -> None:
-        data = chest(dataset("MR_small.dcm"), BodyPartExamined="KNEE", ViewPosition="LL")
+        data = frontal("MR_small.dcm", BodyPartExamined="KNEE", ViewPosition="LL")
         with pytest.raises(ImageProblem) as caught:
             decode(data, rules=CHEST_XRAY)
         assert str(caught.value) == (
@@ -122,7 +102,7 @@ class TestHeaderRules:
         )
 
     def test_colour_is_not_a_radiograph(self) -> None:
-        data = chest(dataset("SC_rgb_rle.dcm"))
+        data = frontal("SC_rgb_rle.dcm")
         with pytest.raises(ImageProblem) as caught:
             decode(data, rules=CHEST_XRAY)
         assert str(caught.value) == (
@@ -131,18 +111,18 @@ class TestHeaderRules:
         )
 
     def test_values_are_compared_without_case_and_padding(self) -> None:
-        decode(chest(dataset("MR_small.dcm"), BodyPartExamined="chest ", ViewPosition="pa"), rules=CHEST_XRAY)
+        decode(frontal("MR_small.dcm", BodyPartExamined="chest ", ViewPosition="pa"), rules=CHEST_XRAY)
 
     def test_a_warn_rule_keeps_the_image_and_says_why(self) -> None:
-        lenient = rules(Modality={"allowed": ["CR", "DX"]},
+        lenient = header_rules(Modality={"allowed": ["CR", "DX"]},
                         ViewPosition={"allowed": ["PA", "AP"], "on_mismatch": "warn"})
-        decoded = decode(chest(dataset("MR_small.dcm"), ViewPosition="LATERAL"), rules=lenient)
+        decoded = decode(frontal("MR_small.dcm", ViewPosition="LATERAL"), rules=lenient)
         assert decoded.header_warnings == (
             "DICOM ViewPosition is 'LATERAL', not one of PA, AP (clean.image.dicom.tags.ViewPosition)",
         )
 
     def test_multi_valued_tag_needs_every_value_allowed(self) -> None:
-        image_type = rules(ImageType={"allowed": ["ORIGINAL", "PRIMARY", "AXIAL"]})
+        image_type = header_rules(ImageType={"allowed": ["ORIGINAL", "PRIMARY", "AXIAL"]})
         ds = dataset("CT_small.dcm")
         assert list(ds.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
         assert check_dicom_header(ds, image_type) == []
@@ -278,7 +258,7 @@ class TestTransferSyntaxes:
     def test_deflated_made_here_is_lossless(self) -> None:
         ds = dataset("MR_small.dcm")
         ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-        deflated = as_bytes(ds)
+        deflated = dicom_file_bytes(ds)
         assert len(deflated) < len(shipped("MR_small.dcm"))
         np.testing.assert_array_equal(decode(deflated).pixels, decode(shipped("MR_small.dcm")).pixels)
 
@@ -308,7 +288,7 @@ class TestTransferSyntaxes:
         ds = dataset("JPGExtended.dcm")
         ds.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.9.9999.1"  # a private syntax
         with pytest.raises(ImageProblem) as caught:
-            decode(as_bytes(ds))
+            decode(dicom_file_bytes(ds))
         assert str(caught.value).startswith(
             "cannot decode DICOM pixel data (1.2.826.0.1.3680043.9.9999.1): Unable to decode the pixel data"
         )
