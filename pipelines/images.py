@@ -24,6 +24,7 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pydicom
@@ -350,7 +351,9 @@ def _decode_dicom(
     except (NotImplementedError, RuntimeError) as exc:
         # No installed plugin supports the syntax, or every one that does failed on the data.
         raise ImageProblem(
-            f"cannot decode DICOM pixel data ({_transfer_syntax(dataset)}): {_plugin_reasons(exc)}"
+            f"cannot decode DICOM pixel data ({_transfer_syntax(dataset)}): {_plugin_reasons(exc)}. "
+            "If another tool opens the file, convert it to an uncompressed transfer syntax "
+            "(e.g. gdcmconv --raw) and collect it again"
         ) from exc
     except Exception as exc:  # truncated pixel data, inconsistent group 0028 values, ...
         raise ImageProblem(f"truncated or corrupt image: {_one_line(exc)}") from exc
@@ -393,7 +396,7 @@ class HeaderMismatch:
     """
 
     keyword: str
-    action: str
+    action: Literal["quarantine", "warn"]
     reason: str
 
 

@@ -282,6 +282,10 @@ class TestTransferSyntaxes:
             "cannot decode DICOM pixel data (JPEG Extended (Process 2 and 4), 1.2.840.10008.1.2.4.51): "
             "pylibjpeg: libjpeg error code '-1038'"
         )
+        assert str(caught.value).endswith(
+            "If another tool opens the file, convert it to an uncompressed transfer syntax (e.g. gdcmconv --raw) "
+            "and collect it again"
+        )
         assert "\n" not in str(caught.value)
 
     def test_an_unknown_transfer_syntax_is_named(self) -> None:
