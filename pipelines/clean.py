@@ -8,7 +8,9 @@ Reads the whole of ``data/raw`` (all batches) and writes:
   features.
 - ``data/clean/intake.parquet``: every collected item, accepted or not, with the reason.
 - ``reports/quarantine.csv``: every item that was not accepted, with its source and the reason
-  (unreadable, unknown label, duplicate, wrong type, ...). Nothing is dropped without a row here.
+  (unreadable, unknown label, duplicate, wrong type, a DICOM whose header breaks
+  ``clean.image.dicom``, a transfer syntax no installed decoder reads, ...). Nothing is dropped
+  without a row here.
 
 A clinician's confirmed label (label provenance ``clinician``, from the feedback exports)
 overrides the label of the same item collected before it: the same pixels for images, the same
@@ -94,6 +96,7 @@ class Verdicts:
         self.raw = raw.reset_index(drop=True)
         self.reason = pd.Series("", index=self.raw.index, dtype="object")
         self.merged = pd.Series("", index=self.raw.index, dtype="object")
+        self.notes = pd.Series("", index=self.raw.index, dtype="object")
         self.label = pd.Series(pd.NA, index=self.raw.index, dtype="string")
         self.provenance = self.raw["label_provenance"].fillna("dataset").astype("string")
         self.label_batch = self.raw["batch_id"].astype("string")
@@ -108,6 +111,10 @@ class Verdicts:
         index = pd.Index(np.atleast_1d(index))
         still_open = index[self.accepted.loc[index]]
         self.reason.loc[still_open] = reason
+
+    def note(self, index, text: str) -> None:
+        """Keep a remark on an accepted item (shown as its reason in the intake)."""
+        self.notes.loc[index] = text
 
     def is_clinician(self, index) -> bool:
         return self.provenance.loc[index] == CLINICIAN
@@ -145,7 +152,8 @@ class Verdicts:
             "batch_id": raw["batch_id"].astype("string"),
             # A merged clinician label was taken in (by the record it labels): accepted.
             "accepted": (self.reason == "").astype(bool),
-            "reason": self.reason.where(self.reason != "", self.merged).astype("string"),
+            "reason": self.reason.where(self.reason != "", self.merged.where(self.merged != "", self.notes))
+            .astype("string"),
         })
 
     def quarantine(self) -> pd.DataFrame:
@@ -186,7 +194,7 @@ def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> p
     todo = verdicts.raw.index[verdicts.accepted]
     jobs = [
         (str(layout.raw / verdicts.raw.at[i, "record_id"]), str(images_dir), verdicts.raw.at[i, "content_hash"],
-         spec.channels, spec.min_side, spec.max_pixels)
+         spec.channels, spec.min_side, spec.max_pixels, spec.dicom)
         for i in todo
     ]
     if len(jobs) >= PARALLEL_FROM and (os.cpu_count() or 1) > 1:
@@ -203,6 +211,12 @@ def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> p
             verdicts.reject(index, outcome["problem"])
             continue
         pixel_hash = outcome.pop("pixel_hash")
+        header_warnings = outcome.pop("header_warnings")
+        if header_warnings:
+            verdicts.note(index, "accepted with a DICOM header warning: " + "; ".join(header_warnings))
+            # The record id is a content hash, never the source path (which may carry a name).
+            log.warning("clean: %s kept despite its DICOM header: %s",
+                        verdicts.raw.at[index, "record_id"], "; ".join(header_warnings))
         if pixel_hash in first_with_pixels:
             keeper = first_with_pixels[pixel_hash]
             if verdicts.is_clinician(index):
@@ -226,14 +240,18 @@ def _clean_one_image(job: tuple) -> dict:
     """Decode, check and convert one stored image (runs in a worker process)."""
     from pipelines.images import ImageProblem, decode_image, encode_png, intensity_stats
 
-    path, images_dir, digest, channels, min_side, max_pixels = job
+    path, images_dir, digest, channels, min_side, max_pixels, dicom_header = job
     try:
         data = Path(path).read_bytes()
-        image = decode_image(data, channels=channels, min_side=min_side, max_pixels=max_pixels)
+        image = decode_image(data, channels=channels, min_side=min_side, max_pixels=max_pixels,
+                             dicom_header=dicom_header)
     except ImageProblem as exc:
         return {"problem": str(exc)}
     except OSError as exc:
         return {"problem": f"stored file unreadable: {exc.strerror or exc}"}
+    except Exception as exc:  # a decoder bug must cost one image, not the whole stage
+        log.exception("clean: unexpected error decoding %s", Path(path).name)
+        return {"problem": f"could not decode the image ({type(exc).__name__}); the traceback is in the log"}
     pixels = image.pixels
     name = f"images/{digest}.png"
     Path(images_dir, f"{digest}.png").write_bytes(encode_png(pixels))
@@ -246,6 +264,7 @@ def _clean_one_image(job: tuple) -> dict:
         "channels": int(pixels.shape[2]),
         **intensity_stats(pixels),
         "conversion": image.conversion,
+        "header_warnings": list(image.header_warnings),
     }
 
 

@@ -202,10 +202,66 @@ class DeidSpec(Strict):
 # --------------------------------------------------------------------------------------------
 
 
+class DicomTagRule(Strict):
+    """What one DICOM header attribute of a training image must hold.
+
+    Attributes:
+        allowed: accepted values, compared case-insensitively after trimming spaces; a
+            multi-valued attribute is accepted when every one of its values is allowed.
+        required: whether a file without the attribute (or with it empty) is refused. When
+            false, an absent attribute passes: PACS exports often leave out optional ones
+            such as ViewPosition or BodyPartExamined.
+        on_mismatch: ``quarantine`` the file (the default), or ``warn``: keep it, and note the
+            mismatch in ``data/clean/intake.parquet`` and the log.
+    """
+
+    allowed: list[str] = Field(min_length=1)
+    required: bool = False
+    on_mismatch: Literal["quarantine", "warn"] = "quarantine"
+
+
+class DicomHeaderSpec(Strict):
+    """Header checks on DICOM files, so that only the images the model is built for are used.
+
+    ``tags`` maps DICOM keywords (``Modality``, ``BodyPartExamined``, ``ViewPosition``,
+    ``PhotometricInterpretation``, ...) to their rule. Only coded-string (CS) attributes can be
+    checked: their values are enumerated codes, never free text that could identify someone.
+    An empty mapping checks nothing. JPEG and PNG files carry no such header and are not
+    checked.
+    """
+
+    tags: dict[str, DicomTagRule]
+
+    @field_validator("tags")
+    @classmethod
+    def _coded_string_keywords(cls, tags: dict[str, DicomTagRule]) -> dict[str, DicomTagRule]:
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+        for keyword in tags:
+            tag = tag_for_keyword(keyword)
+            if tag is None:
+                raise ValueError(f"{keyword!r} is not a DICOM keyword (spelled as in PS3.6, e.g. 'ViewPosition')")
+            if dictionary_VR(tag) != "CS":
+                raise ValueError(
+                    f"{keyword!r} has VR {dictionary_VR(tag)}; only coded-string (CS) attributes can be checked"
+                )
+        return tags
+
+
 class ImageCleanSpec(Strict):
+    """How clean decodes and checks images.
+
+    Attributes:
+        channels: 1 (grayscale) or 3 (RGB, grayscale replicated).
+        min_side: smaller images are quarantined.
+        max_pixels: larger images are quarantined (decompression bomb guard).
+        dicom: header checks on DICOM files (modality, body part, view, photometric).
+    """
+
     channels: Literal[1, 3]
     min_side: int = Field(ge=1)
     max_pixels: int = Field(ge=1)
+    dicom: DicomHeaderSpec
 
 
 class CleanSpec(Strict):

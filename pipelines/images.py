@@ -5,6 +5,12 @@ small, no pixel data) raises `ImageProblem`, whose message is the quarantine rea
 checked from the file's header before any pixel data is decoded, so a small file that declares
 a huge image never allocates it.
 
+A DICOM file is also checked against the header rules it is given (``clean.image.dicom``:
+modality, body part, view, photometric interpretation) before its pixels are decoded, and every
+transfer syntax a PACS export carries is decoded through pydicom's pixel data plugins (pylibjpeg
+with its libjpeg, openjpeg and rle plugins; pinned in constraints.txt). A syntax no installed
+plugin decodes is an `ImageProblem` naming the syntax.
+
 Conversions that change pixel values (bit-depth rescaling, alpha flattening, palette expansion,
 MONOCHROME1 inversion, colour to grayscale) are recorded in `DecodedImage.conversion` so that
 the data card can say what was done to which item.
@@ -13,17 +19,22 @@ the data card can say what was done to which item.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pydicom
 from PIL import Image, ImageFile, UnidentifiedImageError
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.uid import UID
 
+from pipelines.config import DicomHeaderSpec
 from pipelines.deid.image_metadata import sniff_format
 from pipelines.errors import MedloopError
 
@@ -35,6 +46,9 @@ _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xDA)})
 _JPEG_SOS = 0xDA
 _UNDEFINED_LENGTH = 0xFFFFFFFF  # DICOM length of sequences and encapsulated data with delimiters
+# What a DICOM code string (CS) may hold: upper-case letters, digits, space and underscore; a
+# few more are tolerated, since writers are lax about case and punctuation.
+_CODE_CHARACTERS = re.compile(r"[A-Za-z0-9 _.\-\\]*")
 # PNG IHDR colour types.
 _PNG_PALETTE = 3
 
@@ -52,23 +66,34 @@ class DecodedImage:
         conversion: ``""`` when nothing changed beyond replicating a gray channel, else short
             notes joined by ``"; "``, e.g. ``"16-bit rescaled to 8-bit; alpha flattened onto
             black"``.
+        header_warnings: DICOM header mismatches that the rules say to keep the image with
+            (``on_mismatch: warn``), one sentence each.
     """
 
     pixels: np.ndarray
     source_bit_depth: int
     source_mode: str
     conversion: str
+    header_warnings: tuple[str, ...] = ()
 
 
 class ImageProblem(MedloopError):
     """Why an image cannot be used; ``str(exc)`` is the quarantine reason."""
 
 
-def decode_image(data: bytes, *, channels: int, min_side: int, max_pixels: int) -> DecodedImage:
+def decode_image(
+    data: bytes,
+    *,
+    channels: int,
+    min_side: int,
+    max_pixels: int,
+    dicom_header: DicomHeaderSpec | None = None,
+) -> DecodedImage:
     """Decode a JPEG, PNG or DICOM file into a uint8 array with the requested channels.
 
     The format is judged by magic bytes. Width and height are checked against ``max_pixels``
-    and ``min_side`` from the header, before pixel data is decoded.
+    and ``min_side`` from the header, and a DICOM header against ``dicom_header``, before
+    pixel data is decoded.
 
     Args:
         data: the file's content.
@@ -77,14 +102,17 @@ def decode_image(data: bytes, *, channels: int, min_side: int, max_pixels: int) 
         min_side: smallest acceptable width or height, in pixels.
         max_pixels: largest acceptable width * height (for DICOM, of one frame). Pillow's own
             ``Image.MAX_IMAGE_PIXELS`` applies as well when it is lower.
+        dicom_header: rules a DICOM file's header must meet (see `check_dicom_header`);
+            ``None`` checks nothing.
 
     Returns:
         The decoded pixels with their provenance.
 
     Raises:
         ImageProblem: the data is empty, not a recognised image, truncated or corrupt, declares
-            more pixels than allowed, is smaller than ``min_side``, or is a DICOM file without
-            decodable pixel data.
+            more pixels than allowed, is smaller than ``min_side``, is a DICOM file whose header
+            breaks a ``quarantine`` rule, or is a DICOM file without decodable pixel data (the
+            message then names the transfer syntax).
         ValueError: ``channels``, ``min_side`` or ``max_pixels`` is out of range (a caller's
             mistake, not the image's).
     """
@@ -96,7 +124,9 @@ def decode_image(data: bytes, *, channels: int, min_side: int, max_pixels: int) 
         raise ImageProblem("zero-byte file")
     image_format = sniff_format(data)
     if image_format == "dicom":
-        return _decode_dicom(data, channels=channels, min_side=min_side, max_pixels=max_pixels)
+        return _decode_dicom(
+            data, channels=channels, min_side=min_side, max_pixels=max_pixels, rules=dicom_header
+        )
     if image_format in ("jpeg", "png"):
         return _decode_with_pillow(
             data, image_format, channels=channels, min_side=min_side, max_pixels=max_pixels
@@ -287,11 +317,20 @@ def _jpeg_header(data: bytes) -> _Header | None:
 # --- DICOM --------------------------------------------------------------------------------------
 
 
-def _decode_dicom(data: bytes, *, channels: int, min_side: int, max_pixels: int) -> DecodedImage:
+def _decode_dicom(
+    data: bytes, *, channels: int, min_side: int, max_pixels: int, rules: DicomHeaderSpec | None
+) -> DecodedImage:
     """Decode the first frame of a DICOM file with pydicom, applying its display LUTs."""
     dataset = _read_dicom(data)
     if not any(tag in dataset for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ImageProblem("DICOM file has no pixel data")
+    warnings_kept: list[str] = []
+    if rules is not None:
+        mismatches = check_dicom_header(dataset, rules)
+        refused = [m.reason for m in mismatches if m.action == "quarantine"]
+        if refused:
+            raise ImageProblem("; ".join(refused))
+        warnings_kept = [m.reason for m in mismatches]
     rows, columns = dataset.get("Rows"), dataset.get("Columns")
     if not rows or not columns:
         raise ImageProblem("DICOM file has pixel data but no Rows/Columns")
@@ -310,10 +349,11 @@ def _decode_dicom(data: bytes, *, channels: int, min_side: int, max_pixels: int)
         # index=0 decodes only the first frame; YBR colour is converted to RGB by default.
         array = pixel_array(dataset, index=0)
     except (NotImplementedError, RuntimeError) as exc:
-        syntax = getattr(dataset, "file_meta", Dataset()).get("TransferSyntaxUID")
-        name = syntax.name if syntax is not None else "unknown transfer syntax"
+        # No installed plugin supports the syntax, or every one that does failed on the data.
         raise ImageProblem(
-            f"cannot decode DICOM pixel data ({name}): {_one_line(exc)}"
+            f"cannot decode DICOM pixel data ({_transfer_syntax(dataset)}): {_plugin_reasons(exc)}. "
+            "If another tool opens the file, convert it to an uncompressed transfer syntax "
+            "(e.g. gdcmconv --raw) and collect it again"
         ) from exc
     except Exception as exc:  # truncated pixel data, inconsistent group 0028 values, ...
         raise ImageProblem(f"truncated or corrupt image: {_one_line(exc)}") from exc
@@ -342,7 +382,97 @@ def _decode_dicom(data: bytes, *, channels: int, min_side: int, max_pixels: int)
         pixels = 255 - pixels
         notes.append("MONOCHROME1 inverted")
     pixels = _to_channels(pixels, channels, notes)
-    return DecodedImage(pixels, bit_depth, photometric, "; ".join(notes))
+    return DecodedImage(pixels, bit_depth, photometric, "; ".join(notes), tuple(warnings_kept))
+
+
+@dataclass(frozen=True)
+class HeaderMismatch:
+    """A DICOM attribute that breaks its rule.
+
+    Attributes:
+        keyword: the DICOM keyword, e.g. ``"Modality"``.
+        action: what the rule says to do: ``"quarantine"`` or ``"warn"``.
+        reason: one sentence naming the attribute, the value found and the values allowed.
+    """
+
+    keyword: str
+    action: Literal["quarantine", "warn"]
+    reason: str
+
+
+def check_dicom_header(dataset: Dataset, rules: DicomHeaderSpec) -> list[HeaderMismatch]:
+    """Compare a DICOM header with the rules of ``clean.image.dicom``.
+
+    Values are compared case-insensitively after trimming spaces; every value of a
+    multi-valued attribute must be allowed. An absent or empty attribute breaks its rule only
+    when the rule is ``required``.
+
+    Args:
+        dataset: the parsed header (a de-identified one: the checked attributes are coded
+            strings, which de-identification keeps).
+        rules: the attributes to check and what each must hold.
+
+    Returns:
+        One mismatch per attribute that breaks its rule, in the order of the rules; empty when
+        the header meets them all.
+    """
+    mismatches = []
+    for keyword, rule in rules.tags.items():
+        where = f"clean.image.dicom.tags.{keyword}"
+        try:
+            values = _coded_values(dataset.get(keyword))
+        except Exception:  # a malformed value pydicom cannot convert
+            mismatches.append(HeaderMismatch(
+                keyword, rule.on_mismatch, f"DICOM {keyword} cannot be read ({where})"
+            ))
+            continue
+        if not values:
+            if rule.required:
+                mismatches.append(HeaderMismatch(
+                    keyword, rule.on_mismatch, f"DICOM {keyword} is absent but required ({where}.required)"
+                ))
+            continue
+        allowed = {code.strip().upper() for code in rule.allowed}
+        if all(code.upper() in allowed for code in values):
+            continue
+        shown = _show_code("\\".join(values))
+        mismatches.append(HeaderMismatch(
+            keyword, rule.on_mismatch,
+            f"DICOM {keyword} is {shown}, not one of {', '.join(rule.allowed)} ({where})",
+        ))
+    return mismatches
+
+
+def _coded_values(value: object) -> list[str]:
+    """The non-empty values of a coded-string element, trimmed."""
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+    return [text for text in (str(item).strip() for item in items) if text]
+
+
+def _show_code(text: str) -> str:
+    """A header value fit for a report: codes are shown, anything else only by its length."""
+    if len(text) <= 64 and _CODE_CHARACTERS.fullmatch(text):
+        return f"'{text}'"  # not repr(): it would double the backslash between values
+    return f"a value of {len(text)} characters that is not a code"
+
+
+def _transfer_syntax(dataset: Dataset) -> str:
+    """The transfer syntax's name and UID, e.g. ``JPEG-LS Lossless Image Compression, 1.2...``."""
+    syntax = getattr(dataset, "file_meta", Dataset()).get("TransferSyntaxUID")
+    if not syntax:
+        return "unknown transfer syntax"
+    syntax = UID(str(syntax))
+    return str(syntax) if syntax.name == str(syntax) else f"{syntax.name}, {syntax}"
+
+
+def _plugin_reasons(exc: BaseException) -> str:
+    """pydicom's decoder failure, one clause per plugin that tried, on one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return "; ".join(lines[1:])  # "Unable to decode as exceptions were raised by all ...:"
+    return _one_line(exc)
 
 
 def _read_dicom(data: bytes) -> Dataset:
@@ -370,6 +500,10 @@ def _read_dicom(data: bytes) -> Dataset:
         raise ImageProblem(
             "truncated or corrupt DICOM file: no data elements after the file meta information"
         )
+    if _is_deflated(dataset):
+        # Positions refer to the inflated copy pydicom read, not to ``data``; a cut inside the
+        # deflated stream already failed in zlib.
+        return dataset
     last = dataset.get_item(max(dataset.keys()))
     length = getattr(last, "length", _UNDEFINED_LENGTH)
     value_tell = getattr(last, "value_tell", None)
@@ -380,6 +514,14 @@ def _read_dicom(data: bytes) -> Dataset:
             f"{value_tell + length} but the file has {len(data)} bytes"
         )
     return dataset
+
+
+def _is_deflated(dataset: Dataset) -> bool:
+    syntax = getattr(dataset, "file_meta", Dataset()).get("TransferSyntaxUID")
+    if not syntax:
+        return False
+    syntax = UID(str(syntax))
+    return syntax.is_transfer_syntax and syntax.is_deflated  # is_deflated raises for other UIDs
 
 
 def _has_rescale(dataset: Dataset) -> bool:

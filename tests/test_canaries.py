@@ -48,6 +48,7 @@ def canary_dicom(seed: int) -> bytes:
     from pydicom.sequence import Sequence
 
     ds = dcmread(get_testdata_file("CT_small.dcm", download=False))
+    ds.Modality, ds.BodyPartExamined = "CR", "CHEST"  # clean.image.dicom takes chest radiographs only
     ds.PatientName = CANARIES["name"]
     ds.PatientID = CANARIES["mrn"]
     ds.OtherPatientIDs = CANARIES["other_id"]

@@ -18,6 +18,7 @@ from PIL import Image
 
 from conftest import image_params, load, make_workspace
 from pipelines import clean, collect, manifest
+from tests_support import chest_dicom, pydicom_test_file
 
 MIN_SIDE = 64
 
@@ -47,12 +48,6 @@ def bomb_png(side: int = 30000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
-def dicom_bytes(name: str) -> bytes:
-    from pydicom.data import get_testdata_file
-
-    return open(get_testdata_file(name, download=False), "rb").read()
-
-
 def write(folder, relative: str, data: bytes):
     path = folder / relative
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +61,12 @@ def folder_source(tmp_path):
     root = tmp_path / "chest_xray"
     good = {f"train/NORMAL/IM-{i:04d}.png": png(radiograph(i)) for i in range(6)}
     good.update({f"train/PNEUMONIA/person{i}_bacteria_{i}.jpeg": jpeg(radiograph(100 + i)) for i in range(6)})
-    good["test/PNEUMONIA/person77_virus_1.dcm"] = dicom_bytes("MR_small.dcm")
+    # A PACS export often lacks ViewPosition: an absent optional tag passes.
+    good["test/PNEUMONIA/person77_virus_1.dcm"] = chest_dicom("MR_small.dcm", ViewPosition=None)
+    # 12-bit JPEG Extended, which Pillow alone cannot decode.
+    good["test/PNEUMONIA/person78_virus_1.dcm"] = chest_dicom("JPGExtended.dcm", ViewPosition="PA")
+    # Some modalities write THORAX; the test's params only warn about BodyPartExamined.
+    good["train/NORMAL/thorax.dcm"] = chest_dicom("CT_small.dcm", BodyPartExamined="THORAX", ViewPosition="AP")
     for relative, data in good.items():
         write(root, relative, data)
     truncated = jpeg(radiograph(500))
@@ -76,7 +76,11 @@ def folder_source(tmp_path):
         "train/NORMAL/empty.jpeg": b"",
         "train/NORMAL/truncated.jpeg": truncated[: len(truncated) // 2],
         "train/NORMAL/notes.png": b"this is a text file, not an image\n",
-        "train/NORMAL/plan.dcm": dicom_bytes("rtplan.dcm"),
+        "train/NORMAL/plan.dcm": pydicom_test_file("rtplan.dcm"),
+        "train/NORMAL/ct.dcm": pydicom_test_file("CT_small.dcm"),
+        "train/PNEUMONIA/mr.dcm": pydicom_test_file("MR_small.dcm"),
+        "train/NORMAL/lateral.dcm": chest_dicom("MR_small.dcm", ViewPosition="LL"),
+        "train/PNEUMONIA/damaged-12-bit.dcm": chest_dicom("JPEG-lossy.dcm", ViewPosition="AP"),
         "train/NORMAL/sixteen.png": png(sixteen_bit),
         "train/NORMAL/rgba.png": png(rgba, mode="RGBA"),
         "train/NORMAL/bomb.png": bomb_png(),
@@ -99,6 +103,12 @@ EXPECTED_QUARANTINE = {
     "train/NORMAL/truncated.jpeg": "truncated or corrupt image",
     "train/NORMAL/notes.png": "not an image (unrecognised format, starts with b'this')",
     "train/NORMAL/plan.dcm": "DICOM file has no pixel data",
+    "train/NORMAL/ct.dcm": "DICOM Modality is 'CT', not one of CR, DX (clean.image.dicom.tags.Modality)",
+    "train/PNEUMONIA/mr.dcm": "DICOM Modality is 'MR', not one of CR, DX (clean.image.dicom.tags.Modality)",
+    "train/NORMAL/lateral.dcm": "DICOM ViewPosition is 'LL', not one of PA, AP (clean.image.dicom.tags.ViewPosition)",
+    "train/PNEUMONIA/damaged-12-bit.dcm": (
+        "cannot decode DICOM pixel data (JPEG Extended (Process 2 and 4), 1.2.840.10008.1.2.4.51): pylibjpeg: "
+    ),
     "train/NORMAL/bomb.png": "image of 30000x30000 = 900000000 pixels exceeds the limit of",
     "train/NORMAL/dot.png": f"image of 1x1 is smaller than the minimum side of {MIN_SIDE} pixels",
     "train/COVID/case1.png": "unknown label 'COVID' (expected one of NORMAL, PNEUMONIA",
@@ -110,6 +120,7 @@ EXPECTED_QUARANTINE = {
 def test_folder_source_bad_inputs_have_exact_outcomes(tmp_path, folder_source):
     params = image_params(kind="image_folder", path=str(folder_source), patient_id_pattern=r"(person\d+)_")
     params["clean"]["image"]["min_side"] = MIN_SIDE
+    params["clean"]["image"]["dicom"]["tags"]["BodyPartExamined"]["on_mismatch"] = "warn"
     layout = make_workspace(tmp_path, params)
     result = collect.run(load(layout), layout)
     assert result.rejected == 4  # zero-byte, text file, link out of the folder, loose file
@@ -125,11 +136,18 @@ def test_folder_source_bad_inputs_have_exact_outcomes(tmp_path, folder_source):
     ) or "IM-0000" in copy_reason
     assert len(quarantine) == len(EXPECTED_QUARANTINE) + 1
     records = pd.read_parquet(layout.clean_records).set_index("source_ref")
-    assert outcome.accepted == len(records) == 13 + 2  # good ones plus the converted 16-bit and RGBA
+    assert outcome.accepted == len(records) == 15 + 2  # good ones plus the converted 16-bit and RGBA
     assert "16-bit" in records.at["train/NORMAL/sixteen.png", "conversion"]
     assert "alpha" in records.at["train/NORMAL/rgba.png", "conversion"]
     assert set(records["channels"]) == {3}
     assert records.at["test/PNEUMONIA/person77_virus_1.dcm", "label"] == "PNEUMONIA"
+    assert records.at["test/PNEUMONIA/person78_virus_1.dcm", "conversion"] == "12-bit rescaled to 8-bit"
+    # a rule set to warn keeps the image, and the intake says why
+    intake = pd.read_parquet(layout.clean_intake).set_index("record_id")
+    assert intake.at[records.at["train/NORMAL/thorax.dcm", "record_id"], "reason"] == (
+        "accepted with a DICOM header warning: DICOM BodyPartExamined is 'THORAX', not one of CHEST "
+        "(clean.image.dicom.tags.BodyPartExamined)"
+    )
     # patients from file names are pseudonymised; the name's number is not kept
     assert records["patient_id"].str.fullmatch(r"pt-[0-9a-f]{16}").all()
     assert not records["patient_id"].str.contains("person").any()
@@ -196,7 +214,7 @@ def test_s3_prefix_with_vanishing_object_and_traversal_key(tmp_path, s3_bucket, 
     client, bucket = s3_bucket
     for i in range(4):
         client.put_object(Bucket=bucket, Key=f"exports/cxr/NORMAL/n{i}.png", Body=png(radiograph(i)))
-    client.put_object(Bucket=bucket, Key="exports/cxr/PNEUMONIA/p0.dcm", Body=dicom_bytes("CT_small.dcm"))
+    client.put_object(Bucket=bucket, Key="exports/cxr/PNEUMONIA/p0.dcm", Body=pydicom_test_file("CT_small.dcm"))
     client.put_object(Bucket=bucket, Key="exports/cxr/PNEUMONIA/../../../etc/x.png", Body=png(radiograph(9)))
     client.put_object(Bucket=bucket, Key="exports/cxr/PNEUMONIA/vanishing.png", Body=png(radiograph(10)))
     params = image_params(kind="s3", bucket=bucket, prefix="exports/cxr", endpoint_url=s3_endpoint)

@@ -11,11 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageFile
-from pydicom.data import get_testdata_file
-from pydicom.pixels.decoders import JPEGLSLosslessDecoder
 
 from pipelines.errors import MedloopError
 from pipelines.images import DecodedImage, ImageProblem, decode_image, encode_png, intensity_stats
+from tests_support import dicom_file_bytes, pydicom_test_file
 
 LIMITS = {"min_side": 32, "max_pixels": 50_000_000}
 
@@ -53,21 +52,8 @@ def _png_declaring(width: int, height: int) -> bytes:
     )
 
 
-def _dicom(name: str) -> bytes:
-    # Only files shipped inside pydicom: the others would need a download.
-    path = get_testdata_file(name, download=False)
-    assert path is not None, f"pydicom test file {name} is not installed"
-    return Path(path).read_bytes()
-
-
 def _dicom_dataset(name: str) -> pydicom.Dataset:
-    return pydicom.dcmread(io.BytesIO(_dicom(name)))
-
-
-def _dicom_bytes(dataset: pydicom.Dataset) -> bytes:
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return pydicom.dcmread(io.BytesIO(pydicom_test_file(name)))
 
 
 class TestRejections:
@@ -255,83 +241,76 @@ class TestJpegAndPng:
 
 class TestDicom:
     def test_ct_with_rescale_slope_and_intercept(self) -> None:
-        decoded = _decode(_dicom("CT_small.dcm"))
+        decoded = _decode(pydicom_test_file("CT_small.dcm"))
         assert decoded.pixels.shape == (128, 128, 1) and decoded.pixels.dtype == np.uint8
         assert (decoded.source_bit_depth, decoded.source_mode) == (16, "MONOCHROME2")
         assert decoded.conversion == "modality LUT applied; 16-bit rescaled to 8-bit"
         assert decoded.pixels.min() == 0 and decoded.pixels.max() == 255
 
     def test_mr_with_window(self) -> None:
-        decoded = _decode(_dicom("MR_small.dcm"), channels=3)
+        decoded = _decode(pydicom_test_file("MR_small.dcm"), channels=3)
         assert decoded.pixels.shape == (64, 64, 3)
         assert decoded.conversion == "VOI LUT applied; 16-bit rescaled to 8-bit"
 
     def test_twelve_bit_depth_is_reported(self) -> None:
-        decoded = _decode(_dicom("examples_overlay.dcm"))
+        decoded = _decode(pydicom_test_file("examples_overlay.dcm"))
         assert decoded.source_bit_depth == 12
         assert "12-bit rescaled to 8-bit" in decoded.conversion
 
     def test_monochrome1_is_inverted(self) -> None:
         dataset = _dicom_dataset("MR_small.dcm")
-        monochrome2 = _decode(_dicom_bytes(dataset))
+        monochrome2 = _decode(dicom_file_bytes(dataset))
         dataset.PhotometricInterpretation = "MONOCHROME1"
-        monochrome1 = _decode(_dicom_bytes(dataset))
+        monochrome1 = _decode(dicom_file_bytes(dataset))
         assert monochrome1.source_mode == "MONOCHROME1"
         assert monochrome1.conversion.endswith("; MONOCHROME1 inverted")
         np.testing.assert_array_equal(monochrome1.pixels, 255 - monochrome2.pixels)
 
     def test_multi_frame_uses_the_first_frame(self) -> None:
-        decoded = _decode(_dicom("SC_rgb_rle_2frame.dcm"), channels=3)
+        decoded = _decode(pydicom_test_file("SC_rgb_rle_2frame.dcm"), channels=3)
         assert decoded.source_mode == "RGB" and decoded.pixels.shape == (100, 100, 3)
         assert decoded.conversion == "first of 2 frames used"
 
     def test_rgb_dicom_to_gray(self) -> None:
-        decoded = _decode(_dicom("SC_rgb_rle_2frame.dcm"), channels=1)
+        decoded = _decode(pydicom_test_file("SC_rgb_rle_2frame.dcm"), channels=1)
         assert decoded.pixels.shape == (100, 100, 1)
         assert decoded.conversion == "first of 2 frames used; RGB converted to grayscale"
 
     def test_no_pixel_data(self) -> None:
         with pytest.raises(ImageProblem, match="^DICOM file has no pixel data$"):
-            _decode(_dicom("rtplan.dcm"))
+            _decode(pydicom_test_file("rtplan.dcm"))
 
     def test_size_is_checked_from_rows_and_columns(self) -> None:
         too_small = "^image of 64x64 is smaller than the minimum side of 100 pixels$"
         with pytest.raises(ImageProblem, match=too_small):
-            _decode(_dicom("MR_small.dcm"), min_side=100)
+            _decode(pydicom_test_file("MR_small.dcm"), min_side=100)
         too_many = "^image of 64x64 = 4096 pixels exceeds the limit of 4000 "
         with pytest.raises(ImageProblem, match=too_many):
-            _decode(_dicom("MR_small.dcm"), max_pixels=4000)
+            _decode(pydicom_test_file("MR_small.dcm"), max_pixels=4000)
 
     def test_truncated_pixel_data(self) -> None:
         reason = r"^truncated or corrupt DICOM file: the last element \(7FE0,0010\) ends at"
         with pytest.raises(ImageProblem, match=reason):
-            _decode(_dicom("MR_truncated.dcm"))
+            _decode(pydicom_test_file("MR_truncated.dcm"))
 
     def test_pixel_data_shorter_than_rows_and_columns_declare(self) -> None:
         dataset = _dicom_dataset("MR_small.dcm")
         dataset.Rows = 128
         reason = "^truncated or corrupt image: The number of bytes of pixel data is less"
         with pytest.raises(ImageProblem, match=reason):
-            _decode(_dicom_bytes(dataset))
+            _decode(dicom_file_bytes(dataset))
 
     @pytest.mark.parametrize("cut", [1000, 2000, 10_000, -10, -1])
     def test_truncated_file_is_not_mistaken_for_one_without_pixels(self, cut: int) -> None:
-        data = _dicom("CT_small.dcm")
+        data = pydicom_test_file("CT_small.dcm")
         reason = "^truncated or corrupt DICOM file: the last element"
         with pytest.raises(ImageProblem, match=reason):
             _decode(data[:cut])
 
     def test_truncated_encapsulated_pixel_data(self) -> None:
-        data = _dicom("SC_rgb_jpeg_dcmtk.dcm")
+        data = pydicom_test_file("SC_rgb_jpeg_dcmtk.dcm")
         with pytest.raises(ImageProblem, match="^truncated or corrupt DICOM file: it ends inside"):
             _decode(data[: len(data) - 500])
-
-    def test_transfer_syntax_without_a_decoder_is_named(self) -> None:
-        if JPEGLSLosslessDecoder.is_available:
-            pytest.skip("a JPEG-LS decoder is installed")
-        reason = r"^cannot decode DICOM pixel data \(JPEG-LS Lossless Image Compression\): "
-        with pytest.raises(ImageProblem, match=reason):
-            _decode(_dicom("MR_small_jpeg_ls_lossless.dcm"))
 
 
 class TestHelpers:

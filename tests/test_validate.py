@@ -99,7 +99,8 @@ def image_params_dict() -> dict[str, Any]:
             "pneumonia_fraction": 0.5,
             "jpeg_fraction": 0.2,
         },
-        "clean": {"image": {"channels": 1, "min_side": 32, "max_pixels": 4096 * 4096}},
+        "clean": {"image": {"channels": 1, "min_side": 32, "max_pixels": 4096 * 4096,
+                            "dicom": {"tags": {"Modality": {"allowed": ["CR", "DX"]}}}}},
         "preprocess": {
             "seed": 1,
             "test_fraction": 0.2,

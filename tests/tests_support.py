@@ -57,3 +57,41 @@ def daily_cron_away_from_now(timezone: str = "UTC", hours_ahead: int = 12) -> tu
     at = datetime.now(ZoneInfo(timezone)) + timedelta(hours=hours_ahead)
     hour = 3 if at.hour == 2 else at.hour
     return f"{at.minute} {hour} * * *", f"{hour:02d}:{at.minute:02d}"
+
+
+def pydicom_test_file(name: str) -> bytes:
+    """A DICOM test file that ships inside pydicom (no download)."""
+    from pathlib import Path
+
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"pydicom test file {name} is not installed"
+    return Path(path).read_bytes()
+
+
+def dicom_file_bytes(dataset) -> bytes:
+    """A data set written as a DICOM Part-10 file."""
+    import io
+
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def chest_dicom(name: str, **tags: str | None) -> bytes:
+    """A pydicom test file relabelled as a chest radiograph (Modality CR, BodyPartExamined CHEST),
+    with the given tags changed; ``None`` removes a tag."""
+    import io
+
+    import pydicom
+
+    dataset = pydicom.dcmread(io.BytesIO(pydicom_test_file(name)))
+    dataset.Modality, dataset.BodyPartExamined = "CR", "CHEST"
+    for keyword, value in tags.items():
+        if value is None:
+            if keyword in dataset:
+                delattr(dataset, keyword)
+        else:
+            setattr(dataset, keyword, value)
+    return dicom_file_bytes(dataset)
