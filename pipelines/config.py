@@ -674,8 +674,9 @@ def _describe(exc: ValidationError) -> str:
             message = "unknown key"
         else:
             message = error["msg"]
-            if "input" in error and kind not in ("model_type", "dict_type"):
-                message += f" (got {mask_credentials(repr(error['input']))})"
+            if "input" in error and kind not in ("model_type", "dict_type") and not isinstance(error["input"], dict):
+                given = mask_credentials(repr(error["input"]))
+                message += f" (got {given if len(given) <= 120 else given[:117] + '...'})"
             if isinstance(error.get("input"), bool) and kind == "string_type":
                 message += (f"; YAML reads an unquoted yes/no, on/off or true/false as a boolean: "
                             f"quote it (\"{'Yes' if error['input'] else 'No'}\")")

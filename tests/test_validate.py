@@ -43,7 +43,7 @@ def _common(validate_section: dict[str, Any]) -> dict[str, Any]:
 
 def tabular_params_dict() -> dict[str, Any]:
     """A valid params mapping for the breast cancer (tabular) model."""
-    return {
+    params = {
         "model": {
             "name": "breast_cancer",
             "modality": "tabular",
@@ -78,6 +78,9 @@ def tabular_params_dict() -> dict[str, Any]:
             }
         ),
     }
+    params["deid"]["columns"] = {"age": "age_band"}  # the source of the age_band subgroup
+    params["evaluate"] = {**params["evaluate"], "subgroups": ["age_band"]}
+    return params
 
 
 def image_params_dict() -> dict[str, Any]:
