@@ -30,7 +30,7 @@ demo: install
 	$(BIN)/medloop demo --workspace $(WORKSPACE) --nights $(NIGHTS)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
