@@ -351,6 +351,41 @@ def serve(
     uvicorn.run("serving.app:app_from_environment", factory=True, host=host, port=port, log_level="warning")
 
 
+testset_app = typer.Typer(help="The frozen test set: its size, and extending it deliberately.", no_args_is_help=True)
+app.add_typer(testset_app, name="testset")
+
+
+@testset_app.command("show")
+def testset_show(workspace: Path = WorkspaceOption) -> None:
+    """Whether the test set is still growing or frozen (which version), and its size."""
+    from pipelines import testset
+    from pipelines.config import load_params
+
+    layout = _layout(workspace)
+    _console().print(testset.describe(load_params(layout.params_file), layout), highlight=False)
+
+
+@testset_app.command("extend")
+def testset_extend(
+    cases_per_class: int = typer.Option(..., "--cases-per-class", help="The new minimum of cases of each class."),
+    reason: str = typer.Option(..., "--reason", help="Why; recorded in the commit with who asked."),
+    items: Optional[int] = typer.Option(None, "--items", help="The new minimum of items (default: unchanged)."),
+    workspace: Path = WorkspaceOption,
+) -> None:
+    """Grow the frozen test set again: raise its minimum in params.yaml and commit who and why.
+
+    The next run adds new patients to it; nothing is promoted until it is frozen again as the
+    next version, and the champion is re-scored on it before any comparison."""
+    from pipelines import promote as promotion
+    from pipelines import testset
+    from pipelines.config import load_params
+
+    layout = _layout(workspace)
+    message = testset.extend(load_params(layout.params_file), layout, cases_per_class=cases_per_class,
+                             items=items, reason=reason, actor=promotion.default_actor())
+    _console().print(f"[green]committed[/] {message}", highlight=False)
+
+
 token_app = typer.Typer(help="Bearer tokens of the prediction service.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 

@@ -299,12 +299,39 @@ class ValidateSpec(Strict):
     image: ImageValidateSpec | None = None
 
 
+class TestSetSpec(Strict):
+    """How big the frozen test set must be before it judges promotions.
+
+    Attributes:
+        min_items: items it must hold at least.
+        min_cases_per_class: cases of each class it must hold at least; ``auto`` derives it from
+            ``precision``: enough cases that the 95% Wilson interval of a proportion at the
+            sensitivity floor (``promote.min_sensitivity``) is at most ``precision`` wide on
+            each side.
+        precision: the interval half-width ``auto`` aims at.
+    """
+
+    __test__ = False  # a config class, not a pytest test class
+
+    min_items: int = Field(ge=1)
+    min_cases_per_class: int | Literal["auto"]
+    precision: float = Field(gt=0.0, lt=0.5)
+
+    @field_validator("min_cases_per_class")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"expected a whole number >= 1 or 'auto', got {value}")
+        return value
+
+
 class PreprocessSpec(Strict):
     """Preprocess: patient-level split, frozen test set, shards and scaling."""
 
     seed: int
     test_fraction: float = Field(gt=0.0, lt=1.0)
     validation_fraction: float = Field(gt=0.0, lt=1.0)
+    test_set: TestSetSpec
     image_size: tuple[int, int] | None = None
     shard_size: int = Field(ge=1)
 

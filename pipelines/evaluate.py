@@ -106,6 +106,7 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
 
     index = pd.read_parquet(layout.processed / "index.parquet")
     report = build_report(params, trained, test, validation, index, threshold)
+    report["test_set"] = summary.get("test_set")  # growing or frozen (promote judges only on frozen)
     layout.reports.mkdir(parents=True, exist_ok=True)
     layout.metrics_json.write_text(dumps(report))
 

@@ -90,6 +90,7 @@ def evaluate_gates(candidate: dict, champion: dict | None, spec: PromoteSpec) ->
     """
     test = candidate.get("test") or {}
     reasons = [
+        test_set_size(candidate.get("test_set"), candidate.get("positive_class")),
         _floor("min_auroc", "auroc", test.get("auroc"), spec.min_auroc),
         _floor("min_sensitivity", "sensitivity", test.get("sensitivity"), spec.min_sensitivity),
         _floor("min_specificity", "specificity", test.get("specificity"), spec.min_specificity),
@@ -130,6 +131,34 @@ def _floor(
     detail = (f"{label} {_fmt(observed)} is below the floor {_fmt(required)} "
               f"(short by {_fmt(required - observed)})")
     return GateResult(gate, observed, required, False, detail)
+
+
+def test_set_size(test_set: dict | None, positive_class: str | None = None) -> GateResult:
+    """The test set must be big enough to judge on (``preprocess.test_set``): until it is, it
+    grows with new patients and no model is promoted on it.
+
+    Args:
+        test_set: the ``test_set`` entry of metrics.json (``status``, ``version``, ``items``,
+            ``cases`` per class, ``minimum``), or None for a report made before it was recorded.
+        positive_class: the class whose cases are called positives in the verdict.
+    """
+    if test_set is None:
+        return GateResult("min_test_set", None, None, True, "test set size not recorded: not gated")
+    minimum = test_set["minimum"]
+    required = f"{minimum['cases_per_class']} cases of each class, {minimum['items']} items"
+    observed = ", ".join(f"{name} {count}" for name, count in test_set["cases"].items())
+    if test_set["status"] == "frozen":
+        return GateResult("min_test_set", observed, required, True,
+                          f"the frozen test set v{test_set['version']} ({test_set['items']} items) is big enough to judge on")
+    need = minimum["cases_per_class"]
+    short = [f"{count} of {need} {'positives' if name == positive_class else name + ' cases'}"
+             for name, count in sorted(test_set["cases"].items(), key=lambda kv: kv[0] != positive_class)
+             if count < need]
+    if test_set["items"] < minimum["items"]:
+        short.append(f"{test_set['items']} of {minimum['items']} items")
+    return GateResult("min_test_set", observed, required, False,
+                      f"test set too small: {', '.join(short)}; it grows with new patients until then, "
+                      f"and models are trained and evaluated but not promoted")
 
 
 def _ceiling(gate: str, metric: str, observed: float | None, required: float) -> GateResult:

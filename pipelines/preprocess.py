@@ -6,6 +6,11 @@
   read it back and never change its membership, so every model is judged on the same yardstick.
   New patients go to train or validation only; a new item of a test patient is held out (it can
   go neither to test, which is frozen, nor to training, which would leak the patient).
+- Until the test set is big enough to judge on (``preprocess.test_set``: items, and cases of
+  each class), it is not frozen yet: it keeps growing with new patients, at ``test_fraction`` of
+  them, still patient-level and never trained on, and ``test_set.json`` says ``growing`` (promote
+  refuses to judge on it). Once big enough it is frozen as version N; raising the minimum in
+  params (``medloop testset extend``) grows it again, deliberately, into version N+1.
 - Images are resized and contrast-normalised once and written as TFRecord shards of raw uint8
   pixels, which tf.data reads without decoding. Tabular features are imputed and scaled with
   statistics fitted on the training split only; the statistics are saved for serving.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -40,6 +46,8 @@ TRAIN, VALIDATION, TEST, HELD_OUT = "train", "validation", "test", "held_out"
 SPLITS = (TRAIN, VALIDATION, TEST)
 PATIENTS_FILE = "patients.parquet"
 FROZEN_TEST_FILE = "frozen_test_set.parquet"
+TEST_SET_FILE = "test_set.json"
+GROWING, FROZEN = "growing", "frozen"
 PARALLEL_FROM = 200
 
 
@@ -60,13 +68,17 @@ def run(params: Params, layout: Layout) -> PreprocessResult:
     splits_dir = layout.splits
     splits_dir.mkdir(parents=True, exist_ok=True)
     patients_path, frozen_path = splits_dir / PATIENTS_FILE, splits_dir / FROZEN_TEST_FILE
+    state_path = splits_dir / TEST_SET_FILE
     previous = pd.read_parquet(patients_path) if patients_path.exists() else None
     frozen = pd.read_parquet(frozen_path) if frozen_path.exists() else None
+    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    minimum = test_set_minimum(params)
 
-    patients = assign_patients(records, previous, spec, params.model.classes)
     created = frozen is None
-    if created:
-        frozen = freeze_test_set(records, patients)
+    growing = created or not big_enough(present_cases(frozen, records, params.model.classes), minimum)
+    patients = assign_patients(records, previous, spec, params.model.classes, grow_test=growing)
+    if growing:
+        frozen = freeze_test_set(records, patients, frozen)
     # A frozen test patient stays a test patient, even after being absent for a while (all
     # their items quarantined in some run): otherwise their new studies could reach training.
     patients.loc[patients["patient_id"].isin(set(frozen["patient_id"])), "split"] = TEST
@@ -79,6 +91,8 @@ def run(params: Params, layout: Layout) -> PreprocessResult:
     missing = sorted(set(frozen["record_id"]) - set(items["record_id"]))
     if missing:
         log.warning("%d items of the frozen test set are no longer in data/clean (quarantined since?)", len(missing))
+    test_set = test_set_state(frozen, present_cases(frozen, records, params.model.classes), minimum, state)
+    state_path.write_text(json.dumps(test_set, indent=2, sort_keys=True) + "\n")
 
     if layout.processed.exists():
         shutil.rmtree(layout.processed)
@@ -100,10 +114,11 @@ def run(params: Params, layout: Layout) -> PreprocessResult:
         },
         "patients": {name: int((patients["split"] == name).sum()) for name in SPLITS},
         "frozen_test_set": {"items": len(frozen), "missing_from_clean": len(missing)},
+        "test_set": test_set,
         **details,
     }
     (layout.processed / "preprocess.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    log.info("preprocess: %s (frozen test set: %d items%s)", counts, len(frozen), ", created now" if created else "")
+    log.info("preprocess: %s (test set: %s)", counts, describe_test_set(test_set))
     return PreprocessResult(counts, len(frozen), created, str(layout.processed))
 
 
@@ -113,14 +128,19 @@ def run(params: Params, layout: Layout) -> PreprocessResult:
 
 
 def assign_patients(
-    records: pd.DataFrame, previous: pd.DataFrame | None, spec: PreprocessSpec, classes: list[str]
+    records: pd.DataFrame, previous: pd.DataFrame | None, spec: PreprocessSpec, classes: list[str],
+    grow_test: bool | None = None,
 ) -> pd.DataFrame:
     """Give every patient a split, keeping earlier assignments.
 
-    A patient's stratum is the label of most of their items. On the first run the test set is
-    drawn: per stratum, the patients with the smallest keyed order hash until the stratum's
-    share of test patients reaches ``test_fraction``. Patients seen for the first time later go
-    to validation or train only, keeping each stratum's validation share at its target.
+    A patient's stratum is the label of most of their items. While the test set grows (always
+    on the first run) new patients are drawn into it: per stratum, those with the smallest keyed
+    order hash until the stratum's share of test patients reaches ``test_fraction``. Other
+    patients seen for the first time go to validation or train, keeping each stratum's
+    validation share at its target.
+
+    Args:
+        grow_test: whether new patients may join the test set (default: only on the first run).
 
     Returns:
         One row per patient: ``patient_id``, ``stratum``, ``split``.
@@ -143,12 +163,13 @@ def assign_patients(
     if previous is not None:
         patients = patients.merge(previous[["patient_id", "split"]], on="patient_id", how="left", suffixes=("_new", ""))
         patients = patients.drop(columns=["split_new"])
-    first_run = previous is None
+    grow_test = previous is None if grow_test is None else grow_test
     validation_share = spec.validation_fraction / (1.0 - spec.test_fraction)
     for _, group in patients.groupby("stratum", sort=True):
         new = group.index[group["split"].isna()]
-        if first_run:
-            n_test = _share(len(group), spec.test_fraction)
+        if grow_test:
+            known_test = int((patients.loc[group.index, "split"] == TEST).sum())
+            n_test = min(max(_share(len(group), spec.test_fraction) - known_test, 0), len(new))
             patients.loc[new[:n_test], "split"] = TEST
             new = new[n_test:]
         current = patients.loc[group.index, "split"]
@@ -166,16 +187,95 @@ def assign_patients(
     return patients.sort_values("patient_id").reset_index(drop=True)
 
 
-def freeze_test_set(records: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
-    """The frozen test set: every current item of the test patients, with its label now."""
+def freeze_test_set(records: pd.DataFrame, patients: pd.DataFrame,
+                    earlier: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The test set: every current item of the test patients, with its label now; items of an
+    ``earlier`` (growing) test set keep the label and batch they were frozen with."""
     test_patients = set(patients.loc[patients["split"] == TEST, "patient_id"])
     members = records[records["patient_id"].isin(test_patients)]
-    return pd.DataFrame({
+    if earlier is not None:
+        members = members[~members["record_id"].astype(str).isin(set(earlier["record_id"]))]
+    added = pd.DataFrame({
         "record_id": members["record_id"].astype(str),
         "patient_id": members["patient_id"].astype(str),
         "label": members["label"].astype(str),
         "frozen_in_batch": members["batch_id"].max() if len(members) else "",
-    }).sort_values("record_id").reset_index(drop=True)
+    })
+    if earlier is not None:
+        added = pd.concat([earlier.astype(str), added], ignore_index=True)
+    return added.sort_values("record_id").reset_index(drop=True)
+
+
+def test_set_minimum(params: Params) -> dict:
+    """The smallest test set that may judge a promotion: ``items`` and ``cases_per_class``."""
+    spec = params.preprocess.test_set
+    cases = spec.min_cases_per_class
+    if cases == "auto":
+        cases = cases_for_precision(params.promote.min_sensitivity, spec.precision)
+    return {"items": spec.min_items, "cases_per_class": cases}
+
+
+def cases_for_precision(proportion: float, half_width: float, z: float = 1.959964) -> int:
+    """The fewest cases whose 95% Wilson interval around ``proportion`` is at most
+    ``half_width`` wide on each side (e.g. 23 cases at a sensitivity of 0.85 and +-0.15)."""
+    p = min(max(proportion, 0.0), 1.0)
+    n = 1
+    while True:
+        spread = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        if spread <= half_width:
+            return n
+        n += 1
+
+
+def present_cases(frozen: pd.DataFrame | None, records: pd.DataFrame, classes: list[str]) -> dict[str, int]:
+    """Cases of each class in the test set that are still in data/clean (what evaluate scores)."""
+    if frozen is None:
+        return {name: 0 for name in classes}
+    present = frozen[frozen["record_id"].isin(set(records["record_id"].astype(str)))]
+    return {name: int((present["label"] == name).sum()) for name in classes}
+
+
+def big_enough(cases: dict[str, int], minimum: dict) -> bool:
+    """Whether a test set with these cases may judge a promotion."""
+    return (sum(cases.values()) >= minimum["items"]
+            and all(count >= minimum["cases_per_class"] for count in cases.values()))
+
+
+def test_set_state(frozen: pd.DataFrame, cases: dict[str, int], minimum: dict, earlier: dict | None) -> dict:
+    """``test_set.json``: growing or frozen, its version, size and the minimum it is held to.
+
+    The version counts the frozen test sets: it goes up each time a set is frozen with other
+    members than the last frozen one; while a set grows it names the last frozen version (0
+    while the first one grows).
+    """
+    digest = frozen_membership_sha256(frozen)
+    last = earlier or {"version": 0, "status": GROWING, "record_ids_sha256": None}
+    if not big_enough(cases, minimum):
+        version, status = last["version"], GROWING  # the last frozen version, 0 for none yet
+    elif last["status"] == FROZEN and last["record_ids_sha256"] == digest:
+        version, status = last["version"], FROZEN
+    else:
+        version, status = last["version"] + 1, FROZEN
+    return {"status": status, "version": version, "items": sum(cases.values()), "cases": cases,
+            "minimum": minimum, "record_ids_sha256": digest}
+
+
+def frozen_membership_sha256(frozen: pd.DataFrame) -> str:
+    """A digest of the test set's record ids (its membership, whatever order)."""
+    return hashlib.sha256("\n".join(sorted(frozen["record_id"].astype(str))).encode()).hexdigest()
+
+
+def describe_test_set(state: dict) -> str:
+    """One line, e.g. "frozen v2: 64 items (PNEUMONIA 30, NORMAL 34)" or
+    "growing: 14 of 23 PNEUMONIA, 18 of 23 NORMAL, 32 of 50 items"."""
+    cases = ", ".join(f"{name} {count}" for name, count in state["cases"].items())
+    if state["status"] == FROZEN:
+        return f"frozen v{state['version']}: {state['items']} items ({cases})"
+    need = state["minimum"]["cases_per_class"]
+    parts = [f"{count} of {need} {name}" for name, count in state["cases"].items() if count < need]
+    if state["items"] < state["minimum"]["items"]:
+        parts.append(f"{state['items']} of {state['minimum']['items']} items")
+    return "growing: " + ", ".join(parts)
 
 
 def split_items(records: pd.DataFrame, patients: pd.DataFrame, frozen: pd.DataFrame) -> pd.DataFrame:

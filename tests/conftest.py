@@ -11,6 +11,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SALT = "test-salt-0123456789abcdef-not-secret"
+# Tests run on a few dozen items: their test set may judge at once (the sizing is tested on its own).
+TINY_TEST_SET = {"min_items": 1, "min_cases_per_class": 1, "precision": 0.15}
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -41,6 +43,7 @@ def image_params(**source) -> dict:
     params["validate"]["min_total_items"] = 1
     params["preprocess"]["image_size"] = [64, 64]
     params["preprocess"]["shard_size"] = 16
+    params["preprocess"]["test_set"] = TINY_TEST_SET
     return params
 
 
@@ -50,6 +53,7 @@ def tabular_params(**source) -> dict:
         params["source"] = source
     params["validate"]["min_new_items"] = 1
     params["validate"]["min_total_items"] = 1
+    params["preprocess"]["test_set"] = TINY_TEST_SET
     return params
 
 

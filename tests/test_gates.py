@@ -162,3 +162,18 @@ def test_different_frozen_test_sets_are_not_compared():
     decision = evaluate_gates(metrics(), {}, SPEC)
     assert [f.gate for f in decision.failures] == ["same_frozen_test_set"]
     assert "not recorded" in decision.failures[0].detail
+
+
+def test_a_test_set_too_small_to_judge_on_refuses_a_model_that_passes_everything_else():
+    growing = {"status": "growing", "version": 0, "items": 32, "cases": {"benign": 18, "malignant": 14},
+               "minimum": {"items": 50, "cases_per_class": 22}}
+    candidate = {**metrics(), "test_set": growing}
+    decision = evaluate_gates(candidate, None, SPEC)
+    assert not decision.passed and [f.gate for f in decision.failures] == ["min_test_set"]
+    assert gate(decision, "min_test_set").detail == (
+        "test set too small: 14 of 22 positives, 18 of 22 benign cases, 32 of 50 items; it grows with new "
+        "patients until then, and models are trained and evaluated but not promoted")
+    frozen = {**growing, "status": "frozen", "version": 2, "items": 60, "cases": {"benign": 33, "malignant": 27}}
+    passed = gate(evaluate_gates({**metrics(), "test_set": frozen}, None, SPEC), "min_test_set")
+    assert passed.passed and passed.detail == "the frozen test set v2 (60 items) is big enough to judge on"
+    assert gate(evaluate_gates(metrics(), None, SPEC), "min_test_set").passed  # a report from before sizing

@@ -108,3 +108,29 @@ def test_first_model_a_better_one_a_worse_one_then_override_and_rollback(tmp_pat
     assert client.get_model_version_by_alias(name, "champion").version in (2, "2")
     actions = [(entry["action"], str(entry["version"])) for entry in promote.history(load(layout), layout)]
     assert actions == [("promoted", "1"), ("promoted", "2"), ("override", "3"), ("rollback", "2")]
+
+    # Extending the test set is deliberate and recorded (git: who and why); until it is frozen
+    # again nothing is promoted, and the champion stays.
+    import subprocess
+
+    from pipelines import testset
+    from pipelines.errors import ConfigError
+
+    state = testset.current(layout)
+    assert (state["status"], state["version"]) == ("frozen", 1)
+    held = max(state["cases"].values())
+    with pytest.raises(ConfigError, match=f"already holds up to {held} cases of a class"):
+        testset.extend(load(layout), layout, cases_per_class=held, items=None, reason="more", actor="dr.lee")
+    message = testset.extend(load(layout), layout, cases_per_class=held + 10, items=None,
+                             reason="the ethics board asks for a tighter interval", actor="dr.lee")
+    assert message.endswith(f"{held + 10} cases of each class (by dr.lee): the ethics board asks for a tighter interval")
+    logged = subprocess.run(["git", "-C", str(layout.root), "log", "-1", "--format=%an|%s"], capture_output=True,
+                            text=True).stdout.strip()
+    assert logged == f"dr.lee|{message}"
+    assert load(layout).preprocess.test_set.min_cases_per_class == held + 10
+    assert repro(layout, "evaluate")
+    grown = testset.current(layout)
+    assert (grown["status"], grown["version"]) == ("growing", 1)
+    waiting = promote.run(load(layout), layout, actor="test")
+    assert not waiting.passed and "test set too small" in waiting.describe()
+    assert client.get_model_version_by_alias(name, "champion").version in (2, "2")

@@ -77,6 +77,54 @@ def test_test_labels_stay_as_frozen():
     assert test.to_dict() == frozen.set_index("record_id")["label"].to_dict()
 
 
+@pytest.mark.parametrize("proportion, half_width, cases", [(0.85, 0.15, 22), (0.85, 0.10, 49), (0.5, 0.15, 39),
+                                                          (1.0, 0.15, 9), (0.95, 0.05, 83)])
+def test_the_minimum_test_set_comes_from_the_precision_a_floor_needs(proportion, half_width, cases):
+    from scipy.stats import binomtest
+
+    assert preprocess.cases_for_precision(proportion, half_width) == cases
+    interval = binomtest(round(proportion * cases), cases).proportion_ci(method="wilson")
+    observed = round(proportion * cases) / cases
+    assert interval.high - interval.low <= 2 * half_width + 0.02  # whole cases round the proportion
+    assert interval.low <= observed <= interval.high
+    fewer = binomtest(round(proportion * (cases - 1)), cases - 1).proportion_ci(method="wilson")
+    assert fewer.high - fewer.low > interval.high - interval.low - 0.01
+
+
+def test_a_small_test_set_grows_with_new_patients_then_freezes_and_versions(tmp_path):
+    """Below the minimum the test set takes new patients (never its old items' labels back, never
+    a patient from training); once big enough it is frozen v1; a raised minimum grows it into v2."""
+    classes = ["benign", "malignant"]
+    minimum = {"items": 40, "cases_per_class": 12}
+    grow = spec()
+    nights = [records(60, 1, seed=s, batch=f"b{s}") for s in (11, 12, 13, 14)]
+    seen, patients, frozen, state, history = None, None, None, None, []
+    for night in nights:
+        seen = night if seen is None else pd.concat([seen, night], ignore_index=True)
+        growing = frozen is None or not preprocess.big_enough(preprocess.present_cases(frozen, seen, classes), minimum)
+        before = None if patients is None else set(patients.loc[patients["split"] != "test", "patient_id"])
+        patients = preprocess.assign_patients(seen, patients, grow, classes, grow_test=growing)
+        if before is not None:  # nobody moves from train or validation into test
+            assert before.isdisjoint(set(patients.loc[patients["split"] == "test", "patient_id"]))
+        earlier = frozen
+        frozen = preprocess.freeze_test_set(seen, patients, frozen) if growing else frozen
+        if earlier is not None:  # earlier members and their labels stay
+            assert earlier.merge(frozen, on=["record_id", "label"]).shape[0] == len(earlier)
+        state = preprocess.test_set_state(frozen, preprocess.present_cases(frozen, seen, classes), minimum, state)
+        history.append((state["status"], state["version"], state["items"]))
+    assert history[0][:2] == ("growing", 0) and history[-1][:2] == ("frozen", 1)
+    frozen_at = [i for i, h in enumerate(history) if h[0] == "frozen"][0]
+    assert len({h[2] for h in history[frozen_at:]}) == 1  # frozen: no more growth
+    assert preprocess.describe_test_set(state).startswith(f"frozen v1: {state['items']} items")
+
+    raised = {"items": 40, "cases_per_class": max(state["cases"].values()) + 5}
+    assert not preprocess.big_enough(state["cases"], raised)
+    again = preprocess.test_set_state(frozen, state["cases"], raised, state)
+    assert (again["status"], again["version"]) == ("growing", 1)
+    assert preprocess.describe_test_set(again).startswith("growing: ")
+    assert f"of {raised['cases_per_class']} " in preprocess.describe_test_set(again)
+
+
 def test_tabular_scaler_is_fitted_on_train_only(tmp_path):
     layout = make_workspace(tmp_path, tabular_params())
     params = load(layout)

@@ -65,6 +65,7 @@ def tabular_params_dict() -> dict[str, Any]:
         "preprocess": {
             "seed": 1,
             "test_fraction": 0.2,
+            "test_set": {"min_items": 1, "min_cases_per_class": 1, "precision": 0.15},
             "validation_fraction": 0.1,
             "shard_size": 100,
         },
@@ -107,6 +108,7 @@ def image_params_dict() -> dict[str, Any]:
         "preprocess": {
             "seed": 1,
             "test_fraction": 0.2,
+            "test_set": {"min_items": 1, "min_cases_per_class": 1, "precision": 0.15},
             "validation_fraction": 0.1,
             "image_size": [64, 64],
             "shard_size": 100,
