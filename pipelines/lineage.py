@@ -100,6 +100,11 @@ def version_lineage(params: Params, layout: Layout, version: str | None = None) 
             "processed": tags.get("medloop.data.processed"),
             "frozen_test_set": tags.get("medloop.data.frozen_test_set"),
         },
+        "learned_from": {
+            "clinician_labels": int(tags["medloop.data.clinician_labels"])
+            if tags.get("medloop.data.clinician_labels") else None,
+            "clinician_label_batches": [b for b in tags.get("medloop.data.clinician_label_batches", "").split(",") if b],
+        },
         "params_hash": tags.get("medloop.params_hash"),
         "params": dict(sorted(run.data.params.items())) if run else {},
         "gates": json.loads(tags.get(REASONS_TAG, "[]")),

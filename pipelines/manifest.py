@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 
@@ -80,3 +81,19 @@ def write_batch(frame: pd.DataFrame, batch_dir: Path) -> Path:
     path = batch_dir / MANIFEST_FILE
     conform(frame).to_parquet(path, index=False)
     return path
+
+
+def stored_rows(layout: Layout, record_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """The stored table rows of data/raw (de-identified, as collect wrote them), indexed by
+    record id (``<batch file>#<row>``); only ``record_ids`` when given."""
+    raw = read(layout)
+    stored = raw[raw["status"] == "stored"]
+    if record_ids is not None:
+        stored = stored[stored["record_id"].isin(set(record_ids))]
+    parts = []
+    for batch_file, group in stored.groupby(stored["record_id"].str.split("#").str[0]):
+        table = pd.read_parquet(layout.raw / batch_file)
+        part = table.iloc[group["record_id"].str.split("#").str[1].astype(int).to_numpy()].copy()
+        part.index = group["record_id"].to_numpy()
+        parts.append(part)
+    return pd.concat(parts) if parts else pd.DataFrame()

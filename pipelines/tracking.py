@@ -64,11 +64,32 @@ def lineage(params: Params, layout: Layout) -> dict[str, str]:
         "medloop.data.feedback": _dvc_file_hash(layout.root / "data" / "feedback.dvc"),
         "medloop.data.processed": _lock_out_hash(layout, "preprocess", "data/processed"),
         "medloop.data.frozen_test_set": _lock_out_hash(layout, "preprocess", "data/splits"),
+        **clinician_labels(layout),
     }
     flow_run = os.environ.get(FLOW_RUN_ENV)
     if flow_run:
         tags["medloop.flow_run_id"] = flow_run
     return tags
+
+
+def clinician_labels(layout: Layout) -> dict[str, str]:
+    """What a model learns from clinicians: how many training and validation items carry a
+    clinician's confirmed label (``medloop.data.clinician_labels``) and from which feedback
+    exports (``medloop.data.clinician_label_batches``, comma-separated batch ids)."""
+    import pandas as pd
+
+    index_file = layout.processed / "index.parquet"
+    if not index_file.exists():
+        return {}
+    columns = pd.read_parquet(index_file).columns
+    wanted = [c for c in ("split", "label_provenance", "label_batch_id") if c in columns]
+    if "label_provenance" not in wanted:
+        return {"medloop.data.clinician_labels": "0", "medloop.data.clinician_label_batches": ""}
+    index = pd.read_parquet(index_file, columns=wanted)
+    learned = index[(index["label_provenance"] == "clinician") & index["split"].isin(["train", "validation"])]
+    batches = sorted({str(b) for b in learned.get("label_batch_id", pd.Series(dtype=str)).dropna()})
+    return {"medloop.data.clinician_labels": str(len(learned)),
+            "medloop.data.clinician_label_batches": ",".join(batches)}
 
 
 ENVIRONMENT_PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "pandas", "scikit-learn", "pillow",

@@ -144,15 +144,7 @@ def test_an_image_label_relabels_the_same_pixels_and_a_lost_input_is_quarantined
 
 def collect_rows(layout) -> pd.DataFrame:
     """Every stored table row of data/raw, indexed by record id."""
-    raw = manifest.read(layout)
-    stored = raw[raw["status"] == "stored"]
-    parts = []
-    for batch_file, group in stored.groupby(stored["record_id"].str.split("#").str[0]):
-        table = pd.read_parquet(layout.raw / batch_file)
-        part = table.iloc[group["record_id"].str.split("#").str[1].astype(int).to_numpy()].copy()
-        part.index = group["record_id"].to_numpy()
-        parts.append(part)
-    return pd.concat(parts)
+    return manifest.stored_rows(layout)
 
 
 def _splits(layout) -> pd.DataFrame:
