@@ -204,14 +204,22 @@ PAIRED_INTERVAL_METHOD = (
 )
 
 
+# Short names of the methods in metrics.json (``dvc metrics show`` prints them as columns).
+INTERVAL_METHOD_NAMES = {
+    PROPORTION_INTERVAL_METHOD: "wilson-patient-clustered",
+    PAIRED_INTERVAL_METHOD: "newcombe-paired-patient-clustered",
+}
+
+
 def interval_methods(samples: int, seed: int) -> dict:
-    """How every interval in metrics.json was computed (the report names its methods)."""
+    """How every interval in metrics.json was computed (the report names its methods): the
+    level, and per interval a short name of its method (see `INTERVAL_METHOD_NAMES`)."""
     return {
         "level": CI_LEVEL,
-        "auroc_ci": f"percentile bootstrap over patients, {samples} replicates, seed {seed}",
-        "sensitivity_ci": PROPORTION_INTERVAL_METHOD,
-        "specificity_ci": PROPORTION_INTERVAL_METHOD,
-        "non_inferiority": PAIRED_INTERVAL_METHOD,
+        "auroc_ci": f"bootstrap-patients-{samples}-seed-{seed}",
+        "sensitivity_ci": INTERVAL_METHOD_NAMES[PROPORTION_INTERVAL_METHOD],
+        "specificity_ci": INTERVAL_METHOD_NAMES[PROPORTION_INTERVAL_METHOD],
+        "non_inferiority": INTERVAL_METHOD_NAMES[PAIRED_INTERVAL_METHOD],
     }
 
 
@@ -383,34 +391,33 @@ def case_outcomes(y_true: Sequence, score: Sequence, threshold: float, groups: S
     same fingerprint list the same cases in the same order.
 
     Returns:
-        ``{"y_true": "0110...", "flagged": "1010...", "patient": [0, 0, 1, ...]}``: labels and
-        flags as strings of 0/1, and each case's patient as the index of that patient's first
-        appearance (``None`` when every case is its own patient).
+        ``{"y_true": [0, 1, ...], "flagged": [1, 0, ...], "patient": [0, 0, 1, ...]}``: labels
+        and flags as 0/1, and each case's patient as the index of that patient's first
+        appearance (``None`` when every case is its own patient). Lists, not strings, so that
+        ``dvc metrics show`` leaves them out of its table.
     """
     y, s = _arrays(y_true, score)
-    flagged = s >= threshold
     return {
-        "y_true": "".join("1" if v else "0" for v in y),
-        "flagged": "".join("1" if v else "0" for v in flagged),
+        "y_true": y.tolist(),
+        "flagged": (s >= threshold).astype(np.int64).tolist(),
         "patient": None if groups is None else _first_appearance(groups).tolist(),
     }
 
 
 def read_case_outcomes(cases: dict | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
     """(y_true, flagged, patient or None) arrays from `case_outcomes`' dict; ``None`` when
-    absent or malformed (different lengths, characters other than 0 and 1)."""
+    absent or malformed (not lists, different lengths, values other than 0 and 1)."""
     if not isinstance(cases, dict):
         return None
-    y_text, flag_text, patient = cases.get("y_true"), cases.get("flagged"), cases.get("patient")
-    if not isinstance(y_text, str) or not isinstance(flag_text, str) or len(y_text) != len(flag_text):
+    y, flagged, patient = cases.get("y_true"), cases.get("flagged"), cases.get("patient")
+    if not isinstance(y, list) or not isinstance(flagged, list) or len(y) != len(flagged):
         return None
-    if set(y_text + flag_text) - {"0", "1"}:
+    if patient is not None and (not isinstance(patient, list) or len(patient) != len(y)):
         return None
-    if patient is not None and (not isinstance(patient, list) or len(patient) != len(y_text)):
+    if not set(y) <= {0, 1} or not set(flagged) <= {0, 1}:
         return None
-    y = np.frombuffer(y_text.encode(), dtype=np.uint8) - ord("0")
-    flagged = np.frombuffer(flag_text.encode(), dtype=np.uint8) - ord("0")
-    return y.astype(np.int64), flagged.astype(bool), None if patient is None else np.asarray(patient)
+    return (np.asarray(y, dtype=np.int64), np.asarray(flagged, dtype=bool),
+            None if patient is None else np.asarray(patient))
 
 
 def weighted_auroc(weights: np.ndarray, y_true: Sequence, score: Sequence) -> np.ndarray:
