@@ -6,8 +6,11 @@ validation.
   ``evaluate.target_sensitivity`` (see `pipelines.metrics.operating_threshold`). It is rounded
   down to 6 decimals, so the value written to metrics.json is exactly the one applied.
 - On the frozen test set: AUROC, AUPRC, sensitivity, specificity, PPV, NPV, F1, accuracy, Brier
-  score and expected calibration error at that threshold, patient-level bootstrap 95% intervals
-  of AUROC, sensitivity and specificity, and the same metrics per subgroup
+  score and expected calibration error at that threshold, 95% intervals (AUROC: bootstrap over
+  patients; sensitivity and specificity: Wilson score intervals on the patient-clustered
+  effective sample size, named in ``intervals``), the per-case results (``test_cases``: label,
+  flag and patient index in record-id order, no identifiers) that promote pairs with the
+  champion's, and the same metrics per subgroup
   (``evaluate.subgroups``) with their counts. Multi-class models are judged one-vs-rest on the
   positive class, plus a macro AUROC.
 - Plots (``reports/plots``): ROC, precision-recall, calibration and the confusion matrix as DVC
@@ -175,7 +178,7 @@ def build_report(
     groups = frame["patient_id"].astype(str).to_numpy() if "patient_id" in frame.columns else None
 
     test_metrics = clinical.binary_metrics(y_test, score_test, threshold, bins)
-    test_metrics.update(clinical.bootstrap_intervals(
+    test_metrics.update(clinical.intervals(
         y_test, score_test, threshold, params.evaluate.bootstrap_samples, params.train.seed, groups=groups,
     ))
     if len(classes) > 2:
@@ -188,6 +191,9 @@ def build_report(
         "test": test_metrics,
         "validation": clinical.binary_metrics(y_val, score_val, threshold, bins),
         "subgroups": clinical.subgroup_metrics(frame, threshold, present),
+        "intervals": clinical.interval_methods(params.evaluate.bootstrap_samples, params.train.seed),
+        # Promote pairs the champion's results with these case by case (same fingerprint, same order).
+        "test_cases": clinical.case_outcomes(y_test, score_test, threshold, groups),
         "frozen_test_set_sha256": frozen_test_set_sha256(test.record_id),
         "weights_sha256": trained.get("weights_sha256"),
         "run_id": trained["run_id"],

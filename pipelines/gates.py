@@ -2,7 +2,11 @@
 
 Modelled on TFX's Evaluator: absolute thresholds (floors a model must reach on the frozen test
 set, overall and in every subgroup large enough to judge) plus change thresholds against the
-last blessed model (the champion), on point estimates, on the AUROC interval and per subgroup.
+last blessed model (the champion): AUROC on the point estimate, on its interval and per
+subgroup; sensitivity and specificity on the paired difference of the two models' results on
+the same frozen test cases, with the margin applied to the lower bound of its 95% interval
+(Newcombe's paired score interval on the patient-clustered effective sample size), and stated
+in cases as well as in proportion.
 
 Both inputs are ``reports/metrics.json`` dicts (see the shared contract) measured on the SAME
 frozen test set; when their ``frozen_test_set_sha256`` differ the comparison is refused, because
@@ -19,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipelines.config import PromoteSpec
+from pipelines.metrics import paired_difference, read_case_outcomes
 
 # Metrics in metrics.json are floats computed by sklearn; a threshold met "exactly" must not fail
 # on the last bit (0.85 - 0.02 is 0.8300000000000001), so comparisons allow this much slack.
@@ -231,10 +236,8 @@ def _same_frozen_test_set(candidate: dict, champion: dict) -> GateResult:
 def _non_inferiority(candidate: dict, champion: dict, spec: PromoteSpec) -> list[GateResult]:
     margin = spec.non_inferiority_margin
     ours, theirs = candidate.get("test") or {}, champion.get("test") or {}
-    results = [
-        _not_worse(f"non_inferiority.{metric}", _LABELS[metric], ours.get(metric), theirs.get(metric), margin)
-        for metric in ("auroc", "sensitivity", "specificity")
-    ]
+    results = [_not_worse("non_inferiority.auroc", _LABELS["auroc"], ours.get("auroc"), theirs.get("auroc"), margin)]
+    results += [_paired_not_worse(metric, candidate, champion, margin) for metric in ("sensitivity", "specificity")]
     results.append(_interval_not_below(ours.get("auroc_ci"), theirs.get("auroc")))
     our_groups, their_groups = candidate.get("subgroups") or {}, champion.get("subgroups") or {}
     for column in sorted(set(our_groups) & set(their_groups)):
@@ -273,6 +276,84 @@ def _not_worse(
         f"{label} {_fmt(observed)} is worse than the champion's {_fmt(reference)} by "
         f"{_fmt(reference - observed)}, more than the margin {_fmt(margin)} (required at least {_fmt(required)})",
     )
+
+
+# What a miss is called for each paired metric: the items judged, and a wrong answer on one.
+_PAIRED = {
+    "sensitivity": ("positive", "missed case", "missed cases", "caught"),
+    "specificity": ("negative", "false alarm", "false alarms", "cleared"),
+}
+
+
+def _paired_not_worse(metric: str, candidate: dict, champion: dict, margin: float) -> GateResult:
+    """Non-inferiority of sensitivity or specificity on the paired difference, case by case.
+
+    Both models' per-case results on the same frozen test cases (``test_cases`` in
+    metrics.json) are paired; the 95% interval of candidate minus champion is Newcombe's
+    hybrid score interval for paired proportions on the patient-clustered effective sample
+    size (`pipelines.metrics.paired_difference`). The candidate passes when the interval's
+    lower bound is at least ``-margin``: the data show it is not worse by more than the margin.
+    A single case more or less moves the point difference, not the verdict, unless the set is
+    large enough for the interval to tell. Labels and patients are the candidate's (today's).
+    """
+    gate = f"non_inferiority.{metric}"
+    ours, theirs = read_case_outcomes(candidate.get("test_cases")), read_case_outcomes(champion.get("test_cases"))
+    if ours is None or theirs is None:
+        whose = "the candidate's" if ours is None else "the champion's"
+        return GateResult(
+            gate, None, -margin, False,
+            f"{whose} per-case results on the frozen test set are not recorded (test_cases in "
+            f"metrics.json), so its {metric} cannot be compared case by case; re-run evaluate "
+            "for the candidate, or re-score the champion on the current frozen test set",
+        )
+    y_true, flagged, patient = ours
+    _, champion_flagged, _ = theirs
+    if len(champion_flagged) != len(y_true):
+        return GateResult(
+            gate, None, -margin, False,
+            f"the champion's per-case results cover {len(champion_flagged)} cases but the frozen "
+            f"test set has {len(y_true)}; re-score the champion on the current frozen test set",
+        )
+    kind, miss, misses, right = _PAIRED[metric]
+    judged = y_true == (1 if metric == "sensitivity" else 0)
+    if metric == "sensitivity":
+        our_hits, their_hits = flagged[judged], champion_flagged[judged]
+    else:
+        our_hits, their_hits = ~flagged[judged], ~champion_flagged[judged]
+    paired = paired_difference(our_hits, their_hits, None if patient is None else patient[judged])
+    n = paired["n"]
+    if n == 0:
+        return GateResult(gate, None, -margin, True,
+                          f"not gated: the frozen test set has no {kind} cases, so {metric} is undefined")
+    low, high = paired["interval"]
+    more = paired["champion"] - paired["candidate"]  # extra wrong answers of the candidate
+    if more > 0:
+        change = f"{more} more {miss if more == 1 else misses} of {n}"
+    elif more < 0:
+        change = f"{-more} fewer {miss if more == -1 else misses} of {n}"
+    else:
+        change = f"the same number of {misses} ({n - paired['candidate']} of {n})"
+    clustered = f", {paired['patients']} patients" if paired["patients"] < n else ""
+    stated = (
+        f"{_LABELS[metric]} {paired['candidate']}/{n} against the champion's {paired['champion']}/{n} "
+        f"on the same {kind} cases: {change} ({_signed(paired['difference'])}; {paired['only_candidate']} "
+        f"{right} by the candidate alone, {paired['only_champion']} by the champion alone); "
+        f"95% interval of the difference [{_signed(low)}, {_signed(high)}] (paired score interval{clustered})"
+    )
+    bound = f"its lower bound {_signed(low)} is"
+    if low >= -margin - TOLERANCE:
+        return GateResult(gate, low, -margin, True,
+                          f"{stated}; {bound} at least {_signed(-margin)} (minus the margin): "
+                          "not worse than the champion by more than the margin")
+    return GateResult(gate, low, -margin, False,
+                      f"{stated}; {bound} below {_signed(-margin)} (minus the margin): the candidate "
+                      "may be worse than the champion by more than the margin")
+
+
+def _signed(value: float) -> str:
+    """A difference with its sign, 3 decimals: +0.050, -0.048, 0.000."""
+    text = f"{value:+.3f}"
+    return "0.000" if text in ("+0.000", "-0.000") else text
 
 
 def _interval_not_below(interval: list | None, reference: float | None) -> GateResult:

@@ -4,7 +4,8 @@ Everything here is deterministic (the bootstrap takes a seed) and JSON-ready: a 
 undefined for the data at hand (AUROC with one class only, sensitivity without positives, PPV
 when nothing is flagged) is ``None``, never NaN. Ranking and calibration metrics come from
 ``sklearn.metrics``; only what scikit-learn does not offer (expected calibration error, a
-vectorised patient-level bootstrap, the operating threshold rule) is written here.
+vectorised patient-level bootstrap, patient-clustered score intervals of proportions and of
+paired differences, the operating threshold rule) is written here.
 
 Conventions: ``y_true`` is 1 for the positive class (the finding screened for) and 0 otherwise;
 ``score`` is the model's probability of the positive class; an item is flagged positive when
@@ -156,7 +157,7 @@ def operating_threshold(y_true_val: Sequence, score_val: Sequence, target_sensit
     return float(positives[k - 1])
 
 
-def bootstrap_intervals(
+def intervals(
     y_true: Sequence,
     score: Sequence,
     threshold: float,
@@ -164,44 +165,259 @@ def bootstrap_intervals(
     seed: int,
     groups: Sequence | None = None,
 ) -> dict:
-    """95% percentile bootstrap intervals of AUROC, sensitivity and specificity.
+    """95% intervals of AUROC, sensitivity and specificity on the frozen test set.
 
-    With ``groups`` (patient ids), whole patients are resampled with replacement, keeping all of
-    a patient's items together: items of one patient are correlated, and resampling them one by
-    one would make the intervals too narrow. Without it every item is its own group.
-
-    The resamples are drawn as count weights (how often each patient was drawn), so every
-    replicate is a weighted metric over the same items: one matrix product per metric, no Python
-    loop over replicates. Replicates where a metric is undefined (no positives drawn) are left
-    out of that metric's interval.
+    - AUROC: percentile bootstrap over patients (see `bootstrap_auroc_interval`); AUROC is a
+      rank statistic with no closed-form interval that scikit-learn or scipy offers.
+    - Sensitivity and specificity: Wilson score intervals on the patient-clustered effective
+      sample size (see `clustered_wilson_interval`). A bootstrap of a proportion collapses at 0
+      and 1 (13 caught of 13 resamples to 13 of 13 every time: [1.0, 1.0]); the score interval
+      does not (13 of 13 gives about [0.77, 1.0]).
 
     Args:
         y_true: 1 for the positive class, 0 otherwise.
         score: predicted probability of the positive class.
         threshold: the operating threshold.
-        samples: bootstrap replicates; 0 gives ``None`` intervals.
-        seed: seed of the numpy Generator; the same seed gives the same intervals.
-        groups: optional group (patient) of every item.
+        samples: bootstrap replicates for the AUROC interval; 0 gives a ``None`` AUROC interval.
+        seed: seed of the bootstrap; the same seed gives the same intervals.
+        groups: optional group (patient) of every item; without it every item is its own patient.
 
     Returns:
         ``{"auroc_ci": [lo, hi], "sensitivity_ci": [lo, hi], "specificity_ci": [lo, hi]}``,
-        each ``None`` where no replicate defines it.
+        each ``None`` where undefined (one class only, no items).
     """
     y, s = _arrays(y_true, score)
-    empty = {"auroc_ci": None, "sensitivity_ci": None, "specificity_ci": None}
-    if samples <= 0 or len(y) == 0:
-        return empty
-    weights = _bootstrap_weights(len(y), samples, seed, groups)
-    flagged = (s >= threshold).astype(np.float64)
-    positive, negative = y.astype(np.float64), 1.0 - y
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sensitivity = (weights @ (positive * flagged)) / (weights @ positive)
-        specificity = (weights @ (negative * (1.0 - flagged))) / (weights @ negative)
+    flagged = s >= threshold
+    patients = _group_index(len(y), groups)
     return {
-        "auroc_ci": _percentile_interval(weighted_auroc(weights, y, s)),
-        "sensitivity_ci": _percentile_interval(sensitivity),
-        "specificity_ci": _percentile_interval(specificity),
+        "auroc_ci": bootstrap_auroc_interval(y, s, samples, seed, groups),
+        "sensitivity_ci": clustered_wilson_interval(flagged[y == 1], patients[y == 1]),
+        "specificity_ci": clustered_wilson_interval(~flagged[y == 0], patients[y == 0]),
     }
+
+
+# Named in metrics.json (``intervals``), the model card and the promotion verdicts.
+PROPORTION_INTERVAL_METHOD = "Wilson score interval on the patient-clustered effective sample size"
+PAIRED_INTERVAL_METHOD = (
+    "Newcombe hybrid score interval for paired proportions (method 10) on the patient-clustered "
+    "effective sample size"
+)
+
+
+# Short names of the methods in metrics.json (``dvc metrics show`` prints them as columns).
+INTERVAL_METHOD_NAMES = {
+    PROPORTION_INTERVAL_METHOD: "wilson-patient-clustered",
+    PAIRED_INTERVAL_METHOD: "newcombe-paired-patient-clustered",
+}
+
+
+def interval_methods(samples: int, seed: int) -> dict:
+    """How every interval in metrics.json was computed (the report names its methods): the
+    level, and per interval a short name of its method (see `INTERVAL_METHOD_NAMES`)."""
+    return {
+        "level": CI_LEVEL,
+        "auroc_ci": f"bootstrap-patients-{samples}-seed-{seed}",
+        "sensitivity_ci": INTERVAL_METHOD_NAMES[PROPORTION_INTERVAL_METHOD],
+        "specificity_ci": INTERVAL_METHOD_NAMES[PROPORTION_INTERVAL_METHOD],
+        "non_inferiority": INTERVAL_METHOD_NAMES[PAIRED_INTERVAL_METHOD],
+    }
+
+
+def bootstrap_auroc_interval(
+    y_true: Sequence, score: Sequence, samples: int, seed: int, groups: Sequence | None = None
+) -> list[float] | None:
+    """95% percentile bootstrap interval of AUROC, resampling whole patients.
+
+    With ``groups`` (patient ids), whole patients are resampled with replacement, keeping all of
+    a patient's items together: items of one patient are correlated, and resampling them one by
+    one would make the interval too narrow. Without it every item is its own group.
+
+    The resamples are drawn as count weights (how often each patient was drawn), so every
+    replicate is a weighted AUROC over the same items: no Python loop over replicates.
+    Replicates with one class only are left out.
+
+    Returns:
+        ``[lo, hi]``, or ``None`` when ``samples`` is 0 or no replicate defines AUROC.
+    """
+    y, s = _arrays(y_true, score)
+    if samples <= 0 or len(y) == 0:
+        return None
+    weights = _bootstrap_weights(len(y), samples, seed, groups)
+    return _percentile_interval(weighted_auroc(weights, y, s))
+
+
+def effective_sample_size(values: Sequence, groups: Sequence | None = None) -> float:
+    """How many independent items ``values`` (one number per item) are worth for their mean,
+    given that items of one patient (``groups``) are correlated: n divided by the design effect.
+
+    The design effect is the ratio of the patient-clustered variance of the mean (the
+    linearised ratio estimator over patients, with the ``k/(k-1)`` small-sample factor for k
+    patients) to the variance if every item were independent. It is kept between 1 (items as
+    good as independent: never narrower than the unclustered interval) and the value it takes
+    when a patient's items are all alike, which leaves Kish's ``n**2 / sum(m_i**2)`` items for
+    patients with ``m_i`` items each (the number of patients when they have equally many).
+
+    When the data cannot estimate it (every value alike, e.g. 13 caught of 13, or one patient)
+    the conservative end is used: Kish's size. An interval at 0 or 1 then counts patients, not
+    images, which is what a collapsed bootstrap would hide.
+
+    Args:
+        values: one number per item (1/0 hits, or a paired difference -1/0/1).
+        groups: the patient of every item; without it every item is its own patient.
+
+    Returns:
+        The effective sample size, between Kish's size and ``len(values)`` (0.0 when empty).
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    n = len(x)
+    if n == 0:
+        return 0.0
+    patients = _group_index(n, groups)
+    sizes = np.bincount(patients).astype(np.float64)
+    sizes = sizes[sizes > 0]
+    smallest = float(n * n / np.sum(sizes**2))
+    k = len(sizes)
+    iid_variance = float(x.var()) / n
+    if k < 2 or iid_variance <= 1e-15:
+        return smallest
+    mean = float(x.mean())
+    totals = np.bincount(patients, weights=x)[np.bincount(patients) > 0]
+    clustered_variance = k / (k - 1) * float(np.sum((totals - mean * sizes) ** 2)) / n**2
+    design_effect = clustered_variance / iid_variance
+    return float(min(n, max(smallest, n / design_effect))) if design_effect > 0 else float(n)
+
+
+def wilson_interval(successes: float, n: float) -> list[float] | None:
+    """Wilson score 95% interval of a proportion (``successes`` of ``n``, both may be fractional
+    when ``n`` is an effective sample size). Honest at 0 and 1: 13 of 13 gives [0.772, 1.0].
+    ``None`` when ``n`` is 0."""
+    from scipy.stats import norm
+
+    if n <= 0:
+        return None
+    z = float(norm.ppf(0.5 + CI_LEVEL / 2.0))
+    p = min(1.0, max(0.0, successes / n))
+    denominator = 1.0 + z * z / n
+    centre = (p + z * z / (2.0 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n))
+    # At p = 0 or 1 the bound on that side is exactly 0 or 1 (not 0.9999999999999999).
+    return [0.0 if p == 0.0 else max(0.0, centre - half), 1.0 if p == 1.0 else min(1.0, centre + half)]
+
+
+def clustered_wilson_interval(hits: Sequence, groups: Sequence | None = None) -> list[float] | None:
+    """95% interval of a proportion of items (e.g. positives caught) whose items cluster in
+    patients: the Wilson score interval on the effective sample size.
+
+    Why this and not a bootstrap or Clopper-Pearson: a bootstrap of a proportion collapses to a
+    point at 0 and 1 (13 of 13 is [1.0, 1.0]), exactly where a small test set most needs an
+    interval; the Wilson interval never collapses and keeps close to its nominal coverage for
+    small n, where Clopper-Pearson is needlessly wide. Patients with several items are accounted
+    for by shrinking n to the effective sample size of the patient-clustered design effect
+    (`effective_sample_size`, in the manner of Korn and Graubard, 1998), keeping the observed
+    proportion: with a patient's items alike, the interval is that of counting patients.
+
+    Args:
+        hits: 1 (or True) per item that counts as a success, 0 otherwise.
+        groups: the patient of every item; without it every item is its own patient.
+
+    Returns:
+        ``[lo, hi]``, or ``None`` when there are no items.
+    """
+    x = np.asarray(hits, dtype=np.float64).ravel()
+    if len(x) == 0:
+        return None
+    n_effective = effective_sample_size(x, groups)
+    return wilson_interval(float(x.mean()) * n_effective, n_effective)
+
+
+def paired_difference(
+    candidate_hits: Sequence, champion_hits: Sequence, groups: Sequence | None = None
+) -> dict:
+    """The difference of two models' proportions on the SAME items (candidate minus champion),
+    with its 95% interval, in cases and in proportion.
+
+    The interval is Newcombe's hybrid score interval for paired proportions (method 10 of
+    Newcombe, Statistics in Medicine 1998;17:2635), built from the two Wilson intervals and the
+    correlation of the paired outcomes. It is used rather than a paired bootstrap because a
+    bootstrap collapses to [0, 0] when the models disagree on no case, although a few
+    disagreements in a small set would be unsurprising. Patients with several items are
+    accounted for by scaling the four paired counts to the effective sample size of the
+    per-item difference (`effective_sample_size`); the difference itself is unchanged.
+    Closed form: no seed, the same input always gives the same interval.
+
+    Args:
+        candidate_hits: 1 per item the candidate got right (a positive caught, a negative
+            cleared), 0 otherwise.
+        champion_hits: the same for the champion, item for item.
+        groups: the patient of every item; without it every item is its own patient.
+
+    Returns:
+        ``n`` items, ``candidate`` and ``champion`` hits, ``only_candidate`` and
+        ``only_champion`` (the discordant items), ``difference`` (proportion), ``interval``
+        ``[lo, hi]`` (None without items), ``n_effective``, ``patients``.
+    """
+    first = np.asarray(candidate_hits, dtype=np.float64).ravel()
+    second = np.asarray(champion_hits, dtype=np.float64).ravel()
+    if len(first) != len(second):
+        raise MedloopError(f"{len(first)} candidate results but {len(second)} champion results")
+    n = len(first)
+    both = int(np.sum((first == 1) & (second == 1)))
+    only_candidate = int(np.sum((first == 1) & (second == 0)))
+    only_champion = int(np.sum((first == 0) & (second == 1)))
+    neither = n - both - only_candidate - only_champion
+    patients = _group_index(n, groups)
+    result = {
+        "n": n, "candidate": both + only_candidate, "champion": both + only_champion,
+        "only_candidate": only_candidate, "only_champion": only_champion,
+        "difference": (only_candidate - only_champion) / n if n else None,
+        "interval": None, "n_effective": 0.0, "patients": int(len(np.unique(patients))),
+    }
+    if n == 0:
+        return result
+    n_effective = effective_sample_size(first - second, groups)
+    scale = n_effective / n
+    result["interval"] = _newcombe_paired(
+        both * scale, only_candidate * scale, only_champion * scale, neither * scale
+    )
+    result["n_effective"] = n_effective
+    return result
+
+
+def case_outcomes(y_true: Sequence, score: Sequence, threshold: float, groups: Sequence | None = None) -> dict:
+    """Per-case results on the frozen test set, in record-id order, without any identifier.
+
+    Promote pairs two models' results case by case (`paired_difference`); the order is that of
+    the sorted record ids, which ``frozen_test_set_sha256`` fingerprints, so two reports with the
+    same fingerprint list the same cases in the same order.
+
+    Returns:
+        ``{"y_true": [0, 1, ...], "flagged": [1, 0, ...], "patient": [0, 0, 1, ...]}``: labels
+        and flags as 0/1, and each case's patient as the index of that patient's first
+        appearance (``None`` when every case is its own patient). Lists, not strings, so that
+        ``dvc metrics show`` leaves them out of its table.
+    """
+    y, s = _arrays(y_true, score)
+    return {
+        "y_true": y.tolist(),
+        "flagged": (s >= threshold).astype(np.int64).tolist(),
+        "patient": None if groups is None else _first_appearance(groups).tolist(),
+    }
+
+
+def read_case_outcomes(cases: dict | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """(y_true, flagged, patient or None) arrays from `case_outcomes`' dict; ``None`` when
+    absent or malformed (not lists, different lengths, values other than 0 and 1)."""
+    if not isinstance(cases, dict):
+        return None
+    y, flagged, patient = cases.get("y_true"), cases.get("flagged"), cases.get("patient")
+    if not isinstance(y, list) or not isinstance(flagged, list) or len(y) != len(flagged):
+        return None
+    if patient is not None and (not isinstance(patient, list) or len(patient) != len(y)):
+        return None
+    if not set(y) <= {0, 1} or not set(flagged) <= {0, 1}:
+        return None
+    return (np.asarray(y, dtype=np.int64), np.asarray(flagged, dtype=bool),
+            None if patient is None else np.asarray(patient))
 
 
 def weighted_auroc(weights: np.ndarray, y_true: Sequence, score: Sequence) -> np.ndarray:
@@ -331,14 +547,49 @@ def _ratio(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
 
+def _group_index(n: int, groups: Sequence | None) -> np.ndarray:
+    """Each item's group as 0..k-1 (every item its own group without ``groups``)."""
+    if groups is None:
+        return np.arange(n)
+    labels = np.asarray(groups).astype(str).ravel()
+    if len(labels) != n:
+        raise MedloopError(f"{n} items but {len(labels)} patient ids")
+    return np.unique(labels, return_inverse=True)[1].ravel()
+
+
+def _first_appearance(groups: Sequence) -> np.ndarray:
+    """Each item's group numbered by the order in which groups first appear."""
+    _, first, inverse = np.unique(np.asarray(groups).astype(str), return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.ravel()]
+
+
+def _newcombe_paired(both: float, only_first: float, only_second: float, neither: float) -> list[float]:
+    """Newcombe's method 10 interval of p1 - p2 for paired proportions from the 2x2 counts
+    (p1 = share of items the first got right, p2 the second's)."""
+    n = both + only_first + only_second + neither
+    p1, p2 = (both + only_first) / n, (both + only_second) / n
+    low1, high1 = wilson_interval(both + only_first, n)
+    low2, high2 = wilson_interval(both + only_second, n)
+    denominator = (both + only_first) * (only_second + neither) * (both + only_second) * (only_first + neither)
+    # The correlation of the paired outcomes, with Newcombe's adjustment: a positive one is
+    # reduced by n/2 (and never below 0), which keeps the interval from being too narrow.
+    association = both * neither - only_first * only_second
+    if association > 0:
+        association = max(0.0, association - n / 2.0)
+    phi = association / math.sqrt(denominator) if denominator > 0 else 0.0
+    difference = p1 - p2
+    below = (p1 - low1) ** 2 - 2.0 * phi * (p1 - low1) * (high2 - p2) + (high2 - p2) ** 2
+    above = (high1 - p1) ** 2 - 2.0 * phi * (high1 - p1) * (p2 - low2) + (p2 - low2) ** 2
+    return [max(-1.0, difference - math.sqrt(max(below, 0.0))), min(1.0, difference + math.sqrt(max(above, 0.0)))]
+
+
 def _bootstrap_weights(n: int, samples: int, seed: int, groups: Sequence | None) -> np.ndarray:
     """(samples, n) item weights: how often each item's group was drawn in each replicate."""
     rng = np.random.default_rng(seed)
-    if groups is None:
-        group_of, n_groups = np.arange(n), n
-    else:
-        _, group_of = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-        n_groups = int(group_of.max()) + 1
+    group_of = _group_index(n, groups)
+    n_groups = int(group_of.max()) + 1
     draws = rng.integers(0, n_groups, size=(samples, n_groups))
     flat = (draws + np.arange(samples)[:, None] * n_groups).ravel()
     counts = np.bincount(flat, minlength=samples * n_groups).reshape(samples, n_groups)

@@ -8,6 +8,7 @@ dates or host names, so the card changes only when the model, the data or the co
 from __future__ import annotations
 
 from pipelines.config import Params
+from pipelines.metrics import PROPORTION_INTERVAL_METHOD
 
 # Rows of the performance table: (key in metrics.json, label).
 PERFORMANCE_ROWS = (
@@ -123,7 +124,8 @@ def render(
         lines.append(f"| {label} | {_fmt(test[key])} | {shown} | {_fmt(validation.get(key))} |")
     lines += [
         "",
-        f"Intervals: {params.evaluate.bootstrap_samples} bootstrap resamples of patients, percentile method. "
+        f"Intervals (95%): AUROC by {params.evaluate.bootstrap_samples} bootstrap resamples of patients, "
+        f"percentile method; sensitivity and specificity: {PROPORTION_INTERVAL_METHOD}. "
         f"Calibration: {params.evaluate.calibration_bins} equal-width bins.",
         "",
         "## Subgroups", "",

@@ -17,9 +17,12 @@ why) and may `rollback` to the previous champion. Every action is appended to th
 history, a JSON list kept as tags of the registered model (see `history`).
 
 Champions are compared on the candidate's frozen test set: the metrics recorded on the champion's
-version are used when they were measured on the same set. When they were not, a ``rescore``
-callable (model URI -> metrics.json dict on the current frozen test set) re-scores the champion;
-without one the ``same_frozen_test_set`` gate fails and says so.
+version are used when they were measured on the same set, with the champion's per-case results
+from the metrics.json logged with its run (sensitivity and specificity are judged on the paired
+difference, case by case; see `pipelines.gates`). When they were measured on another set, or the
+per-case results are missing, a ``rescore`` callable (model URI -> metrics.json dict on the
+current frozen test set) re-scores the champion; without one the ``same_frozen_test_set`` or the
+paired gates fail and say so.
 """
 
 from __future__ import annotations
@@ -377,12 +380,22 @@ def _logged_model(client: "MlflowClient", mlflow_run) -> tuple[str | None, str]:
 
 
 def _run_metrics(run_id: str) -> dict:
+    metrics = _logged_metrics(run_id)
+    if not metrics:
+        raise PromotionError(f"run {run_id} has no {METRICS_ARTIFACT} artifact: run promote on it first")
+    return metrics
+
+
+def _logged_metrics(run_id: str | None) -> dict:
+    """The metrics.json promote logged with a run; empty when there is none."""
     import mlflow
 
+    if not run_id:
+        return {}
     try:
         return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{METRICS_ARTIFACT}"))
-    except Exception:  # noqa: BLE001 - any failure means the same thing to the user
-        raise PromotionError(f"run {run_id} has no {METRICS_ARTIFACT} artifact: run promote on it first") from None
+    except Exception:  # noqa: BLE001 - any failure means the same thing: not logged
+        return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,11 +436,24 @@ def _alias(client: "MlflowClient", name: str, alias: str) -> "ModelVersion | Non
 
 
 def _champion_metrics(champion, candidate: dict, name: str, rescore) -> dict | None:
+    """The champion's metrics.json on the candidate's frozen test set, with its per-case results.
+
+    The version's tag holds the metrics without the per-case results (they would outgrow a
+    tag); those are read from the metrics.json that promote logged with the champion's run.
+    When the recorded metrics are from another frozen test set, or their per-case results
+    cannot be found (a champion promoted before they were recorded), ``rescore`` re-scores the
+    champion on the current frozen test set.
+    """
     if champion is None:
         return None
     recorded = champion.tags.get(METRICS_TAG)
     metrics = json.loads(recorded) if recorded else {}
-    if metrics.get("frozen_test_set_sha256") != candidate.get("frozen_test_set_sha256") and rescore:
+    same_set = metrics.get("frozen_test_set_sha256") == candidate.get("frozen_test_set_sha256")
+    if same_set and "test_cases" not in metrics:
+        logged = _logged_metrics(champion.run_id)
+        if logged.get("frozen_test_set_sha256") == metrics.get("frozen_test_set_sha256") and logged.get("test_cases"):
+            metrics = {**metrics, "test_cases": logged["test_cases"]}
+    if (not same_set or "test_cases" not in metrics) and rescore:
         log.info("re-scoring champion v%s on the current frozen test set", champion.version)
         metrics = rescore(f"models:/{name}/{champion.version}")
     return metrics
@@ -486,7 +512,9 @@ def _version_tags(mlflow_run, metrics: dict, decision: Decision | None, action: 
         "medloop.positive_class": str(metrics.get("positive_class")),
         "medloop.frozen_test_set_sha256": str(metrics.get("frozen_test_set_sha256")),
         "medloop.weights_sha256": str(metrics.get("weights_sha256")),
-        METRICS_TAG: json.dumps(metrics, sort_keys=True),
+        # Without the per-case results, which would outgrow a tag; they stay in the run's
+        # promotion/metrics.json artifact, where promote reads them when this is champion.
+        METRICS_TAG: json.dumps({k: v for k, v in metrics.items() if k != "test_cases"}, sort_keys=True),
     })
     for key in ("auroc", "sensitivity", "specificity", "ece", "n"):
         if test.get(key) is not None:

@@ -38,7 +38,9 @@ log = logging.getLogger("medloop.reproduce")
 
 GPU_TOLERANCE = 1e-3  # largest metric difference accepted when either training ran on a GPU
 INPUTS = ("data/raw", "data/feedback", "data/splits")  # what is pulled; everything else is rebuilt
-IGNORED = {"run_id"}  # differs by construction: the reproduction is a new MLflow run
+# run_id differs by construction (the reproduction is a new MLflow run); test_cases (per-case
+# results) are not kept in the version's metrics tag, which would outgrow its column.
+IGNORED = {"run_id", "test_cases"}
 
 
 class ReproduceError(MedloopError):

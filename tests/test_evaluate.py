@@ -106,16 +106,15 @@ def test_bootstrap_is_seeded_brackets_the_estimate_and_is_fast():
     score = np.clip(0.3 * y + rng.random(1000) * 0.7, 0, 1)
     point = metrics.binary_metrics(y, score, 0.5)
     started = time.perf_counter()
-    first = metrics.bootstrap_intervals(y, score, 0.5, samples=500, seed=7)
+    first = metrics.bootstrap_auroc_interval(y, score, samples=500, seed=7)
     elapsed = time.perf_counter() - started
     assert elapsed < 2.0
-    assert first == metrics.bootstrap_intervals(y, score, 0.5, samples=500, seed=7)
-    assert first != metrics.bootstrap_intervals(y, score, 0.5, samples=500, seed=8)
-    for name in ("auroc", "sensitivity", "specificity"):
-        low, high = first[f"{name}_ci"]
-        assert low < point[name] < high, name
-        assert high - low < 0.15, name
-    assert metrics.bootstrap_intervals(y, score, 0.5, samples=0, seed=7)["auroc_ci"] is None
+    assert first == metrics.bootstrap_auroc_interval(y, score, samples=500, seed=7)
+    assert first != metrics.bootstrap_auroc_interval(y, score, samples=500, seed=8)
+    low, high = first
+    assert low < point["auroc"] < high
+    assert high - low < 0.15
+    assert metrics.bootstrap_auroc_interval(y, score, samples=0, seed=7) is None
 
 
 def test_bootstrap_resamples_whole_patients():
@@ -248,7 +247,15 @@ def test_tabular_metrics_json_follows_the_contract(tabular_evaluated):
     layout, params, run_id, result, _, _ = tabular_evaluated
     report = json.loads(layout.metrics_json.read_text())
     assert set(report) == {"positive_class", "classes", "operating_threshold", "threshold_source", "test",
-                           "validation", "subgroups", "frozen_test_set_sha256", "weights_sha256", "run_id"}
+                           "validation", "subgroups", "intervals", "test_cases", "frozen_test_set_sha256",
+                           "weights_sha256", "run_id"}
+    assert report["intervals"]["sensitivity_ci"] == "wilson-patient-clustered"
+    assert report["intervals"]["non_inferiority"] == "newcombe-paired-patient-clustered"
+    # per-case results in record-id order, no identifiers: they agree with the counts
+    y_true, flagged, _ = metrics.read_case_outcomes(report["test_cases"])
+    assert len(y_true) == report["test"]["n"] and int(y_true.sum()) == report["test"]["n_positive"]
+    caught = int((flagged & (y_true == 1)).sum())
+    assert caught / report["test"]["n_positive"] == pytest.approx(report["test"]["sensitivity"], abs=1e-6)
     point = set(metrics.METRIC_NAMES)
     assert set(report["test"]) == point | {"auroc_ci", "sensitivity_ci", "specificity_ci"}
     assert set(report["validation"]) == point

@@ -8,6 +8,7 @@ import pytest
 
 from pipelines.config import PromoteSpec
 from pipelines.gates import evaluate_gates
+from pipelines.metrics import case_outcomes
 
 SPEC = PromoteSpec(
     min_auroc=0.80, min_sensitivity=0.85, min_specificity=0.50, max_ece=0.15,
@@ -17,12 +18,25 @@ SPEC = PromoteSpec(
 FROZEN = "a" * 64
 
 
-def metrics(**test) -> dict:
-    """A metrics.json that passes every floor, with ``test`` values overridden."""
-    values = {"n": 200, "n_positive": 80, "auroc": 0.90, "sensitivity": 0.90, "specificity": 0.80,
+def cases(positives: int, caught: int, negatives: int, cleared: int, patient=None) -> dict:
+    """Per-case results (metrics.json ``test_cases``): the first ``caught`` positives flagged,
+    the first ``cleared`` negatives not flagged."""
+    y = [1] * positives + [0] * negatives
+    flagged = [1] * caught + [0] * (positives - caught) + [0] * cleared + [1] * (negatives - cleared)
+    return case_outcomes(y, flagged, 0.5, patient)
+
+
+def metrics(test_cases=None, **test) -> dict:
+    """A metrics.json that passes every floor, with ``test`` values overridden.
+
+    Its per-case results are those of a test set large enough (800 positives, 1200 negatives)
+    for two models with the same results to be shown non-inferior within the margin 0.02.
+    """
+    values = {"n": 2000, "n_positive": 800, "auroc": 0.90, "sensitivity": 0.90, "specificity": 0.80,
               "ece": 0.05, "auroc_ci": [0.86, 0.94]}
     values.update(test)
     return {
+        "test_cases": test_cases or cases(800, 720, 1200, 960),
         "positive_class": "malignant", "classes": ["benign", "malignant"],
         "operating_threshold": 0.4, "threshold_source": "validation",
         "test": values,
@@ -113,10 +127,6 @@ def test_subgroup_auroc_failure_and_small_subgroups_listed_as_not_gated():
     [
         ("auroc", 0.92, 0.90, True),          # exactly at the margin
         ("auroc", 0.93, 0.90, False),         # 0.03 worse, margin 0.02
-        ("sensitivity", 0.91, 0.895, True),   # within
-        ("sensitivity", 0.95, 0.90, False),
-        ("specificity", 0.85, 0.83, True),
-        ("specificity", 0.85, 0.82, False),
     ],
 )
 def test_non_inferiority_against_the_champion(metric, champion_value, candidate_value, passed):
@@ -162,6 +172,96 @@ def test_different_frozen_test_sets_are_not_compared():
     decision = evaluate_gates(metrics(), {}, SPEC)
     assert [f.gate for f in decision.failures] == ["same_frozen_test_set"]
     assert "not recorded" in decision.failures[0].detail
+
+
+def judged(metric: str, champion_cases: dict, candidate_cases: dict, margin: float):
+    """The paired non-inferiority verdict on ``metric`` under ``margin``."""
+    spec = SPEC.model_copy(update={"non_inferiority_margin": margin})
+    decision = evaluate_gates(metrics(test_cases=candidate_cases), metrics(test_cases=champion_cases), spec)
+    return gate(decision, f"non_inferiority.{metric}")
+
+
+@pytest.mark.parametrize(
+    "positives, champion_caught, candidate_caught, margin, passed, detail",
+    [
+        # The issue's example: one more missed case of 21 is not "worse" under a margin the set can show...
+        (21, 20, 19, 0.25, True,
+         "sensitivity 19/21 against the champion's 20/21 on the same positive cases: 1 more missed case of 21 "
+         "(-0.048; 0 caught by the candidate alone, 1 by the champion alone); 95% interval of the difference "
+         "[-0.233, +0.123] (paired score interval); its lower bound -0.233 is at least -0.250 (minus the "
+         "margin): not worse than the champion by more than the margin"),
+        # ... but 21 positives cannot show non-inferiority within 0.02: refused on the interval, not on one case.
+        (21, 20, 19, 0.02, False,
+         "sensitivity 19/21 against the champion's 20/21 on the same positive cases: 1 more missed case of 21 "
+         "(-0.048; 0 caught by the candidate alone, 1 by the champion alone); 95% interval of the difference "
+         "[-0.233, +0.123] (paired score interval); its lower bound -0.233 is below -0.020 (minus the margin): "
+         "the candidate may be worse than the champion by more than the margin"),
+        # A clearly worse candidate: 10 more missed cases of 21.
+        (21, 20, 10, 0.25, False,
+         "sensitivity 10/21 against the champion's 20/21 on the same positive cases: 10 more missed cases of 21 "
+         "(-0.476; 0 caught by the candidate alone, 10 by the champion alone); 95% interval of the difference "
+         "[-0.673, -0.208] (paired score interval); its lower bound -0.673 is below -0.250 (minus the margin): "
+         "the candidate may be worse than the champion by more than the margin"),
+        # No disagreement on 13 of 13 does not collapse the interval to [0, 0].
+        (13, 13, 13, 0.25, True,
+         "sensitivity 13/13 against the champion's 13/13 on the same positive cases: the same number of missed "
+         "cases (0 of 13) (0.000; 0 caught by the candidate alone, 0 by the champion alone); 95% interval of the "
+         "difference [-0.228, +0.228] (paired score interval); its lower bound -0.228 is at least -0.250 (minus "
+         "the margin): not worse than the champion by more than the margin"),
+        # A large set shows one missed case of 800 is within 0.02.
+        (800, 720, 719, 0.02, True, None),
+        (800, 720, 700, 0.02, False, None),
+    ],
+)
+def test_sensitivity_is_judged_on_the_paired_difference_in_cases(
+    positives, champion_caught, candidate_caught, margin, passed, detail
+):
+    result = judged("sensitivity", cases(positives, champion_caught, 30, 25),
+                    cases(positives, candidate_caught, 30, 25), margin)
+    assert result.passed is passed
+    assert result.required == -margin
+    if detail is not None:
+        assert result.detail == detail
+    low = float(result.detail.split("95% interval of the difference [")[1].split(",")[0])
+    assert result.observed == pytest.approx(low, abs=5e-4)  # the lower bound is what is judged
+
+
+def test_specificity_is_judged_on_false_alarms_of_the_same_negatives():
+    result = judged("specificity", cases(40, 36, 39, 39), cases(40, 36, 39, 38), 0.25)
+    assert result.passed
+    assert result.detail.startswith(
+        "specificity 38/39 against the champion's 39/39 on the same negative cases: 1 more false alarm of 39 "
+        "(-0.026; 0 cleared by the candidate alone, 1 by the champion alone)"
+    )
+    better = judged("specificity", cases(40, 36, 39, 30), cases(40, 36, 39, 38), 0.02)
+    assert "8 fewer false alarms of 39 (+0.205" in better.detail
+
+
+def test_patients_with_several_cases_widen_the_paired_interval():
+    # 10 patients with 3 positives each; the candidate misses all 3 of one patient.
+    patient = [k // 3 for k in range(30)] + list(range(10, 40))
+    champion, candidate = cases(30, 30, 30, 30, patient), cases(30, 27, 30, 30, patient)
+    alone = judged("sensitivity", cases(30, 30, 30, 30), cases(30, 27, 30, 30), 0.5)
+    clustered = judged("sensitivity", champion, candidate, 0.5)
+    assert "3 more missed cases of 30 (-0.100" in clustered.detail
+    assert "(paired score interval, 10 patients)" in clustered.detail
+    assert clustered.observed < alone.observed  # the lower bound is further from 0
+
+
+def test_paired_gates_need_both_models_results_case_by_case():
+    champion = metrics()
+    del champion["test_cases"]
+    decision = evaluate_gates(metrics(), champion, SPEC)
+    assert [f.gate for f in decision.failures] == ["non_inferiority.sensitivity", "non_inferiority.specificity"]
+    assert decision.failures[0].detail == (
+        "the champion's per-case results on the frozen test set are not recorded (test_cases in metrics.json), "
+        "so its sensitivity cannot be compared case by case; re-run evaluate for the candidate, or re-score "
+        "the champion on the current frozen test set"
+    )
+    shorter = metrics(test_cases=cases(799, 720, 1200, 960))
+    decision = evaluate_gates(metrics(), shorter, SPEC)
+    assert "the champion's per-case results cover 1999 cases but the frozen test set has 2000" in (
+        gate(decision, "non_inferiority.sensitivity").detail)
 
 
 def test_a_test_set_too_small_to_judge_on_refuses_a_model_that_passes_everything_else():

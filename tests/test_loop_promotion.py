@@ -33,8 +33,10 @@ def registry(layout):
 def test_first_model_a_better_one_a_worse_one_then_override_and_rollback(tmp_path):
     params = tabular_params()
     # Floors suited to a test set of a few dozen cases; the gates themselves are table-tested.
+    # The margin is one such a set can show: non-inferiority of sensitivity and specificity is
+    # judged on the lower bound of the paired difference's interval, which is wide on a few dozen.
     params["promote"].update(min_auroc=0.85, min_sensitivity=0.5, min_specificity=0.3, max_ece=0.3,
-                             subgroup_min_count=1000)
+                             subgroup_min_count=1000, non_inferiority_margin=0.3)
     params["train"].update(epochs=15)
     layout = make_workspace(tmp_path, params)
     name = params["model"]["name"]

@@ -14,6 +14,7 @@ import pytest
 
 from pipelines import promote
 from pipelines.errors import GateError, MedloopError
+from pipelines.metrics import case_outcomes
 from pipelines.tracking import configure, dumps, lineage, tracking_uri
 from pipelines.workspace import Layout
 from conftest import load, make_workspace, tabular_params
@@ -62,9 +63,14 @@ def candidate(params, layout, *, log_model=True, subgroup_auroc=0.90, **test):
         if log_model:
             mlflow.pyfunc.log_model(name="model", python_model=FixedProbabilities(), pip_requirements=["mlflow"])
     run_id = run.info.run_id
-    values = {"n": 114, "n_positive": 42, "auroc": 0.95, "auprc": 0.9, "sensitivity": 0.92,
+    # A test set large enough (400 positives, 600 negatives) for two models with the same
+    # per-case results to be shown non-inferior within the margin 0.02.
+    values = {"n": 1000, "n_positive": 400, "auroc": 0.95, "auprc": 0.9, "sensitivity": 0.92,
               "specificity": 0.85, "ece": 0.05, "auroc_ci": [0.92, 0.98]}
     values.update(test)
+    caught, cleared = round(values["sensitivity"] * 400), round(values["specificity"] * 600)
+    flagged = [1] * caught + [0] * (400 - caught) + [0] * cleared + [1] * (600 - cleared)
+    test_cases = case_outcomes([1] * 400 + [0] * 600, flagged, 0.5)
     metrics = {
         "positive_class": "malignant", "classes": ["benign", "malignant"],
         "operating_threshold": 0.42, "threshold_source": "validation", "test": values,
@@ -73,6 +79,7 @@ def candidate(params, layout, *, log_model=True, subgroup_auroc=0.90, **test):
             "north": {"n": 60, "n_positive": 22, "auroc": subgroup_auroc, "sensitivity": 0.9, "specificity": 0.8},
             "south": {"n": 54, "n_positive": 20, "auroc": 0.93, "sensitivity": 0.9, "specificity": 0.8},
         }},
+        "test_cases": test_cases,
         "frozen_test_set_sha256": FROZEN, "weights_sha256": "w-" + run_id, "run_id": run_id,
     }
     layout.models.mkdir(parents=True, exist_ok=True)
@@ -122,6 +129,13 @@ def test_promotion_story_promote_refuse_override_rollback(workspace):
     candidate(params, layout, auroc=0.95)
     second = promote.run(params, layout)
     assert (second.version, second.previous_version) == ("2", "1")
+    # The version's metrics tag leaves out the per-case results; the champion's were read from
+    # its run and paired with the candidate's case by case.
+    assert "test_cases" not in json.loads(v1.tags["medloop.metrics"])
+    paired = {r.gate: r for r in second.decision.reasons}["non_inferiority.sensitivity"]
+    assert paired.passed and paired.detail.startswith(
+        "sensitivity 368/400 against the champion's 368/400 on the same positive cases: the same number "
+        "of missed cases (32 of 400)")
     client, versions = registry(params)
     assert versions == [1, 2] and aliases(client, params) == {"champion": "2", "previous-champion": "1"}
     assert client.get_model_version(name, "1").run_id == first_run
@@ -271,6 +285,28 @@ def test_a_champion_scored_on_another_frozen_test_set_is_rescored_or_refused(wor
     assert scored == [f"models:/{params.model.name}/1"]
     assert (promoted.action, promoted.version) == ("promoted", "2")
     assert promoted.run_id == run_id
+
+
+def test_a_champion_without_per_case_results_is_rescored_or_refused(workspace):
+    """A champion promoted before per-case results were recorded: same frozen test set, but
+    nothing to pair case by case, so it is re-scored (or the paired gates say what to do)."""
+    from mlflow import MlflowClient
+
+    params, layout = workspace
+    first_run = candidate(params, layout)
+    promote.run(params, layout)
+    logged = json.loads(layout.metrics_json.read_text())
+    del logged["test_cases"]
+    MlflowClient().log_text(first_run, json.dumps(logged), promote.METRICS_ARTIFACT)  # as an older promote left it
+    candidate(params, layout)
+    refused = promote.run(params, layout)
+    assert [f.gate for f in refused.decision.failures] == ["non_inferiority.sensitivity", "non_inferiority.specificity"]
+    assert "re-score the champion" in refused.decision.failures[0].detail
+
+    rescored = []
+    metrics = json.loads(layout.metrics_json.read_text())
+    promoted = promote.run(params, layout, rescore=lambda uri: rescored.append(uri) or {**metrics, "run_id": first_run})
+    assert rescored == [f"models:/{params.model.name}/1"] and promoted.action == "promoted"
 
 
 def test_history_survives_more_entries_than_one_tag_holds(workspace):
