@@ -291,10 +291,13 @@ def _paired_not_worse(metric: str, candidate: dict, champion: dict, margin: floa
     Both models' per-case results on the same frozen test cases (``test_cases`` in
     metrics.json) are paired; the 95% interval of candidate minus champion is Newcombe's
     hybrid score interval for paired proportions on the patient-clustered effective sample
-    size (`pipelines.metrics.paired_difference`). The candidate passes when the interval's
-    lower bound is at least ``-margin``: the data show it is not worse by more than the margin.
-    A single case more or less moves the point difference, not the verdict, unless the set is
-    large enough for the interval to tell. Labels and patients are the candidate's (today's).
+    size (`pipelines.metrics.paired_difference`). The candidate is refused when the whole
+    interval lies below ``-margin`` (its upper bound is under it): the data show it worse than
+    the champion by more than the margin. Like the AUROC interval gate, this judges "no worse
+    than the champion" by what the frozen test set can tell: a case more or less on a small set
+    moves the point difference, not the verdict, while a clear loss is refused at any size (and
+    the test set's minimum size, ``preprocess.test_set``, bounds how wide the interval can be).
+    Labels and patients are the candidate's (today's).
     """
     gate = f"non_inferiority.{metric}"
     ours, theirs = read_case_outcomes(candidate.get("test_cases")), read_case_outcomes(champion.get("test_cases"))
@@ -340,14 +343,14 @@ def _paired_not_worse(metric: str, candidate: dict, champion: dict, margin: floa
         f"{right} by the candidate alone, {paired['only_champion']} by the champion alone); "
         f"95% interval of the difference [{_signed(low)}, {_signed(high)}] (paired score interval{clustered})"
     )
-    bound = f"its lower bound {_signed(low)} is"
-    if low >= -margin - TOLERANCE:
-        return GateResult(gate, low, -margin, True,
+    bound = f"its upper bound {_signed(high)} is"
+    if high >= -margin - TOLERANCE:
+        return GateResult(gate, high, -margin, True,
                           f"{stated}; {bound} at least {_signed(-margin)} (minus the margin): "
-                          "not worse than the champion by more than the margin")
-    return GateResult(gate, low, -margin, False,
+                          "not shown worse than the champion by more than the margin")
+    return GateResult(gate, high, -margin, False,
                       f"{stated}; {bound} below {_signed(-margin)} (minus the margin): the candidate "
-                      "may be worse than the champion by more than the margin")
+                      "is worse than the champion by more than the margin")
 
 
 def _signed(value: float) -> str:

@@ -184,33 +184,27 @@ def judged(metric: str, champion_cases: dict, candidate_cases: dict, margin: flo
 @pytest.mark.parametrize(
     "positives, champion_caught, candidate_caught, margin, passed, detail",
     [
-        # The example: one more missed case of 21 is not "worse" under a margin the set can show...
-        (21, 20, 19, 0.25, True,
+        # The example: one more missed case of 21 is not "worse": the interval cannot tell.
+        (21, 20, 19, 0.02, True,
          "sensitivity 19/21 against the champion's 20/21 on the same positive cases: 1 more missed case of 21 "
          "(-0.048; 0 caught by the candidate alone, 1 by the champion alone); 95% interval of the difference "
-         "[-0.233, +0.123] (paired score interval); its lower bound -0.233 is at least -0.250 (minus the "
-         "margin): not worse than the champion by more than the margin"),
-        # ... but 21 positives cannot show non-inferiority within 0.02: refused on the interval, not on one case.
-        (21, 20, 19, 0.02, False,
-         "sensitivity 19/21 against the champion's 20/21 on the same positive cases: 1 more missed case of 21 "
-         "(-0.048; 0 caught by the candidate alone, 1 by the champion alone); 95% interval of the difference "
-         "[-0.233, +0.123] (paired score interval); its lower bound -0.233 is below -0.020 (minus the margin): "
-         "the candidate may be worse than the champion by more than the margin"),
-        # A clearly worse candidate: 10 more missed cases of 21.
-        (21, 20, 10, 0.25, False,
+         "[-0.233, +0.123] (paired score interval); its upper bound +0.123 is at least -0.020 (minus the "
+         "margin): not shown worse than the champion by more than the margin"),
+        # A clearly worse candidate: 10 more missed cases of 21, worse at any margin the set can tell.
+        (21, 20, 10, 0.02, False,
          "sensitivity 10/21 against the champion's 20/21 on the same positive cases: 10 more missed cases of 21 "
          "(-0.476; 0 caught by the candidate alone, 10 by the champion alone); 95% interval of the difference "
-         "[-0.673, -0.208] (paired score interval); its lower bound -0.673 is below -0.250 (minus the margin): "
-         "the candidate may be worse than the champion by more than the margin"),
+         "[-0.673, -0.208] (paired score interval); its upper bound -0.208 is below -0.020 (minus the margin): "
+         "the candidate is worse than the champion by more than the margin"),
         # No disagreement on 13 of 13 does not collapse the interval to [0, 0].
-        (13, 13, 13, 0.25, True,
+        (13, 13, 13, 0.02, True,
          "sensitivity 13/13 against the champion's 13/13 on the same positive cases: the same number of missed "
          "cases (0 of 13) (0.000; 0 caught by the candidate alone, 0 by the champion alone); 95% interval of the "
-         "difference [-0.228, +0.228] (paired score interval); its lower bound -0.228 is at least -0.250 (minus "
-         "the margin): not worse than the champion by more than the margin"),
-        # A large set shows one missed case of 800 is within 0.02.
+         "difference [-0.228, +0.228] (paired score interval); its upper bound +0.228 is at least -0.020 (minus "
+         "the margin): not shown worse than the champion by more than the margin"),
+        # A large set tells: one missed case of 800 is fine, 40 more (-0.05) are worse than the margin.
         (800, 720, 719, 0.02, True, None),
-        (800, 720, 700, 0.02, False, None),
+        (800, 720, 680, 0.02, False, None),
     ],
 )
 def test_sensitivity_is_judged_on_the_paired_difference_in_cases(
@@ -222,8 +216,8 @@ def test_sensitivity_is_judged_on_the_paired_difference_in_cases(
     assert result.required == -margin
     if detail is not None:
         assert result.detail == detail
-    low = float(result.detail.split("95% interval of the difference [")[1].split(",")[0])
-    assert result.observed == pytest.approx(low, abs=5e-4)  # the lower bound is what is judged
+    high = float(result.detail.split("95% interval of the difference [")[1].split(",")[1].split("]")[0])
+    assert result.observed == pytest.approx(high, abs=5e-4)  # the upper bound is what is judged
 
 
 def test_specificity_is_judged_on_false_alarms_of_the_same_negatives():
@@ -245,7 +239,7 @@ def test_patients_with_several_cases_widen_the_paired_interval():
     clustered = judged("sensitivity", champion, candidate, 0.5)
     assert "3 more missed cases of 30 (-0.100" in clustered.detail
     assert "(paired score interval, 10 patients)" in clustered.detail
-    assert clustered.observed < alone.observed  # the lower bound is further from 0
+    assert clustered.observed > alone.observed  # the upper bound is further from 0
 
 
 def test_paired_gates_need_both_models_results_case_by_case():
