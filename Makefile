@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKSPACE ?= workspace/demo
-NIGHTS ?= 3
+NIGHTS ?= 4
 PIP_VERSION := 26.3
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false

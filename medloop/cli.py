@@ -411,19 +411,77 @@ def demo(
     workspace: Path = typer.Option(Path("workspace/demo"), "--workspace", "-w"),
     params: Optional[str] = typer.Option(None, "--params",
                                          help="params file, or a shipped profile by name (default: params.yaml)."),
-    nights: int = typer.Option(3, help="How many nights to simulate."),
+    nights: int = typer.Option(4, help="At most this many nights to reach a first champion."),
+    clinic: bool = typer.Option(True, help="Then serve it, let simulated clinicians work, and retrain on their labels."),
 ) -> None:
-    """Create a workspace and run the retrain flow for several simulated nights."""
+    """Run the whole loop on the built-in data: nights of retraining until a champion is promoted;
+    the champion served on 127.0.0.1; simulated clinicians predict, confirm, correct and
+    disagree through the HTTP API, a reviewer adjudicates; the next night learns from them."""
     os.environ.setdefault("MEDLOOP_DEID_SALT", "demo-salt-not-a-secret-0123456789")
     from pipelines.scaffold import create_workspace
 
     console = _console()
     layout = create_workspace(workspace, params)
-    for night in range(1, nights + 1):
+    night, champion = 0, False
+    while night < nights and not champion:
+        night += 1
         console.rule(f"night {night}")
         summary = _run_retrain(layout, f"demo night {night}")
         _print_summary(summary)
-    _demo_summary(layout)
+        champion = summary["outcome"] == "promoted" or _has_champion(layout)
+    day = None
+    if clinic and champion:
+        console.rule("the clinic: the champion served, clinicians at work")
+        day = _demo_clinic(layout)
+        console.print(f"clinicians: {day.predictions} predictions from v{day.version}; {day.confirmed} confirmed, "
+                      f"{day.corrected} corrected, {day.adjudicated} disagreements adjudicated by a reviewer, "
+                      f"{day.new_cases} new cases", highlight=False)
+        night += 1
+        console.rule(f"night {night}: learning from the clinicians")
+        _print_summary(_run_retrain(layout, f"demo night {night}: clinicians' labels"))
+    _demo_summary(layout, day)
+
+
+def _has_champion(layout) -> bool:
+    from pipelines import promote
+    from pipelines.config import load_params
+
+    return any(entry["action"] in ("promoted", "override") for entry in promote.history(load_params(layout.params_file), layout))
+
+
+def _demo_clinic(layout):
+    """Serve the champion (`medloop serve` on 127.0.0.1), let the simulated clinicians work
+    through its HTTP API, and stop it."""
+    import socket
+
+    from pipelines import clinicians
+    from pipelines.config import load_params
+    from serving.auth import add_token, load_entries
+
+    from medloop.servers import start_server, stop_server
+
+    params = load_params(layout.params_file)
+    tokens_file = Path(params.serving.tokens_file)
+    tokens_file = tokens_file if tokens_file.is_absolute() else layout.root / tokens_file
+    taken = {entry["name"] for entry in load_entries(tokens_file)}
+    tokens = {}
+    for key, role in clinicians.ROLES.items():
+        name, suffix = f"demo-{key}", 1
+        while name in taken:  # a demo run again in the same workspace: new people, new tokens
+            suffix += 1
+            name = f"demo-{key}-{suffix}"
+        tokens[key] = add_token(tokens_file, name, role)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "medloop", "serve", "-w", str(layout.root), "--port", str(port)]
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    server = start_server("medloop serve", command, dict(os.environ), layout.logs / "demo-serve.log", base + "/readyz")
+    try:
+        return clinicians.simulate(params, layout, base, tokens, seed=getattr(params.source, "seed", 0))
+    finally:
+        stop_server(server)
 
 
 def _run_retrain(layout, reason: str = "started by hand (medloop run)") -> dict:
@@ -465,17 +523,27 @@ def _print_summary(summary: dict) -> None:
         console.print(f"  {label}: {value}", highlight=False)
 
 
-def _demo_summary(layout) -> None:
+def _demo_summary(layout, day=None) -> None:
     from pipelines import promote
     from pipelines.config import load_params
+    from pipelines.lineage import version_lineage
+
+    from medloop import views
 
     console = _console()
     params = load_params(layout.params_file)
     history = promote.history(params, layout)
-    console.rule("where to look")
-    console.print(f"workspace:        {layout.root}", highlight=False)
+    console.rule("what the loop did")
     promoted = [h for h in history if h["action"] in ("promoted", "override", "rollback")]
     console.print(f"versions:         {', '.join('v' + h['version'] + ' ' + h['action'] for h in promoted) or 'none promoted'}", highlight=False)
+    for version in sorted({h["version"] for h in promoted}, key=int):
+        console.print(f"  v{version} learned from: {views.learned_from(version_lineage(params, layout, version))}",
+                      highlight=False)
+    if day is not None:
+        for line in views.clinic_lines(day.monitoring):
+            console.print(line, highlight=False)
+    console.rule("where to look")
+    console.print(f"workspace:        {layout.root}", highlight=False)
     console.print(f"champion:         medloop status -w {layout.root}", highlight=False)
     console.print(f"lineage:          medloop lineage -w {layout.root}", highlight=False)
     console.print(f"reproduce:        medloop reproduce -w {layout.root}   (rebuilds the champion from its commit)",

@@ -104,6 +104,7 @@ def lineage_table(found: dict[str, Any]) -> Table:
         ("git tag", found.get("git_tag") or "-"),
         ("trained from commit", found.get("trained_from_commit") or "-"),
         *[(f"data: {key}", value or "-") for key, value in (found.get("data") or {}).items()],
+        ("learned from", learned_from(found)),
         ("params hash", found.get("params_hash") or "-"),
         ("operating threshold", found.get("operating_threshold") or "-"),
         ("weights sha256", found.get("weights_sha256") or "-"),
@@ -125,3 +126,39 @@ def lineage_table(found: dict[str, Any]) -> Table:
     for what, value in rows:
         table.add_row(what, str(value))
     return table
+
+
+def learned_from(found: dict[str, Any]) -> str:
+    """What a version was trained on, from its lineage: the data version and the clinicians'
+    confirmed labels among its training and validation items."""
+    data = found.get("data") or {}
+    learned = found.get("learned_from") or {}
+    raw = (data.get("raw") or "-")[:12]
+    labels = learned.get("clinician_labels")
+    if labels is None:
+        clinicians = "clinicians' labels not recorded"
+    elif labels == 0:
+        clinicians = "no clinician labels yet"
+    else:
+        batches = learned.get("clinician_label_batches") or []
+        clinicians = (f"{labels} clinician-confirmed labels (feedback data {(data.get('feedback') or '-')[:12]}"
+                      f"{', export ' + ', '.join(batches) if batches else ''})")
+    return f"data/raw {raw}; {clinicians}"
+
+
+def clinic_lines(monitoring: dict[str, Any]) -> list[str]:
+    """The demo summary's lines on the served model: live agreement with the clinicians per
+    version (from ``GET /monitoring``) and the drift verdict."""
+    lines = []
+    for version in monitoring.get("versions") or []:
+        agreement = version.get("agreement")
+        lines.append(f"live, v{version['version']}:        {version.get('predictions', 0)} predictions, "
+                     f"{version.get('confirmed', 0)} confirmed by clinicians; agreement "
+                     f"{'-' if agreement is None else f'{agreement:.0%}'}, sensitivity {_fmt(version.get('sensitivity'))}, "
+                     f"specificity {_fmt(version.get('specificity'))}")
+    drift = monitoring.get("drift")
+    if drift is None:
+        lines.append("drift:            no reference in the served model")
+    else:
+        lines.append(f"drift:            {drift.get('note')}")
+    return lines

@@ -28,8 +28,8 @@ import pandas as pd
 from pipelines.config import Params
 from pipelines.workspace import Layout
 
-ROLES = {"dr-demo-a": "clinician", "dr-demo-b": "clinician", "dr-demo-reviewer": "reviewer",
-         "demo-admin": "admin"}
+# Who takes part (the keys of the tokens given to `simulate`) and their service roles.
+ROLES = {"a": "clinician", "b": "clinician", "reviewer": "reviewer"}
 BATCH = 8  # inputs per /predict request
 
 
@@ -88,14 +88,14 @@ def simulate(params: Params, layout: Layout, base_url: str, tokens: dict[str, st
         answers = []
         for start in range(0, len(cases), BATCH):
             chunk = cases[start:start + BATCH]
-            answer = post("/predict", "dr-demo-a", json=_predict_body(params, chunk))
+            answer = post("/predict", "a", json=_predict_body(params, chunk))
             day.version = answer["version"]
             answers += answer["predictions"]
         day.predictions = len(answers)
         disputed = [i for i, case in enumerate(cases) if not case.new][:2]
         for index, (case, answer) in enumerate(zip(cases, answers)):
             key = f"demo-{seed}-{index}"
-            post("/feedback", "dr-demo-a", json={"prediction_id": answer["prediction_id"], "label": case.truth,
+            post("/feedback", "a", json={"prediction_id": answer["prediction_id"], "label": case.truth,
                                                  "idempotency_key": key})
             day.feedback_posts += 1
             if case.new:
@@ -106,13 +106,13 @@ def simulate(params: Params, layout: Layout, base_url: str, tokens: dict[str, st
                 day.corrected += 1
             if index in disputed:
                 other = next(label for label in classes if label != case.truth)
-                opened = post("/feedback", "dr-demo-b", json={"prediction_id": answer["prediction_id"],
+                opened = post("/feedback", "b", json={"prediction_id": answer["prediction_id"],
                                                               "label": other, "idempotency_key": key + "-b"})
                 day.feedback_posts += 1
-                post(f"/review/{opened['adjudication_id']}", "dr-demo-reviewer",
+                post(f"/review/{opened['adjudication_id']}", "reviewer",
                      json={"label": case.truth, "reason": "re-read with the prior study"})
                 day.adjudicated += 1
-        monitoring = client.get("/monitoring", headers={"Authorization": f"Bearer {tokens['dr-demo-reviewer']}"})
+        monitoring = client.get("/monitoring", headers={"Authorization": f"Bearer {tokens['reviewer']}"})
         day.monitoring = monitoring.json() if monitoring.status_code == 200 else {}
     return day
 
