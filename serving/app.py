@@ -45,6 +45,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -213,7 +214,7 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
         return {"ready": True, "model": served.name, "version": served.version, "loaded_at": served.loaded_at,
                 "last_reload_error": error, "shadow": _shadow_status(manager)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         from prometheus_client import generate_latest
 
@@ -256,7 +257,7 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
         return {"model": served.name, "version": served.version, "operating_threshold": served.operating_threshold,
                 "predictions": answers}
 
-    @app.post("/feedback")
+    @app.post("/feedback", status_code=201, responses={200: {"description": "seen before: nothing stored"}})
     async def feedback(item: FeedbackIn, who: Caller = Depends(caller("feedback"))):
         from pipelines.store.feedback import Conflict, NotFound
 
@@ -281,7 +282,8 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
         return {"open": await asyncio.to_thread(store.open_reviews)}
 
     @app.post("/review/{adjudication_id}")
-    async def resolve(item: ResolveIn, adjudication_id: int = PathParam(ge=1, le=MAX_ROW_ID), who: Caller = Depends(caller("review"))) -> dict:
+    async def resolve(item: ResolveIn, adjudication_id: int = PathParam(ge=1, le=MAX_ROW_ID),
+                      who: Caller = Depends(caller("review"))) -> dict:
         from pipelines.store.feedback import Conflict, NotFound
 
         if item.label not in params.model.classes:
@@ -343,7 +345,8 @@ def _parse_inputs(content_type: str, body: bytes, payload: Any, params: Params) 
         raise HTTPException(422, f"expected a JSON object with a non-empty list {key!r}")
     unknown = sorted(excerpt(name) for name in set(payload) - {key})
     if unknown:
-        raise HTTPException(422, f"the request has fields other than {key!r}: {', '.join(unknown[:5])}; send only {key!r}")
+        raise HTTPException(422, f"the request has fields other than {key!r}: {', '.join(unknown[:5])}; "
+                                 f"send only {key!r}")
     items = payload[key]
     if len(items) > params.serving.max_batch:
         raise HTTPException(413, f"{len(items)} inputs in one request; at most {params.serving.max_batch}")
@@ -399,7 +402,11 @@ def _predict_body(params: Params) -> dict:
         if feature.max is not None:
             number["maximum"] = feature.max
         properties[name] = {"anyOf": [number, {"type": "null"}]}
-    instance = {"type": "object", "additionalProperties": False, "properties": properties}
+    # What JSON Schema can say of serving.max_missing_share: how many features must be present
+    # (a null present is missing as well: the service refuses an instance that misses too many).
+    present = len(properties) - math.floor(params.serving.max_missing_share * len(properties))
+    instance = {"type": "object", "additionalProperties": False, "properties": properties, "minProperties": present,
+                "description": f"at most {params.serving.max_missing_share:.0%} of the features absent or null"}
     instances = {"type": "object", "additionalProperties": False, "required": ["instances"], "properties": {
         "instances": {"type": "array", "minItems": 1, "maxItems": params.serving.max_batch, "items": instance}}}
     return {"required": True, "content": {"application/json": {"schema": instances}}}

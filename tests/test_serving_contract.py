@@ -310,3 +310,47 @@ def test_a_feature_value_is_held_to_its_declaration(value, problem):
     assert FeatureSpec(dtype="float", min=0, max=60).problem(value) == problem
     assert FeatureSpec(dtype="int", min=0).problem(2.5) == "must be a whole number, got 2.5"
     assert FeatureSpec(dtype="int").problem(-(10**9)) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(service, mode):
+    """Schemathesis generates requests from the app's own OpenAPI document (valid ones, then
+    ones that break it) for every operation, as an admin; each answer is no 5xx, has a
+    documented status, content type and body schema, and (negative) refuses what breaks the schema."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        negative_data_rejection,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    client = service["client"]
+    schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    if mode == "negative":
+        checks.append(negative_data_rejection)
+    admin = {"Authorization": f"Bearer {service['tokens']['admin']}"}
+    strategy = schema.as_strategy(generation_mode=GenerationMode(mode))
+    seen: set[tuple[str, int]] = set()
+
+    @given(case=strategy)
+    @settings(max_examples=25 * len(client.get("/openapi.json").json()["paths"]), deadline=None, database=None,
+              derandomize=True, suppress_health_check=list(HealthCheck))
+    def answered_by_the_contract(case):
+        sent = case.as_transport_kwargs(base_url="http://testserver", headers=admin)
+        data = sent.pop("data", None)
+        if data is not None:
+            sent["content"] = data
+        response = client.request(sent.pop("method"), sent.pop("url"), **sent)
+        seen.add((f"{case.method} {case.path}", response.status_code))
+        case.validate_response(response, checks=checks, headers=sent.get("headers"))
+
+    answered_by_the_contract()
+    assert {"POST /predict", "POST /feedback", "POST /review/{adjudication_id}"} <= {operation for operation, _ in seen}
+    # Valid inputs are decided (positive), invalid ones refused (negative): both paths were taken.
+    assert ("POST /predict", 200 if mode == "positive" else 422) in seen, sorted(seen)
