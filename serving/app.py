@@ -63,8 +63,8 @@ from pipelines.errors import mask_credentials
 from pipelines.workspace import Layout, database_url
 from serving import scoring
 from serving.auth import Caller, TokenTable
-from serving.guards import RequestGuard, excerpt, parsed_json, validation_problem
 from serving.batching import MicroBatcher
+from serving.guards import RequestGuard, excerpt, parsed_json, validation_problem
 from serving.model import ModelManager, Served
 from serving.shadow import ShadowScorer
 

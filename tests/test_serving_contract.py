@@ -125,7 +125,8 @@ CASES = [
     ("a 6,000-character comment", "post", "/feedback", "clinician", "application/json",
      lambda f: json.dumps({"prediction_id": "CANARY-pid-0042", "label": "malignant", "idempotency_key": "k3",
                            "comment": "CANARY-comment-Jane-Roe " * 250}).encode(), 422,
-     "body.comment: String should have at most 5000 characters"),
+     "body.comment: String should have at most 5000 characters (got 'CANARY-comment-Jane-Roe CANARY-comment-... "
+     "(6000 characters))"),
     ("a label that is not a class", "post", "/feedback", "clinician", "application/json",
      lambda f: json.dumps({"prediction_id": "CANARY-pid-0042", "label": "cancer?", "idempotency_key": "k4"}).encode(),
      422, "label 'cancer?' is not one of ['benign', 'malignant']"),
@@ -280,6 +281,7 @@ def test_docs_pages_are_off_and_the_openapi_document_is_served(service):
     assert radius == {"type": "number", "minimum": 0, "maximum": 60}
     assert document["paths"]["/feedback"]["post"]["responses"]["422"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Problem"}
+    assert "# TYPE medloop_unusable_outputs_total counter" in client.get("/metrics").text
 
 
 def test_a_model_output_that_is_not_a_probability_is_never_decided():
@@ -308,7 +310,14 @@ def test_a_feature_value_is_held_to_its_declaration(value, problem):
     from pipelines.config import FeatureSpec
 
     assert FeatureSpec(dtype="float", min=0, max=60).problem(value) == problem
+
+
+def test_an_int_feature_takes_whole_numbers_and_an_undeclared_bound_does_not_limit():
+    from pipelines.config import FeatureSpec
+
     assert FeatureSpec(dtype="int", min=0).problem(2.5) == "must be a whole number, got 2.5"
+    assert FeatureSpec(dtype="int", min=0).problem(3.0) is None
+    assert FeatureSpec(dtype="int", min=0).problem(-1) == "must be at least 0 (its declared range in tabular.features), got -1"
     assert FeatureSpec(dtype="int").problem(-(10**9)) is None
 
 
