@@ -347,7 +347,8 @@ def serve(
 
     layout = _layout(workspace)
     os.environ["MEDLOOP_PARAMS"] = str(layout.params_file)
-    _console().print(f"serving {layout.params_file} on http://{host}:{port} (docs at /docs)", highlight=False)
+    _console().print(f"serving {layout.params_file} on http://{host}:{port} (API description at /openapi.json)",
+                     highlight=False)
     uvicorn.run("serving.app:app_from_environment", factory=True, host=host, port=port, log_level="warning")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -159,6 +160,29 @@ class FeatureSpec(Strict):
     min: float | None = None
     max: float | None = None
 
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not a value of this feature, or None when it is one (or is None:
+        how much may be missing is the caller's rule). The one per-value check of a feature's
+        declaration: a number (not a boolean), finite, whole for ``int``, within ``min``..``max``
+        (worded as validate words the range, `Bounds.describe`).
+        """
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number or null, got {type(value).__name__}"
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            return "must be a finite number (null when missing), got an integer beyond the float range"
+        if not math.isfinite(number):
+            return f"must be a finite number (null when missing), got {number}"
+        if self.dtype == "int" and not number.is_integer():
+            return f"must be a whole number, got {number:g}"
+        bounds = Bounds(min=self.min, max=self.max)
+        if not bounds.holds(number):
+            return f"must be {bounds.describe()} (its declared range in tabular.features), got {number:g}"
+        return None
+
 
 class TabularSchema(Strict):
     """The columns a tabular source must have after de-identification (besides identifiers).
@@ -278,6 +302,20 @@ class CleanSpec(Strict):
 class Bounds(Strict):
     min: float | None = None
     max: float | None = None
+
+    def holds(self, value: float) -> bool:
+        """``value`` is within the bounds (inclusive; an absent bound does not limit)."""
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def describe(self) -> str:
+        """The bounds in words: ``between 0 and 60``, ``at least 0``, ``at most 60``, ``any value``."""
+        if self.min is not None and self.max is not None:
+            return f"between {self.min:g} and {self.max:g}"
+        if self.min is not None:
+            return f"at least {self.min:g}"
+        if self.max is not None:
+            return f"at most {self.max:g}"
+        return "any value"
 
 
 class ImageValidateSpec(Strict):
@@ -478,6 +516,10 @@ class ServingSpec(Strict):
         shadow: a candidate that also scores every request, its answers logged, not returned:
             a registered version (``"7"``) or a run (``"run:<mlflow run id>"``, e.g. a refused
             model); ``null`` for none.
+        max_missing_share: a tabular instance missing (absent or null) more than this share of
+            the features is refused with 422 rather than decided on imputed training medians.
+        docs: serve the interactive API pages ``/docs`` and ``/redoc`` (they load their scripts
+            from a public CDN); the OpenAPI document ``/openapi.json`` is served either way.
     """
 
     store_url: str
@@ -490,6 +532,8 @@ class ServingSpec(Strict):
     batch_max_size: int = Field(ge=1)
     batch_max_wait_ms: float = Field(ge=0.0, le=1000.0)
     shadow: str | None = Field(default=None, pattern=r"^([0-9]+|run:[0-9A-Za-z]+)$")
+    max_missing_share: float = Field(default=0.2, ge=0.0, le=1.0)
+    docs: bool = False
 
 
 class MonitoringSpec(Strict):

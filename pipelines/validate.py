@@ -341,7 +341,7 @@ def _within(column: str, bounds: Bounds | None) -> Rule:
     return Rule(
         RECORDS_SUITE, "expect_column_values_to_be_between", column,
         {"min_value": bounds.min, "max_value": bounds.max},
-        f"values of {column!r}", _describe_bounds(bounds), "outside",
+        f"values of {column!r}", bounds.describe(), "outside",
     )
 
 
@@ -355,14 +355,6 @@ def _one_of(suite: str, column: str, values: list[Any]) -> Rule:
 
 def _bounded(bounds: Bounds | None) -> bool:
     return bounds is not None and (bounds.min is not None or bounds.max is not None)
-
-
-def _describe_bounds(bounds: Bounds) -> str:
-    if bounds.min is not None and bounds.max is not None:
-        return f"between {bounds.min:g} and {bounds.max:g}"
-    if bounds.min is not None:
-        return f"at least {bounds.min:g}"
-    return f"at most {bounds.max:g}"
 
 
 def _fraction(value: float) -> float:

@@ -23,9 +23,21 @@
 - ``GET /healthz``, ``GET /readyz`` (a model is loaded; also the shadow candidate, loaded or
   its load error), ``GET /metrics`` (Prometheus).
 
-Every write records the caller. Requests larger than ``serving.max_request_bytes`` get 413; a
-wrong content type 415; malformed input 422 naming the field; a missing or unknown token 401; a
-role without the permission 403.
+Every write records the caller. Requests larger than ``serving.max_request_bytes`` get 413,
+counted as the bytes arrive (chunked bodies too), before the body is parsed or the token checked;
+JSON is parsed with limits on depth, number size and strings (`serving.guards`); a wrong content
+type 415; malformed input 422 naming the field, with at most a short escaped excerpt of what was
+sent; a field a body does not declare 422; a missing or unknown token 401; a role without the
+permission 403.
+
+The input contract of ``/predict`` comes from params: each feature's declared type and range
+(``tabular.features``, checked by `pipelines.config.FeatureSpec.problem`) and at most
+``serving.max_missing_share`` of the features missing per instance, else 422 naming the field,
+the value and the range; images pass collect's de-identification and clean's size and channel
+checks. A model output that is not a finite probability is never decided: 422 "model output not
+a finite probability", counted in ``medloop_unusable_outputs_total``. ``/docs`` and ``/redoc``
+are served only with ``serving.docs: true`` (their scripts come from a public CDN);
+``/openapi.json`` always.
 """
 
 from __future__ import annotations
@@ -34,7 +46,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import logging
 import math
 import os
@@ -44,8 +55,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.config import Params, load_params
 from pipelines.errors import mask_credentials
@@ -53,6 +66,7 @@ from pipelines.workspace import Layout, database_url
 from serving import scoring
 from serving.auth import Caller, TokenTable
 from serving.batching import MicroBatcher
+from serving.guards import RequestGuard, excerpt, parsed_json, validation_problem
 from serving.model import ModelManager, Served
 from serving.shadow import ShadowScorer
 
@@ -61,14 +75,37 @@ log = logging.getLogger("medloop.serving")
 IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "application/dicom": "dicom"}
 
 
+MAX_ROW_ID = 2**63 - 1  # the largest id a database integer column holds
+
+
 class FeedbackIn(BaseModel):
+    """A clinician's label for a prediction (a field it does not declare is refused: it may identify)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     prediction_id: str = Field(min_length=1, max_length=36)
     label: str = Field(min_length=1, max_length=100)
     idempotency_key: str = Field(min_length=1, max_length=200)
     comment: str | None = Field(default=None, max_length=5000)
 
 
+class Problem(BaseModel):
+    """Every refusal: one paragraph saying what is wrong, where, and what to do."""
+
+    detail: str
+
+
+PROBLEMS = {status: {"model": Problem, "description": description} for status, description in {
+    401: "no token or an unknown token", 403: "the role may not do this", 404: "no such prediction or case",
+    409: "conflicts with what is stored", 413: "request body or batch too large", 415: "content type not accepted",
+    422: "input refused: what is wrong and where"}.items()}
+
+
 class ResolveIn(BaseModel):
+    """A reviewer's decision on an adjudication case (undeclared fields are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     label: str = Field(min_length=1, max_length=100)
     reason: str | None = Field(default=None, max_length=5000)
 
@@ -127,16 +164,22 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
             prediction_writer.shutdown(wait=True)
             store.close()
 
-    app = FastAPI(title="medloop prediction service", version="1", lifespan=lifespan,
-                  description=f"Serves {params.model.name}@champion and takes clinicians' feedback.")
+    unusable_outputs = Counter("medloop_unusable_outputs_total", "model outputs that were not a finite "
+                               "probability (refused, never decided)", ["model", "version"], registry=registry)
+    docs = {} if spec.docs else {"docs_url": None, "redoc_url": None}
+    app = FastAPI(title="medloop prediction service", version="1", lifespan=lifespan, responses=PROBLEMS,
+                  description=f"Serves {params.model.name}@champion and takes clinicians' feedback.", **docs)
     app.state.manager, app.state.store, app.state.params = manager, store, params
+    # Innermost of the two: measure (below) counts what the guard refuses too.
+    app.add_middleware(RequestGuard, max_request_bytes=spec.max_request_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def refuse_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer repeats the whole input (a 60 MB comment came back in full).
+        return JSONResponse({"detail": validation_problem(list(exc.errors()))}, status_code=422)
 
     @app.middleware("http")
     async def measure(request: Request, call_next):
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > spec.max_request_bytes:
-            return JSONResponse({"detail": f"request body of {declared} bytes is over the limit of "
-                                           f"{spec.max_request_bytes}"}, status_code=413)
         started = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")
@@ -164,7 +207,7 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "no model loaded (yet): why"}})
     def readyz():
         served = manager.current
         error = mask_credentials(manager.last_error) if manager.last_error else None
@@ -173,7 +216,7 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
         return {"ready": True, "model": served.name, "version": served.version, "loaded_at": served.loaded_at,
                 "last_reload_error": error, "shadow": _shadow_status(manager)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         from prometheus_client import generate_latest
 
@@ -181,7 +224,8 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
             served_version.labels(manager.current.name).set(float(manager.current.version))
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/predict")
+    @app.post("/predict", openapi_extra={"requestBody": _predict_body(params)},
+              responses={503: {"model": Problem, "description": "no model loaded yet"}})
     async def predict(request: Request, who: Caller = Depends(caller("predict")),
                       explain: str | None = Query(None, description="gradcam: add a Grad-CAM heat map per image "
                                                                       "(image models)")) -> dict:
@@ -190,20 +234,24 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
             raise HTTPException(503, f"no model loaded yet ({manager.last_error or 'starting'})")
         if explain is not None:
             _check_explain(explain, params)
-        body = await request.body()
-        if len(body) > spec.max_request_bytes:
-            raise HTTPException(413, f"request body of {len(body)} bytes is over the limit of {spec.max_request_bytes}")
+        body = await request.body()  # at most serving.max_request_bytes (RequestGuard)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        inputs = _parse_inputs(content_type, body, params, spec.max_batch)
-        if explain is not None:  # gradients: scored on its own, outside any batch
-            answers = await asyncio.to_thread(_explain, served, inputs, params, salt, inputs_dir)
-        elif batcher is None:
-            answers = await asyncio.to_thread(_score, served, inputs, params, salt, inputs_dir)
-        else:
-            with batcher.preparing():  # a batch forming now waits for this request
-                prepared = await asyncio.to_thread(scoring.prepare, served, inputs, params, salt, inputs_dir)
-            scored = await batcher.score(served, prepared.model_input, len(prepared))
-            answers = scoring.answers(served, scored, prepared)
+        inputs = _parse_inputs(content_type, body, parsed_json(request.scope), params)
+        try:
+            if explain is not None:  # gradients: scored on its own, outside any batch
+                answers = await asyncio.to_thread(_explain, served, inputs, params, salt, inputs_dir)
+            elif batcher is None:
+                answers = await asyncio.to_thread(_score, served, inputs, params, salt, inputs_dir)
+            else:
+                with batcher.preparing():  # a batch forming now waits for this request
+                    prepared = await asyncio.to_thread(scoring.prepare, served, inputs, params, salt, inputs_dir)
+                scored = await batcher.score(served, prepared.model_input, len(prepared))
+                answers = scoring.answers(served, scored, prepared)
+        except scoring.NotAProbability as exc:
+            unusable_outputs.labels(served.name, served.version).inc()
+            log.error("%s v%s: a model output was not a finite probability; the request was refused",
+                      served.name, served.version)
+            raise HTTPException(422, str(exc)) from None
         await asyncio.get_running_loop().run_in_executor(
             prediction_writer, _record, store, served, answers, who.name, params.model.modality)
         predictions_made.labels(served.name, served.version).inc(len(answers))
@@ -211,12 +259,12 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
         return {"model": served.name, "version": served.version, "operating_threshold": served.operating_threshold,
                 "predictions": answers}
 
-    @app.post("/feedback")
+    @app.post("/feedback", status_code=201, responses={200: {"description": "seen before: nothing stored"}})
     async def feedback(item: FeedbackIn, who: Caller = Depends(caller("feedback"))):
         from pipelines.store.feedback import Conflict, NotFound
 
         if item.label not in params.model.classes:
-            raise HTTPException(422, f"label {item.label!r} is not one of {params.model.classes}")
+            raise HTTPException(422, f"label {excerpt(item.label)} is not one of {params.model.classes}")
         try:
             result = await asyncio.to_thread(store.add_feedback, item.prediction_id, item.label, who.name,
                                              item.idempotency_key, item.comment)
@@ -236,11 +284,12 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
         return {"open": await asyncio.to_thread(store.open_reviews)}
 
     @app.post("/review/{adjudication_id}")
-    async def resolve(adjudication_id: int, item: ResolveIn, who: Caller = Depends(caller("review"))) -> dict:
+    async def resolve(item: ResolveIn, adjudication_id: int = PathParam(ge=1, le=MAX_ROW_ID),
+                      who: Caller = Depends(caller("review"))) -> dict:
         from pipelines.store.feedback import Conflict, NotFound
 
         if item.label not in params.model.classes:
-            raise HTTPException(422, f"label {item.label!r} is not one of {params.model.classes}")
+            raise HTTPException(422, f"label {excerpt(item.label)} is not one of {params.model.classes}")
         try:
             return await asyncio.to_thread(store.resolve, adjudication_id, item.label, who.name, item.reason)
         except NotFound as exc:
@@ -280,8 +329,9 @@ async def _watch(manager: ModelManager, interval: float) -> None:
         await asyncio.to_thread(manager.refresh)
 
 
-def _parse_inputs(content_type: str, body: bytes, params: Params, max_batch: int) -> list[Any]:
-    """Raw image bytes (one or a batch) or feature rows, checked against the model's modality."""
+def _parse_inputs(content_type: str, body: bytes, payload: Any, params: Params) -> list[Any]:
+    """Raw image bytes (one or a batch) or feature rows, checked against the model's modality and
+    the input contract from params (``payload``: the body as `serving.guards` parsed it)."""
     image_model = params.model.modality == "image"
     if content_type in IMAGE_TYPES:
         if not image_model:
@@ -291,17 +341,17 @@ def _parse_inputs(content_type: str, body: bytes, params: Params, max_batch: int
         return [body]
     if content_type != "application/json":
         expected = "image/png, image/jpeg, application/dicom or application/json" if image_model else "application/json"
-        raise HTTPException(415, f"Content-Type {content_type or '(none)'} is not accepted; send {expected}")
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HTTPException(422, f"body is not valid JSON: {exc}") from None
+        raise HTTPException(415, f"Content-Type {excerpt(content_type or '(none)')} is not accepted; send {expected}")
     key = "images" if image_model else "instances"
     if not isinstance(payload, dict) or not isinstance(payload.get(key), list) or not payload[key]:
         raise HTTPException(422, f"expected a JSON object with a non-empty list {key!r}")
+    unknown = sorted(excerpt(name) for name in set(payload) - {key})
+    if unknown:
+        raise HTTPException(422, f"the request has fields other than {key!r}: {', '.join(unknown[:5])}; "
+                                 f"send only {key!r}")
     items = payload[key]
-    if len(items) > max_batch:
-        raise HTTPException(413, f"{len(items)} inputs in one request; at most {max_batch}")
+    if len(items) > params.serving.max_batch:
+        raise HTTPException(413, f"{len(items)} inputs in one request; at most {params.serving.max_batch}")
     if image_model:
         decoded = []
         for index, item in enumerate(items):
@@ -310,30 +360,58 @@ def _parse_inputs(content_type: str, body: bytes, params: Params, max_batch: int
             except (binascii.Error, TypeError, ValueError):
                 raise HTTPException(422, f"images[{index}] is not base64") from None
         return decoded
-    features = list(params.tabular.features) if params.tabular else []
-    rows = []
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise HTTPException(422, f"instances[{index}] is not an object of feature values")
-        unknown = sorted(set(item) - set(features))
-        if unknown:
-            # Never accept (and so never store) fields that are not model features: they may identify.
-            raise HTTPException(422, f"instances[{index}] has fields that are not features: {unknown}")
-        for name, value in item.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise HTTPException(422, f"instances[{index}].{name} must be a number or null, got {type(value).__name__}")
-            if value is not None and not _finite(value):
-                raise HTTPException(422, f"instances[{index}].{name} must be a finite number (null when missing), "
-                                         f"got {value!r:.40}")
-        rows.append(item)
-    return rows
+    return [_checked_row(index, item, params) for index, item in enumerate(items)]
 
 
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an integer beyond float range
-        return False
+def _checked_row(index: int, item: Any, params: Params) -> dict:
+    """One instance, held to the features' declarations and the share that may be missing."""
+    features = params.tabular.features if params.tabular else {}
+    if not isinstance(item, dict):
+        raise HTTPException(422, f"instances[{index}] is not an object of feature values")
+    unknown = sorted(set(item) - set(features))
+    if unknown:
+        # Never accept (and so never store) fields that are not model features: they may identify.
+        raise HTTPException(422, f"instances[{index}] has fields that are not features: "
+                                 f"[{', '.join(excerpt(name) for name in unknown[:5])}]")
+    for name, value in item.items():
+        problem = features[name].problem(value)
+        if problem:
+            raise HTTPException(422, f"instances[{index}].{name} {problem}")
+    missing = sum(item.get(name) is None for name in features)
+    allowed = params.serving.max_missing_share
+    if missing > allowed * len(features):
+        raise HTTPException(422, f"instances[{index}] misses {missing} of its {len(features)} features (absent or "
+                                 f"null); at most {allowed:.0%} may be missing (serving.max_missing_share): a "
+                                 "decision on imputed values would not be about this case")
+    return item
+
+
+def _predict_body(params: Params) -> dict:
+    """The OpenAPI request body of /predict, from params: the features with their declared types
+    and ranges, or base64 images (or one image as the raw body)."""
+    if params.model.modality == "image":
+        images = {"type": "object", "additionalProperties": False, "required": ["images"], "properties": {
+            "images": {"type": "array", "minItems": 1, "maxItems": params.serving.max_batch,
+                       "items": {"type": "string", "format": "byte"}}}}
+        raw = {"schema": {"type": "string", "format": "binary"}}
+        return {"required": True, "content": {"application/json": {"schema": images},
+                                              **{media: raw for media in IMAGE_TYPES}}}
+    properties = {}
+    for name, feature in params.tabular.features.items():
+        number = {"type": "integer" if feature.dtype == "int" else "number"}
+        if feature.min is not None:
+            number["minimum"] = feature.min
+        if feature.max is not None:
+            number["maximum"] = feature.max
+        properties[name] = {"anyOf": [number, {"type": "null"}]}
+    # What JSON Schema can say of serving.max_missing_share: how many features must be present
+    # (a null present is missing as well: the service refuses an instance that misses too many).
+    present = len(properties) - math.floor(params.serving.max_missing_share * len(properties))
+    instance = {"type": "object", "additionalProperties": False, "properties": properties, "minProperties": present,
+                "description": f"at most {params.serving.max_missing_share:.0%} of the features absent or null"}
+    instances = {"type": "object", "additionalProperties": False, "required": ["instances"], "properties": {
+        "instances": {"type": "array", "minItems": 1, "maxItems": params.serving.max_batch, "items": instance}}}
+    return {"required": True, "content": {"application/json": {"schema": instances}}}
 
 
 def _score(served: Served, inputs: list[Any], params: Params, salt: bytes, inputs_dir: Path) -> list[dict]:

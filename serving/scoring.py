@@ -162,9 +162,25 @@ def scaled_features(scaler: dict, rows: list[dict]) -> np.ndarray:
     return ((np.where(np.isnan(raw), median, raw) - mean) / std).astype(np.float32)
 
 
+class NotAProbability(Exception):
+    """The model gave something that is not a finite probability for an input: no decision is
+    made from it (the service answers 422 and counts it in ``medloop_unusable_outputs_total``)."""
+
+
 def answers(served: Served, scored: np.ndarray, prepared: Prepared) -> list[dict]:
     """One answer per input: probabilities, the decision at the operating threshold, and what is
-    stored with it (``input_sha256``, ``metadata``; popped before answering)."""
+    stored with it (``input_sha256``, ``metadata``; popped before answering).
+
+    Raises:
+        NotAProbability: an output is not finite or not within 0..1 (nothing is decided).
+    """
+    usable = np.isfinite(scored) & (scored >= 0) & (scored <= 1)
+    if not usable.all():
+        position = int(np.flatnonzero(~usable.all(axis=1))[0])
+        raise NotAProbability(
+            f"model output not a finite probability for input {position} ({served.name} v{served.version} gave "
+            f"{[float(p) for p in scored[position]]}); no decision was made: check the input, and report it "
+            "if it is within the declared ranges")
     result = []
     for position, (row, digest, meta) in enumerate(zip(scored, prepared.input_sha256, prepared.metadata)):
         if getattr(scored, "drift", None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -80,6 +81,62 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served_workspace(tmp_path_factory):
+    """A workspace whose champion is a trained tabular MLP (v1), and tokens for three roles;
+    trained once per session and shared by every serving test. A test that changes it (a new
+    champion, other params) puts it back as it found it.
+
+    Returns:
+        ``{"layout", "tokens": {role: token, "clinician2": token}, "tmp"}``.
+    """
+    from pipelines import collect, promote
+    from pipelines.versioning import repro
+    from serving.auth import add_token
+    from test_flow_retrain import passing_params
+
+    previous = os.environ.get("MEDLOOP_DEID_SALT")
+    os.environ["MEDLOOP_DEID_SALT"] = SALT
+    tmp_path = tmp_path_factory.mktemp("serving")
+    layout = make_workspace(tmp_path, passing_params())
+    collect.run(load(layout), layout)
+    assert repro(layout, "evaluate")
+    assert promote.run(load(layout), layout, actor="test").version == "1"
+    tokens_file = layout.root / ".medloop" / "tokens.json"
+    tokens = {role: add_token(tokens_file, f"dr-{role}", role) for role in ("clinician", "reviewer", "admin")}
+    tokens["clinician2"] = add_token(tokens_file, "dr-clinician2", "clinician")
+    yield {"layout": layout, "tokens": tokens, "tmp": tmp_path}
+    if previous is None:
+        os.environ.pop("MEDLOOP_DEID_SALT", None)
+    else:
+        os.environ["MEDLOOP_DEID_SALT"] = previous
+
+
+@contextlib.contextmanager
+def serving_settings(layout, **values):
+    """The workspace's ``serving`` section with these values, restored afterwards."""
+    original = layout.params_file.read_text()
+    params = yaml.safe_load(original)
+    params["serving"].update(values)
+    layout.params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        yield
+    finally:
+        layout.params_file.write_text(original)
+
+
+def in_range_instance(features: dict, shift: float = 0.0) -> dict:
+    """A tabular case inside every feature's declared range (``features``: ``tabular.features``);
+    ``shift`` from 0 to about 7 moves it along the ranges, each feature a little apart."""
+    row = {}
+    for index, (name, spec) in enumerate(features.items()):
+        low = spec.min if spec.min is not None else 0.0
+        high = spec.max if spec.max is not None else low + 100.0
+        value = low + (high - low) * (0.05 + 0.12 * shift + 0.001 * index)
+        row[name] = round(value) if spec.dtype == "int" else value
+    return row
 
 
 @pytest.fixture(scope="session")

@@ -15,33 +15,10 @@ import httpx
 import pytest
 import yaml
 
-from conftest import SALT, free_port, load, make_workspace
+from conftest import SALT, free_port, in_range_instance, load, make_workspace
 from pipelines import collect, promote
 from pipelines.versioning import repro
-from test_flow_retrain import passing_params
 from tests_support import fresh_postgres_database
-
-
-@pytest.fixture(scope="module")
-def served_workspace(tmp_path_factory):
-    """A workspace whose champion is a trained MLP (v1), and tokens for three roles."""
-    from serving.auth import add_token
-
-    previous = os.environ.get("MEDLOOP_DEID_SALT")
-    os.environ["MEDLOOP_DEID_SALT"] = SALT
-    tmp_path = tmp_path_factory.mktemp("serving")
-    layout = make_workspace(tmp_path, passing_params())
-    collect.run(load(layout), layout)
-    assert repro(layout, "evaluate")
-    assert promote.run(load(layout), layout, actor="test").version == "1"
-    tokens_file = layout.root / ".medloop" / "tokens.json"
-    tokens = {role: add_token(tokens_file, f"dr-{role}", role) for role in ("clinician", "reviewer", "admin")}
-    tokens["clinician2"] = add_token(tokens_file, "dr-clinician2", "clinician")
-    yield {"layout": layout, "tokens": tokens, "tmp": tmp_path}
-    if previous is None:
-        os.environ.pop("MEDLOOP_DEID_SALT", None)
-    else:
-        os.environ["MEDLOOP_DEID_SALT"] = previous
 
 
 def start_service(layout, store_url: str | None = None, port: int | None = None):
@@ -89,8 +66,19 @@ def stop(process) -> None:
 
 
 def instance(layout, shift: float = 0.0) -> dict:
-    features = list(load(layout).tabular.features)
-    return {name: 1.0 + shift + index * 0.01 for index, name in enumerate(features)}
+    """A case inside every declared range (the service refuses one outside); see `in_range_instance`."""
+    return in_range_instance(load(layout).tabular.features, shift)
+
+
+def champion_version(layout) -> str:
+    from mlflow import MlflowClient
+
+    from pipelines.promote import CHAMPION
+    from pipelines.tracking import configure
+
+    params = load(layout)
+    configure(params, layout)
+    return str(MlflowClient().get_model_version_by_alias(params.model.name, CHAMPION).version)
 
 
 def bearer(token: str) -> dict:
@@ -101,6 +89,7 @@ def bearer(token: str) -> dict:
 @pytest.mark.integration
 def test_predict_feedback_adjudication_and_reload(served_workspace):
     layout, tokens = served_workspace["layout"], served_workspace["tokens"]
+    original_params = layout.params_file.read_text()
     process, base = start_service(layout)
     try:
         client = httpx.Client(base_url=base, timeout=60)
@@ -217,6 +206,10 @@ def test_predict_feedback_adjudication_and_reload(served_workspace):
         assert again.json()["version"] == result.version
     finally:
         stop(process)
+        # The workspace is shared by the session's serving tests: v1 serves again, with its params.
+        layout.params_file.write_text(original_params)
+        if champion_version(layout) != "1":
+            promote.rollback(load(layout), layout, actor="test", reason="test: the shared workspace serves v1 again")
 
 
 @pytest.mark.slow
@@ -232,7 +225,9 @@ def test_fifty_clients_five_thousand_feedback_posts(served_workspace, backend, r
         store_url = request.getfixturevalue("store_url_postgresql")
     else:
         store_url = f"sqlite:///{served_workspace['tmp'] / f'load-{uuid.uuid4().hex[:6]}.db'}"
+    original_params = layout.params_file.read_text()
     process, base = start_service(layout, store_url)
+    layout.params_file.write_text(original_params)  # read at start; the shared workspace keeps its store
     try:
         predicted = httpx.post(base + "/predict", json={"instances": [instance(layout, s / 10) for s in range(50)]},
                                headers=bearer(tokens["clinician"]), timeout=60).json()["predictions"]

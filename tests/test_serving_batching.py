@@ -1,5 +1,5 @@
 """Micro-batching and Grad-CAM in the prediction service, for real: `medloop serve` on 127.0.0.1 in
-its own process, serving a trained and registered model (the tabular MLP of test_serving's
+its own process, serving a trained and registered model (the tabular MLP of conftest's
 ``served_workspace``, and a tiny CNN trained here), with concurrent clients.
 
 Probabilities are answered to 6 decimals. A batched model call may sum a row's products in
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import re
@@ -19,25 +18,11 @@ import re
 import httpx
 import numpy as np
 import pytest
-import yaml
 
-from conftest import SALT, load
-from test_serving import bearer, instance, served_workspace, start_service, stop, tiny_cnn_workspace  # noqa: F401 - a fixture
+from conftest import SALT, load, serving_settings
+from test_serving import bearer, instance, start_service, stop, tiny_cnn_workspace
 
 SAME = 1e-6  # see the module docstring
-
-
-@contextlib.contextmanager
-def serving_settings(layout, **values):
-    """The workspace's ``serving`` section with these values, restored afterwards."""
-    original = layout.params_file.read_text()
-    params = yaml.safe_load(original)
-    params["serving"].update(values)
-    layout.params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        yield
-    finally:
-        layout.params_file.write_text(original)
 
 
 def metric(text: str, name: str, default: float | None = None) -> float:
