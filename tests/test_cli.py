@@ -142,11 +142,24 @@ def test_init_by_profile_name_and_errors_in_one_paragraph_before_and_during_a_ru
     assert 'quote it ("No")' in message and "Traceback" not in refused.stdout + refused.stderr
     assert not (ws / "logs").exists() and not (ws / "data").exists()  # no flow started
 
-    params["source"] = {"kind": "csv", "path": str(tmp_path / "missing.csv")}
+    # A source that carries an undeclared identifier: the flow fails in collect; the person gets
+    # one paragraph naming the file and column, the log the traceback, and nobody the identifiers.
+    from tests_support import breast_cancer_frame
+
+    rows = breast_cancer_frame(12)
+    rows["patient_name"] = "ZZCANARY^PETUNIA"
+    rows["ssn"] = "CANARY-123-45-6789"
+    source = tmp_path / "export.csv"
+    rows.to_csv(source, index=False)
+    params["source"] = {"kind": "csv", "path": str(source)}
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     failed = medloop("run", "-w", str(ws), env={"MEDLOOP_DEID_SALT": SALT})
     assert failed.returncode == 1
-    assert f"error: source.path {tmp_path / 'missing.csv'}: file not found" in " ".join(failed.stderr.split())
+    message = " ".join(failed.stderr.split())
+    assert f"error: {source}: column(s) 'ssn' not declared in params" in message
     assert "Traceback" not in failed.stdout + failed.stderr
-    assert "Traceback" in (ws / "logs" / "medloop.log").read_text()
+    log = (ws / "logs" / "medloop.log").read_text()
+    assert "Traceback" in log and "DeidentificationError" in log
+    for text in (failed.stdout, failed.stderr, log):
+        assert "CANARY" not in text and "PETUNIA" not in text
     shutil.rmtree(ws)
