@@ -126,7 +126,7 @@ def pick_cases(params: Params, layout: Layout, rng: np.random.Generator, known: 
     if params.model.modality == "image":
         make = _image_payload(params, layout)
     else:
-        make = _row_payload(params, layout, chosen["record_id"])
+        make = _row_payload(params, layout, usable["record_id"])
     cases = [Case(make(record_id), str(label), False)
              for record_id, label in zip(chosen["record_id"][:known], chosen["label"][:known])]
     for first, label in zip(chosen["record_id"][known:], chosen["label"][known:]):
