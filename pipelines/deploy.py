@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError
-from pipelines.promote import CHAMPION, _alias, _append_history, _now, _registered
+from pipelines.promote import CHAMPION, version_with_alias, append_history, now_iso, is_registered
 from pipelines.tracking import FLOW_RUN_ENV, configure
 from pipelines.workspace import Layout
 
@@ -76,9 +76,9 @@ def run(params: Params, layout: Layout, version: str | None = None, *, actor: st
     configure(params, layout)
     client = MlflowClient()
     name = params.model.name
-    if not _registered(client, name):
+    if not is_registered(client, name):
         raise DeployError(f"model {name} is not registered yet: nothing to deploy (promote a model first)")
-    champion = _alias(client, name, CHAMPION)
+    champion = version_with_alias(client, name, CHAMPION)
     if version is None:
         if champion is None:
             raise DeployError(f"model {name} has no {CHAMPION}: nothing to deploy")
@@ -90,15 +90,15 @@ def run(params: Params, layout: Layout, version: str | None = None, *, actor: st
 
     deployed = _deployed(client, name)
     if champion is not None and str(champion.version) == version and deployed == version:
-        return DeployResult("unchanged", name, version, None, actor, _now())
+        return DeployResult("unchanged", name, version, None, actor, now_iso())
     if champion is None or str(champion.version) != version:
         client.set_registered_model_alias(name, CHAMPION, version)
-    at = _now()
+    at = now_iso()
     record = {"version": version, "at": at, "actor": actor, "flow_run_id": os.environ.get(FLOW_RUN_ENV, "")}
     # The store first and the registry tag last: the tag is what makes a retry say "unchanged",
     # so nothing before it can be skipped by a retry after a failure.
     _record_in_store(params, layout, version, actor, record["flow_run_id"])
-    _append_history(client, name, {"version": version, "alias": CHAMPION, "action": "deployed",
+    append_history(client, name, {"version": version, "alias": CHAMPION, "action": "deployed",
                                    "actor": actor, "reason": "in service", "at": at, "replaced": deployed})
     client.set_registered_model_tag(name, DEPLOYED_TAG, json.dumps(record))
     log.info("%s v%s deployed (replacing %s) by %s", name, version, deployed or "nothing", actor)

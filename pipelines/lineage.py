@@ -15,7 +15,7 @@ from typing import Any
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError
-from pipelines.promote import CHAMPION, DECISION_TAG, REASONS_TAG, TAG, _alias, _registered
+from pipelines.promote import CHAMPION, DECISION_TAG, REASONS_TAG, TAG, version_with_alias, is_registered
 from pipelines.tracking import configure
 from pipelines.workspace import Layout
 
@@ -71,10 +71,10 @@ def version_lineage(params: Params, layout: Layout, version: str | None = None) 
     configure(params, layout)
     client = MlflowClient()
     name = params.model.name
-    if not _registered(client, name):
+    if not is_registered(client, name):
         raise LineageError(f"model {name} is not registered in {params.tracking.uri}")
     if version is None:
-        champion = _alias(client, name, CHAMPION)
+        champion = version_with_alias(client, name, CHAMPION)
         if champion is None:
             raise LineageError(f"model {name} has no {CHAMPION}; name a version")
         version = str(champion.version)

@@ -178,9 +178,9 @@ def run(
     configure(params, layout)
     client = MlflowClient()
     name = params.model.name
-    mlflow_run = _get_run(client, run_id, params, layout)
+    mlflow_run = get_run(client, run_id, params, layout)
 
-    champion = _alias(client, name, CHAMPION)
+    champion = version_with_alias(client, name, CHAMPION)
     registered = _version_of_run(client, name, run_id)
     if registered is not None:
         # A retried task, or a night with nothing retrained: never register the same run twice.
@@ -188,10 +188,10 @@ def run(
         state = "is champion" if serving else "is not champion now (rolled back?)"
         log.info("run %s is already %s v%s and %s; registry unchanged", run_id, name, registered, state)
         return PromotionResult("unchanged", serving, name, run_id, registered, None, None, actor,
-                               f"run {run_id} is already registered as v{registered} and {state}", _now())
+                               f"run {run_id} is already registered as v{registered} and {state}", now_iso())
     champion_metrics = _champion_metrics(champion, candidate, name, rescore)
     decision = evaluate_gates(candidate, champion_metrics, params.promote)
-    at = _now()
+    at = now_iso()
     _log_decision(client, run_id, candidate, decision, actor, at)
 
     if not decision.passed:
@@ -211,7 +211,7 @@ def run(
             )
         return result
 
-    model_id, source = _logged_model(client, mlflow_run)
+    model_id, source = logged_model(client, mlflow_run)
     reason = f"passed all {len(decision.reasons)} gates"
     tags = _version_tags(mlflow_run, candidate, decision, "promoted", actor, at, reason)
     result = _register_and_crown(client, params, layout, run_id, model_id, source, tags, champion,
@@ -250,7 +250,7 @@ def override(
     configure(params, layout)
     client = MlflowClient()
     name = params.model.name
-    mlflow_run = _get_run(client, run_id, params, layout)
+    mlflow_run = get_run(client, run_id, params, layout)
     judged = mlflow_run.data.tags.get(DECISION_TAG)
     if judged is None:
         raise PromotionError(
@@ -261,11 +261,11 @@ def override(
         version = mlflow_run.data.tags.get(TAG + "version", "?")
         raise PromotionError(f"run {run_id} was already registered ({judged}) as {name} v{version}; "
                              "nothing to override")
-    model_id, source = _logged_model(client, mlflow_run)
+    model_id, source = logged_model(client, mlflow_run)
     candidate = _run_metrics(run_id)
     refused = _load_json_list(mlflow_run.data.tags.get(REASONS_TAG))
-    champion = _alias(client, name, CHAMPION)
-    at = _now()
+    champion = version_with_alias(client, name, CHAMPION)
+    at = now_iso()
     tags = _version_tags(mlflow_run, candidate, None, "override", actor, at, reason)
     tags[REASONS_TAG] = json.dumps(refused)  # the gates that were set aside
     tags[TAG + "overridden_at"] = mlflow_run.data.tags.get(TAG + "at", "")
@@ -299,15 +299,15 @@ def rollback(params: Params, layout: Layout, actor: str | None = None, reason: s
     configure(params, layout)
     client = MlflowClient()
     name = params.model.name
-    if not _registered(client, name):
+    if not is_registered(client, name):
         raise PromotionError(f"model {name} is not registered in {display_uri(params, layout)}: "
                              "nothing to roll back")
-    previous = _alias(client, name, PREVIOUS_CHAMPION)
+    previous = version_with_alias(client, name, PREVIOUS_CHAMPION)
     if previous is None:
         raise PromotionError(f"model {name} has no {PREVIOUS_CHAMPION} alias: there is no earlier "
                              "champion to roll back to")
-    current = _alias(client, name, CHAMPION)
-    at = _now()
+    current = version_with_alias(client, name, CHAMPION)
+    at = now_iso()
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
         client.set_model_version_tag(name, current.version, TAG + "rolled_back", json.dumps(
@@ -316,7 +316,7 @@ def rollback(params: Params, layout: Layout, actor: str | None = None, reason: s
         client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
     client.set_registered_model_alias(name, CHAMPION, previous.version)
     demoted = str(current.version) if current is not None else None
-    _append_history(client, name, {
+    append_history(client, name, {
         "version": str(previous.version), "alias": CHAMPION, "action": "rollback", "actor": actor,
         "reason": reason, "at": at, "replaced": demoted,
     })
@@ -335,7 +335,7 @@ def history(params: Params, layout: Layout) -> list[dict]:
 
     configure(params, layout)
     client = MlflowClient()
-    if not _registered(client, params.model.name):
+    if not is_registered(client, params.model.name):
         return []
     return _read_history(client.get_registered_model(params.model.name).tags)
 
@@ -350,7 +350,8 @@ def default_actor() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _get_run(client: "MlflowClient", run_id: str, params: Params, layout: Layout):
+def get_run(client: "MlflowClient", run_id: str, params: Params, layout: Layout):
+    """The MLflow run ``run_id`` (PromotionError naming the tracking store when it is not there)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -361,7 +362,7 @@ def _get_run(client: "MlflowClient", run_id: str, params: Params, layout: Layout
         ) from None
 
 
-def _logged_model(client: "MlflowClient", mlflow_run) -> tuple[str | None, str]:
+def logged_model(client: "MlflowClient", mlflow_run) -> tuple[str | None, str]:
     """The run's logged model ``model``: (model id, source URI to register)."""
     run_id = mlflow_run.info.run_id
     outputs = mlflow_run.outputs.model_outputs if mlflow_run.outputs else []
@@ -403,7 +404,8 @@ def _logged_metrics(run_id: str | None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _registered(client: "MlflowClient", name: str) -> bool:
+def is_registered(client: "MlflowClient", name: str) -> bool:
+    """Whether the registry holds a model named ``name``."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -417,13 +419,13 @@ def _registered(client: "MlflowClient", name: str) -> bool:
 
 def _version_of_run(client: "MlflowClient", name: str, run_id: str) -> str | None:
     """The version already registered from this run, if any."""
-    if not _registered(client, name):
+    if not is_registered(client, name):
         return None
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     return str(max(int(v.version) for v in versions)) if versions else None
 
 
-def _alias(client: "MlflowClient", name: str, alias: str) -> "ModelVersion | None":
+def version_with_alias(client: "MlflowClient", name: str, alias: str) -> "ModelVersion | None":
     """The version behind an alias; None when the model or the alias does not exist."""
     from mlflow.exceptions import MlflowException
 
@@ -467,7 +469,7 @@ def _register_and_crown(
     import mlflow
 
     name = params.model.name
-    if not _registered(client, name):
+    if not is_registered(client, name):
         client.create_registered_model(
             name,
             tags={"medloop.modality": params.model.modality,
@@ -484,7 +486,7 @@ def _register_and_crown(
     if former is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, former)
     client.set_registered_model_alias(name, CHAMPION, version)
-    _append_history(client, name, {"version": version, "alias": CHAMPION, "action": action,
+    append_history(client, name, {"version": version, "alias": CHAMPION, "action": action,
                                    "actor": actor, "reason": reason, "at": at, "replaced": former})
     client.set_tag(run_id, DECISION_TAG, action)
     client.set_tag(run_id, TAG + "version", version)
@@ -537,7 +539,7 @@ def _log_decision(client: "MlflowClient", run_id: str, metrics: dict, decision: 
 # --------------------------------------------------------------------------------------------
 
 
-def _append_history(client: "MlflowClient", name: str, entry: dict[str, Any]) -> None:
+def append_history(client: "MlflowClient", name: str, entry: dict[str, Any]) -> None:
     """Append one entry. The newest page is ``medloop.promotion.history``; a full page is moved
     to ``medloop.promotion.history.<k>`` (k = 1, 2, ...) so that no tag outgrows its column."""
     tags = client.get_registered_model(name).tags
@@ -579,7 +581,8 @@ def _fit_json(items: list[dict], limit: int) -> str:
     return "[]"
 
 
-def _now() -> str:
+def now_iso() -> str:
+    """Now, UTC, ISO 8601 to the second: the time every promotion record carries."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 

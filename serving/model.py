@@ -228,12 +228,12 @@ class ModelManager:
         from mlflow import MlflowClient
 
         from pipelines.evaluate import MLFLOW_ARTIFACT_PATH
-        from pipelines.promote import _get_run, _logged_model
+        from pipelines.promote import get_run, logged_model
         from pipelines.tracking import configure
 
         configure(self.params, self.layout)
         client = MlflowClient()
-        mlflow_run = _get_run(client, run_id, self.params, self.layout)
+        mlflow_run = get_run(client, run_id, self.params, self.layout)
         tags = dict(mlflow_run.data.tags)
         metrics: dict[str, Any] = {}
         if tags.get("medloop.operating_threshold") in (None, "", "None"):
@@ -242,7 +242,7 @@ class ModelManager:
             except Exception:  # noqa: BLE001 - no evaluation: _rule says what is missing
                 metrics = {}
         rule = {**self._rule(reference, tags, metrics, what=f"run {run_id}"), "run_id": run_id}
-        _model_id, source = _logged_model(client, mlflow_run)
+        _model_id, source = logged_model(client, mlflow_run)
         self._fetch(source, rule, folder)
 
     def _load(self, version: str, folder: Path) -> Served:

@@ -316,7 +316,7 @@ def test_history_survives_more_entries_than_one_tag_holds(workspace):
     client = MlflowClient()
     client.create_registered_model(params.model.name)
     for number in range(60):
-        promote._append_history(client, params.model.name, {
+        promote.append_history(client, params.model.name, {
             "version": str(number), "alias": "champion", "action": "rollback", "actor": "a",
             "reason": "r" * 40, "at": "2026-01-01T00:00:00+00:00", "replaced": None})
     tags = client.get_registered_model(params.model.name).tags
