@@ -11,11 +11,12 @@ Methods (``train.calibration``):
 
 - ``temperature`` (default; Guo et al. 2017): one temperature T divides every logit, fitted by
   minimising the validation negative log-likelihood over log T (a bounded scalar search, so the
-  same scores always give the same T), against Platt's smoothed targets (`smoothed_targets`) so
-  that a small validation split the model separates perfectly does not drive T to zero. It never changes which case ranks above which, nor the
-  most probable class, only how sure the model says it is.
-- ``platt`` (Platt 1999): ``sigmoid(a * logit + b)`` per class, fitted on the same smoothed
-  targets (finite a and b for a perfectly separated validation split).
+  same scores always give the same T). It never changes which case ranks above which, nor the
+  most probable class, only how sure the model says it is. T is kept in [1/20, 20]: a
+  validation split the model separates perfectly would otherwise drive T to zero (every
+  probability exactly 0 or 1); there it gets T = 1/20, the most confident allowed.
+- ``platt`` (Platt 1999): ``sigmoid(a * logit + b)`` per class, fitted on Platt's smoothed
+  targets (`smoothed_targets`; finite a and b for a perfectly separated validation split).
 - ``isotonic``: a non-decreasing step function per class (scikit-learn's isotonic regression),
   the most flexible and the hungriest for validation data.
 - ``none``: the model's own probabilities.
@@ -41,8 +42,9 @@ METHODS = ("temperature", "platt", "isotonic", "none")
 FORMAT = 1
 # Probabilities are clipped this far from 0 and 1 before taking logits (float32 sigmoids reach 1.0).
 EPSILON = 1e-12
-# The temperature is searched in [1/100, 100]: beyond, the validation split is too small to say.
-LOG_TEMPERATURE_BOUNDS = (-np.log(100.0), np.log(100.0))
+# The temperature is searched in [1/20, 20] (see the module docstring).
+TEMPERATURE_LIMIT = 20.0
+LOG_TEMPERATURE_BOUNDS = (-np.log(TEMPERATURE_LIMIT), np.log(TEMPERATURE_LIMIT))
 
 
 @dataclass(frozen=True)
@@ -202,11 +204,11 @@ def logit(p: Any) -> np.ndarray:
 def _fit_temperature(p: np.ndarray, labels: np.ndarray) -> float:
     from scipy.optimize import minimize_scalar
 
-    targets = smoothed_targets(labels, p.shape[1])
+    rows = np.arange(len(labels))
 
     def nll(log_temperature: float) -> float:
         calibrated = Calibrator("temperature", temperature=float(np.exp(log_temperature))).apply(p)
-        return float(-(targets * np.log(np.clip(calibrated, EPSILON, 1.0))).sum(axis=1).mean())
+        return float(-np.log(np.clip(calibrated[rows, labels], EPSILON, 1.0)).mean())
 
     found = minimize_scalar(nll, bounds=LOG_TEMPERATURE_BOUNDS, method="bounded", options={"xatol": 1e-6})
     return float(np.exp(found.x))
@@ -215,9 +217,9 @@ def _fit_temperature(p: np.ndarray, labels: np.ndarray) -> float:
 def smoothed_targets(labels: Sequence[int], n_classes: int) -> np.ndarray:
     """Platt's targets as ``(n, n_classes)`` rows: an item of class c counts ``(N_c + 1) /
     (N_c + 2)`` for c and shares the rest equally among the other classes (with two classes:
-    ``(N+ + 1) / (N+ + 2)`` for a positive, ``1 / (N- + 2)`` for a negative). Hard 0/1 labels
-    would make a split the model separates perfectly pull the temperature to zero (every
-    probability 0 or 1); these stay finite, and tend to the labels as the split grows."""
+    ``(N+ + 1) / (N+ + 2)`` for a positive, ``1 / (N- + 2)`` for a negative). With hard 0/1
+    labels a split the model separates perfectly would send Platt's slope to infinity; these
+    keep it finite, and tend to the labels as the split grows."""
     labels = np.asarray(labels, dtype=np.int64).ravel()
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     own = (counts[labels] + 1.0) / (counts[labels] + 2.0)

@@ -69,13 +69,17 @@ def test_temperature_and_platt_keep_the_ranking():
 
 
 def test_a_perfectly_separated_small_split_gives_finite_probabilities():
-    # Every case right but every probability near 0.5: the demo's nights. Hard labels would drive
-    # the temperature to zero (probabilities of exactly 0 and 1); Platt's targets keep it finite.
+    # Every case right but every probability near 0.5: the demo's nights. The likelihood grows
+    # without end as the temperature falls, so it stops at the smallest allowed; Platt's targets
+    # keep its slope finite.
     positive = np.r_[np.full(10, 0.45), np.full(10, 0.55)]
     probabilities, labels = np.stack([1 - positive, positive], axis=1), np.r_[np.zeros(10), np.ones(10)]
-    for method in ("temperature", "platt"):
-        after = calibration.fit(method, probabilities, labels).apply(probabilities)[:, 1]
-        np.testing.assert_allclose(after[[0, -1]], [1 / 12, 11 / 12], rtol=1e-4)  # 1/(N+2), (N+1)/(N+2)
+    fitted = calibration.fit("temperature", probabilities, labels)
+    assert fitted.temperature == pytest.approx(1 / calibration.TEMPERATURE_LIMIT, rel=1e-4)
+    after = fitted.apply(probabilities)[:, 1]
+    assert 0.0 < after[0] < 0.02 and 0.98 < after[-1] < 1.0
+    platt = calibration.fit("platt", probabilities, labels).apply(probabilities)[:, 1]
+    np.testing.assert_allclose(platt[[0, -1]], [1 / 12, 11 / 12], rtol=1e-4)  # 1/(N+2), (N+1)/(N+2)
 
 
 def test_fitting_is_deterministic_and_survives_json():
