@@ -396,6 +396,8 @@ class TrainSpec(Strict):
     ``architecture``: ``seed_cnn`` (the reference pneumonia CNN), ``cxr_small`` (medloop's
     default chest X-ray CNN: batch norm, global pooling) or ``mlp`` (tabular).
     ``mixed_precision``: ``auto`` uses float16 compute on a GPU and float32 on a CPU.
+    ``calibration``: the post-hoc calibration fitted on the validation split after training
+    (`pipelines.calibration`): ``temperature``, ``platt``, ``isotonic`` or ``none``.
     """
 
     architecture: Literal["seed_cnn", "cxr_small", "mlp"]
@@ -408,6 +410,7 @@ class TrainSpec(Strict):
     augmentation: AugmentationSpec | None = None
     mixed_precision: Literal["auto", "on", "off"]
     deterministic: bool
+    calibration: Literal["temperature", "platt", "isotonic", "none"]
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -45,7 +45,7 @@ INTENSITY_STATISTICS = ("intensity_mean", "intensity_std")
 FEATURE, INTENSITY, EMBEDDING = "feature", "intensity", "embedding"
 
 
-def build_reference(params: Params, layout: Layout, model: Any) -> dict:
+def build_reference(params: Params, layout: Layout, model: Any, calibrator: Any = None) -> dict:
     """The drift reference of a trained model, from ``data/processed`` (and, for tables, the
     raw feature values in ``data/clean``).
 
@@ -56,6 +56,8 @@ def build_reference(params: Params, layout: Layout, model: Any) -> dict:
         params: the configuration (``monitoring.reference_size``, ``train.seed``, the model).
         layout: the workspace (preprocess has run).
         model: the trained Keras model.
+        calibrator: the model's `pipelines.calibration.Calibrator`: the reference's predictions
+            are calibrated, as the service's are (None: the model's own probabilities).
 
     Returns:
         A JSON-able dict: ``statistics`` (name -> ``{"kind", "values"}``, one value per reference
@@ -85,7 +87,7 @@ def build_reference(params: Params, layout: Layout, model: Any) -> dict:
             for name, values in embedding_components(embeddings, pca).items():
                 statistics[name] = {"kind": EMBEDDING, "values": _floats(values)}
         validation_pixels = _image_sample(layout, "validation", size, rng)
-        probabilities = _positive_probability(model, validation_pixels.astype(np.float32), positive)
+        probabilities = _positive_probability(model, validation_pixels.astype(np.float32), positive, calibrator)
         reference["items"] = int(len(train_pixels))
     else:
         features = inputs.processed_summary(layout)["features"]
@@ -95,7 +97,7 @@ def build_reference(params: Params, layout: Layout, model: Any) -> dict:
         raw = raw.iloc[_sample_positions(len(raw), size, rng)]
         statistics = {name: {"kind": FEATURE, "values": _floats(raw[name].to_numpy())} for name in features}
         x, _ = inputs.tabular_arrays(layout, "validation", params)
-        probabilities = _positive_probability(model, x[_sample_positions(len(x), size, rng)], positive)
+        probabilities = _positive_probability(model, x[_sample_positions(len(x), size, rng)], positive, calibrator)
         reference["items"] = int(len(raw))
     reference["statistics"] = statistics
     reference["prediction"] = {"split": "validation", "values": _floats(probabilities)}
@@ -250,12 +252,13 @@ def _image_sample(layout: Layout, split: str, size: int, rng: np.random.Generato
     return np.stack(kept)
 
 
-def _positive_probability(model: Any, x: np.ndarray, positive: int) -> np.ndarray:
+def _positive_probability(model: Any, x: np.ndarray, positive: int, calibrator: Any = None) -> np.ndarray:
     from pipelines.models import class_probabilities
 
     if len(x) == 0:
         return np.zeros(0)
-    return class_probabilities(model, x)[:, positive]
+    probabilities = class_probabilities(model, x)
+    return (probabilities if calibrator is None else calibrator.apply(probabilities))[:, positive]
 
 
 def _json_float(value: Any) -> float | None:

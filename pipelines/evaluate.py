@@ -1,9 +1,14 @@
 """Evaluate (DVC stage): the trained model on the frozen test set, at a threshold chosen on
 validation.
 
+- Every probability is CALIBRATED by the calibrator the train stage fitted on validation
+  (``models/train.json`` ``calibration``, `pipelines.calibration`), as the served model's are:
+  the threshold, every metric, the plots and the explanations use calibrated probabilities.
+  The ECE and Brier score before and after calibration, on validation and test, are reported
+  (``calibration`` in metrics.json, the model card), with a reliability diagram of both.
 - The operating threshold is chosen on the VALIDATION split, never on the test set: the highest
   threshold whose validation sensitivity for ``model.positive_class`` reaches
-  ``evaluate.target_sensitivity`` (see `pipelines.metrics.operating_threshold`). It is rounded
+  ``evaluate.target_sensitivity`` on calibrated scores (see `pipelines.metrics.operating_threshold`). It is rounded
   down to 6 decimals, so the value written to metrics.json is exactly the one applied.
 - On the frozen test set: AUROC, AUPRC, sensitivity, specificity, PPV, NPV, F1, accuracy, Brier
   score and expected calibration error at that threshold, 95% intervals (AUROC: bootstrap over
@@ -13,8 +18,8 @@ validation.
   champion's, and the same metrics per subgroup
   (``evaluate.subgroups``) with their counts. Multi-class models are judged one-vs-rest on the
   positive class, plus a macro AUROC.
-- Plots (``reports/plots``): ROC, precision-recall, calibration and the confusion matrix as DVC
-  plot data and PNGs; Grad-CAM heat maps of test images (image models) or permutation importance
+- Plots (``reports/plots``): ROC, precision-recall, the reliability diagram (calibrated, and
+  the model's own probabilities beside it) and the confusion matrix as DVC plot data and PNGs; Grad-CAM heat maps of test images (image models) or permutation importance
   of the features (tabular models).
 - ``reports/model_card.md``: what the model is for, what it was made from, how well it does and
   where it may fail.
@@ -32,7 +37,7 @@ import math
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +45,7 @@ import pandas as pd
 
 from pipelines import metrics as clinical
 from pipelines import model_card
+from pipelines.calibration import Calibrator, calibrator_of
 from pipelines.config import Params
 from pipelines.errors import MedloopError
 from pipelines.gradcam import gradcam, overlay
@@ -93,9 +99,10 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
     _check_consistent(params, trained, summary)
     positive = classes.index(params.model.positive_class)
     model = _load_model(layout)
+    calibrator = Calibrator.from_dict(trained.get("calibration"))
 
-    validation = predict_split(model, layout, summary, "validation", len(classes))
-    test = predict_split(model, layout, summary, "test", len(classes))
+    uncalibrated = {split: predict_split(model, layout, summary, split, len(classes)) for split in ("validation", "test")}
+    validation, test = (calibrated(uncalibrated[split], calibrator) for split in ("validation", "test"))
     if len(test.record_id) == 0:
         raise MedloopError(f"{layout.processed}: the frozen test set is empty; nothing to evaluate on")
     y_val, score_val = validation.positive(positive)
@@ -108,7 +115,9 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
     threshold = _round_down(clinical.operating_threshold(y_val, score_val, params.evaluate.target_sensitivity))
 
     index = pd.read_parquet(layout.processed / "index.parquet")
-    report = build_report(params, trained, test, validation, index, threshold)
+    calibration = calibration_report(calibrator, uncalibrated, {"validation": validation, "test": test}, positive,
+                                     params.evaluate.calibration_bins)
+    report = build_report(params, trained, test, validation, index, threshold, calibration)
     report["test_set"] = summary.get("test_set")  # growing or frozen (promote judges only on frozen)
     layout.reports.mkdir(parents=True, exist_ok=True)
     layout.metrics_json.write_text(dumps(report))
@@ -117,7 +126,8 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
         shutil.rmtree(layout.plots)  # stale Grad-CAMs of an earlier model must not survive
     layout.plots.mkdir(parents=True)
     y_test, score_test = test.positive(positive)
-    written = write_curve_plots(layout.plots, y_test, score_test, report, params.evaluate.calibration_bins)
+    written = write_curve_plots(layout.plots, y_test, score_test, report, params.evaluate.calibration_bins,
+                                uncalibrated_score=uncalibrated["test"].probabilities[:, positive])
     written += write_confusion_matrix(layout.plots, test, classes, positive, threshold)
     explanations: dict = {}
     if params.model.modality == "image" and params.evaluate.gradcam_per_class > 0:
@@ -125,7 +135,8 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
         written += gradcams
         explanations["gradcam"] = gradcams
     if params.model.modality == "tabular":
-        importance = permutation_importance(model, test, positive, summary["features"], params.train.seed)
+        importance = permutation_importance(model, test, positive, summary["features"], params.train.seed,
+                                            calibrator=calibrator)
         written += write_permutation_importance(layout.plots, importance)
         explanations["permutation_importance"] = importance
 
@@ -160,8 +171,14 @@ def build_report(
     validation: Predictions,
     index: pd.DataFrame,
     threshold: float,
+    calibration: dict | None = None,
 ) -> dict:
-    """metrics.json's content (JSON-ready: rounded, None for undefined metrics)."""
+    """metrics.json's content (JSON-ready: rounded, None for undefined metrics).
+
+    Args:
+        test, validation: the calibrated predictions (`calibrated`).
+        calibration: `calibration_report`'s summary (None when not measured).
+    """
     classes = list(params.model.classes)
     positive = classes.index(params.model.positive_class)
     bins = params.evaluate.calibration_bins
@@ -194,11 +211,36 @@ def build_report(
         "intervals": clinical.interval_methods(params.evaluate.bootstrap_samples, params.train.seed),
         # Promote pairs the champion's results with these case by case (same fingerprint, same order).
         "test_cases": clinical.case_outcomes(y_test, score_test, threshold, groups),
+        "calibration": calibration,
         "frozen_test_set_sha256": frozen_test_set_sha256(test.record_id),
         "weights_sha256": trained.get("weights_sha256"),
         "run_id": trained["run_id"],
     }
     return clinical.json_ready(report, THRESHOLD_DIGITS)
+
+
+def calibrated(predictions: Predictions, calibrator: Calibrator) -> Predictions:
+    """The same items with the calibrator applied to their probabilities."""
+    return replace(predictions, probabilities=calibrator.apply(predictions.probabilities))
+
+
+def calibration_report(calibrator: Calibrator, before: dict[str, Predictions], after: dict[str, Predictions],
+                       positive: int, bins: int) -> dict:
+    """What calibration did: the method, and per split (``validation``, ``test``) the ECE and
+    Brier score of the positive class with the model's own probabilities (``*_before``) and the
+    calibrated ones (``*_after``). The calibrator was fitted on validation, so the test figures
+    are the honest ones."""
+    summary: dict = {"method": calibrator.method, "description": calibrator.describe(), "fitted_on": "validation"}
+    if calibrator.method == "temperature":
+        summary["temperature"] = calibrator.temperature
+    for split in before:
+        row = {}
+        for stage, predictions in (("before", before[split]), ("after", after[split])):
+            y, score = predictions.positive(positive)
+            measured = clinical.binary_metrics(y, score, 0.5, bins)
+            row[f"ece_{stage}"], row[f"brier_{stage}"] = measured["ece"], measured["brier"]
+        summary[split] = row
+    return summary
 
 
 def rescore_registered(params: Params, layout: Layout, model_uri: str) -> dict:
@@ -216,17 +258,21 @@ def rescore_registered(params: Params, layout: Layout, model_uri: str) -> dict:
     configure(params, layout)
     name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
     registered = MlflowClient().get_model_version(name, version)
-    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+    python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    model, calibrator = python_model.model, calibrator_of(python_model)
     summary = processed_summary(layout)
     n_classes = len(params.model.classes)
-    validation = predict_split(model, layout, summary, "validation", n_classes)
-    test = predict_split(model, layout, summary, "test", n_classes)
+    positive = params.model.classes.index(params.model.positive_class)
+    uncalibrated = {split: predict_split(model, layout, summary, split, n_classes) for split in ("validation", "test")}
+    validation, test = (calibrated(uncalibrated[split], calibrator) for split in ("validation", "test"))
     stored = registered.tags.get("medloop.operating_threshold")
     if stored in (None, "", "None"):
         raise MedloopError(f"{model_uri} has no stored operating threshold (tag medloop.operating_threshold)")
     trained = {"run_id": registered.run_id, "weights_sha256": registered.tags.get("medloop.weights_sha256")}
     index = pd.read_parquet(layout.processed / "index.parquet")
-    return build_report(params, trained, test, validation, index, float(stored))
+    calibration = calibration_report(calibrator, uncalibrated, {"validation": validation, "test": test}, positive,
+                                     params.evaluate.calibration_bins)
+    return build_report(params, trained, test, validation, index, float(stored), calibration)
 
 
 def frozen_test_set_sha256(record_ids) -> str:
@@ -272,7 +318,8 @@ def _load_model(layout: Layout):
 
 
 def predict_split(model, layout: Layout, summary: dict, split: str, n_classes: int) -> Predictions:
-    """The model's per-class probabilities for every item of a split, sorted by record id."""
+    """The model's own (uncalibrated) per-class probabilities for every item of a split, sorted by
+    record id."""
     if summary["modality"] == "image":
         record_ids, labels, outputs = [], [], []
         _check_input(model, tuple(summary["image"][k] for k in ("height", "width", "channels")))
@@ -344,9 +391,15 @@ def _check_input(model, shape: tuple) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_curve_plots(folder: Path, y_true, score, report: dict, bins: int) -> list[Path]:
-    """ROC, precision-recall and calibration: DVC plot data (JSON) and PNGs."""
+def write_curve_plots(folder: Path, y_true, score, report: dict, bins: int, uncalibrated_score=None) -> list[Path]:
+    """ROC, precision-recall and the reliability diagram: DVC plot data (JSON) and PNGs.
+
+    ``calibration.json`` is the reliability curve of the (calibrated) scores;
+    ``calibration_uncalibrated.json`` that of the model's own scores (``uncalibrated_score``),
+    drawn together in ``calibration.png``."""
     data = clinical.curves(y_true, score, bins)
+    if uncalibrated_score is not None:
+        data["calibration_uncalibrated"] = clinical.curves(y_true, uncalibrated_score, bins)["calibration"]
     written = []
     for name, points in data.items():
         path = folder / f"{name}.json"
@@ -376,10 +429,16 @@ def write_curve_plots(folder: Path, y_true, score, report: dict, bins: int) -> l
 
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    calibration = report.get("calibration") or {}
+    if "calibration_uncalibrated" in data:
+        before = (calibration.get("test") or {}).get("ece_before")
+        ax.plot([p["x"] for p in data["calibration_uncalibrated"]], [p["y"] for p in data["calibration_uncalibrated"]],
+                "s:", color="grey", label=f"before calibration (ECE {_fmt(before)})")
+    shown = "calibrated" if calibration.get("method", "none") != "none" else "model"
     ax.plot([p["x"] for p in data["calibration"]], [p["y"] for p in data["calibration"]], "o-",
-            label=f"model (ECE {_fmt(test['ece'])})")
-    ax.set(xlabel=f"mean predicted P({positive})", ylabel="observed frequency", title="Calibration, frozen test set",
-           xlim=(0, 1), ylim=(0, 1))
+            label=f"{shown} (ECE {_fmt(test['ece'])})")
+    ax.set(xlabel=f"mean predicted P({positive})", ylabel="observed frequency",
+           title="Reliability diagram, frozen test set", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left")
     written.append(_save(fig, folder / "calibration.png"))
     return written
@@ -452,8 +511,9 @@ def write_gradcams(model, layout: Layout, summary: dict, test: Predictions, clas
 
 
 def permutation_importance(model, test: Predictions, positive: int, features: list[str], seed: int,
-                           repeats: int = PERMUTATION_REPEATS) -> list[dict]:
-    """Drop in test AUROC when one feature's values are shuffled across patients (seeded).
+                           repeats: int = PERMUTATION_REPEATS, calibrator: Calibrator | None = None) -> list[dict]:
+    """Drop in test AUROC when one feature's values are shuffled across patients (seeded), on
+    calibrated probabilities (``test``'s, and ``calibrator`` applied to the shuffled ones).
 
     Returns:
         ``[{"feature", "importance" (mean AUROC drop), "std"}]``, most important first; empty
@@ -473,7 +533,8 @@ def permutation_importance(model, test: Predictions, positive: int, features: li
         stacked = np.concatenate([x] * repeats)
         for r in range(repeats):
             stacked[r * len(x) : (r + 1) * len(x), j] = x[rng.permutation(len(x)), j]
-        scores = clinical.probabilities_from_output(_predict_array(model, stacked), n_classes)[:, positive]
+        scores = clinical.probabilities_from_output(_predict_array(model, stacked), n_classes)
+        scores = (scores if calibrator is None else calibrator.apply(scores))[:, positive]
         drops = [baseline - roc_auc_score(y, part) for part in np.split(scores, repeats)]
         rows.append({"feature": name, "importance": float(np.mean(drops)), "std": float(np.std(drops))})
     rows = clinical.json_ready(rows)
@@ -532,8 +593,9 @@ def _fmt_ci(metrics: dict, name: str) -> str:
 
 
 def log_to_mlflow(params: Params, layout: Layout, run_id: str, report: dict) -> None:
-    """Metrics (``test_*``, ``val_*``), the threshold tag, metrics.json, plots and the model card
-    into the training run."""
+    """Metrics (``test_*``, ``val_*``, calibrated; ``test_ece_uncalibrated`` and the like before
+    calibration), the threshold and calibration tags, metrics.json, plots (the reliability
+    diagram among them) and the model card into the training run."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -552,9 +614,16 @@ def log_to_mlflow(params: Params, layout: Layout, run_id: str, report: dict) -> 
                 values[f"{prefix}_{name}_low"], values[f"{prefix}_{name}_high"] = value
             elif value is not None:
                 values[f"{prefix}_{name}"] = float(value)
+    calibration = report.get("calibration") or {}
+    for prefix, split in (("test", "test"), ("val", "validation")):
+        for name in ("ece", "brier"):
+            value = (calibration.get(split) or {}).get(f"{name}_before")
+            if value is not None:
+                values[f"{prefix}_{name}_uncalibrated"] = float(value)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(values)
         mlflow.set_tags({
+            "medloop.calibration": str(calibration.get("method", "none")),
             "medloop.operating_threshold": str(report["operating_threshold"]),
             "medloop.threshold_source": report["threshold_source"],
             "medloop.frozen_test_set_sha256": report["frozen_test_set_sha256"],

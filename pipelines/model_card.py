@@ -101,15 +101,19 @@ def render(
                      "the first run and never changes.")
         lines.append("")
 
+    calibrated = (report.get("calibration") or {}).get("method", "none") != "none"
     lines += [
         "## Operating threshold", "",
-        f"An item is flagged {model.positive_class} when the model's probability of "
-        f"{model.positive_class} is at least **{report['operating_threshold']}**. The threshold was "
+        f"An item is flagged {model.positive_class} when the model's {'calibrated ' if calibrated else ''}probability "
+        f"of {model.positive_class} is at least **{report['operating_threshold']}**. The threshold was "
         f"chosen on the **validation** split (never the test set) as the highest threshold whose "
         f"validation sensitivity reaches the target of {params.evaluate.target_sensitivity:g} "
         f"(validation sensitivity reached: {_fmt(validation.get('sensitivity'))}, specificity "
         f"{_fmt(validation.get('specificity'))}).",
         "",
+    ]
+    lines += calibration_section(report.get("calibration"))
+    lines += [
         f"## Performance on the frozen test set ({test['n']} items, {test['n_positive']} {model.positive_class})",
         "",
     ]
@@ -162,6 +166,29 @@ def render(
     lines += [f"- {item}" for item in limitations(params, report)]
     lines.append("")
     return "\n".join(lines)
+
+
+def calibration_section(calibration: dict | None) -> list[str]:
+    """The card's Calibration section: the method, and ECE and Brier score before and after."""
+    if not calibration:
+        return []
+    lines = ["## Calibration", ""]
+    if calibration.get("method", "none") == "none":
+        lines.append("No post-hoc calibration (`train.calibration: none`): the probabilities are the network's own.")
+    else:
+        lines.append(f"The network's probabilities are calibrated by **{calibration['description']}**, fitted on "
+                     f"the validation split after training. Every probability shown (here, by the service and "
+                     f"in the drift reference) is calibrated; calibration does not change which case ranks "
+                     f"above which.")
+    lines += ["", "| split | ECE before | ECE after | Brier before | Brier after |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for split in ("validation", "test"):
+        row = calibration.get(split) or {}
+        lines.append(f"| {split} | {_fmt(row.get('ece_before'))} | {_fmt(row.get('ece_after'))} "
+                     f"| {_fmt(row.get('brier_before'))} | {_fmt(row.get('brier_after'))} |")
+    lines += ["", "Lower is better for both. The calibrator was fitted on validation, so the test row is the "
+                  "honest one. The reliability diagram (before and after) is `reports/plots/calibration.png`.", ""]
+    return lines
 
 
 def limitations(params: Params, report: dict) -> list[str]:

@@ -12,7 +12,13 @@ Input (``predict``):
 - tables: a DataFrame with the raw feature columns, imputed with the training medians and
   standardised with the training mean and standard deviation from ``scaler.json``.
 
-Output: a DataFrame with one probability column per class, named by the class.
+Output: a DataFrame with one CALIBRATED probability column per class, named by the class.
+
+Calibration: the model carries the calibrator fitted on the validation split at training
+(`pipelines.calibration.Calibrator`, artifact ``calibration.json``), loaded as ``calibrator``
+(the identity for versions logged before calibration existed). Every probability this class
+gives has been through ``calibrator.apply``, and the service's batched scoring applies the same
+object to the Keras model's output (`pipelines.calibration.calibrator_of`).
 
 Drift: the model carries its own drift reference (artifact ``drift_reference.json``, made at
 training by `pipelines.drift_reference.build_reference`), loaded as ``drift_reference`` (None
@@ -47,6 +53,8 @@ KERAS_ARTIFACT = "keras_model"
 PREPROCESS_ARTIFACT = "preprocess_json"
 SCALER_ARTIFACT = "scaler_json"
 DRIFT_REFERENCE_ARTIFACT = "drift_reference_json"  # stored as artifacts/drift_reference.json
+CALIBRATION_ARTIFACT = "calibration_json"  # stored as artifacts/calibration.json
+CALIBRATION_FILE = "calibration.json"
 IMAGE_COLUMN = "image"
 # Distributions the pyfunc imports at prediction time, pinned to the running versions.
 REQUIREMENTS = ("keras", "numpy", "pandas", "pillow", "pydicom", "pydantic", "pyyaml")
@@ -64,8 +72,9 @@ class MedloopPyfunc(mlflow.pyfunc.PythonModel):
         self.image_limits = dict(image_limits or {})
 
     def load_context(self, context) -> None:
-        """Load the Keras model, ``preprocess.json``, (tables) ``scaler.json`` and the drift
-        reference, when the model carries one."""
+        """Load the Keras model, ``preprocess.json``, (tables) ``scaler.json``, the calibrator
+        and the drift reference, when the model carries them."""
+        from pipelines.calibration import Calibrator
         from pipelines.models import load_model
 
         artifacts = context.artifacts
@@ -78,6 +87,9 @@ class MedloopPyfunc(mlflow.pyfunc.PythonModel):
         self.drift_reference = (
             json.loads(Path(artifacts[DRIFT_REFERENCE_ARTIFACT]).read_text())
             if DRIFT_REFERENCE_ARTIFACT in artifacts else None
+        )
+        self.calibrator = Calibrator.from_dict(
+            json.loads(Path(artifacts[CALIBRATION_ARTIFACT]).read_text()) if CALIBRATION_ARTIFACT in artifacts else None
         )
         self._heads = None
         self._heads_lock = threading.Lock()
@@ -102,19 +114,20 @@ class MedloopPyfunc(mlflow.pyfunc.PythonModel):
         if self.summary["modality"] == "image":
             embeddings, probabilities = self.embed_and_score(prepared)
         else:
-            embeddings, probabilities = None, class_probabilities(self.model, prepared)
+            embeddings, probabilities = None, self.calibrator.apply(class_probabilities(self.model, prepared))
         index = model_input.index if isinstance(model_input, pd.DataFrame) else None
         frame = pd.DataFrame(probabilities, columns=self.classes, index=index)
         return frame, summarize_inputs(self, model_input, prepared=prepared, embeddings=embeddings)
 
     def embed_and_score(self, prepared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The penultimate layer's embedding and the per-class probabilities of prepared input,
-        from one forward pass of a sub-model sharing the weights, with the penultimate layer as a
-        second output (built once, on first use).
+        """The penultimate layer's embedding and the per-class calibrated probabilities of
+        prepared input, from one forward pass of a sub-model sharing the weights, with the
+        penultimate layer as a second output (built once, on first use).
 
         Returns:
             ``(embeddings float64 (n, d), probabilities float64 (n, n_classes))``; the
-            probabilities are the model's own (up to float32 rounding between batch sizes).
+            probabilities are the model's own, calibrated (up to float32 rounding between batch
+            sizes).
         """
         from pipelines.drift_reference import embedding_model
         from pipelines.models import PREDICT_BATCH, class_columns
@@ -131,10 +144,10 @@ class MedloopPyfunc(mlflow.pyfunc.PythonModel):
         else:
             embedding, raw = self._heads.predict(x, batch_size=PREDICT_BATCH, verbose=0)
         embedding = np.asarray(embedding, dtype=np.float64).reshape(len(x), -1)
-        return embedding, class_columns(raw)
+        return embedding, self.calibrator.apply(class_columns(raw))
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
-        """Per-class probabilities of raw input.
+        """Per-class calibrated probabilities of raw input.
 
         Raises:
             MedloopError: the input is not of a form this model takes (the message says which
@@ -142,7 +155,7 @@ class MedloopPyfunc(mlflow.pyfunc.PythonModel):
         """
         from pipelines.models import class_probabilities
 
-        probabilities = class_probabilities(self.model, self.prepare(model_input))
+        probabilities = self.calibrator.apply(class_probabilities(self.model, self.prepare(model_input)))
         index = model_input.index if isinstance(model_input, pd.DataFrame) else None
         return pd.DataFrame(probabilities, columns=self.classes, index=index)
 
@@ -233,9 +246,11 @@ def scale_features(frame: pd.DataFrame, scaler: dict) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def log_pyfunc(params: Params, layout: Layout, input_example: Any, drift_reference: dict | None = None) -> Any:
+def log_pyfunc(params: Params, layout: Layout, input_example: Any, drift_reference: dict | None = None,
+               calibrator: Any = None) -> Any:
     """Log `MedloopPyfunc` (with ``models/model.keras``, ``preprocess.json``, for tables
-    ``scaler.json``, and the drift reference) to the active run under the name ``model``.
+    ``scaler.json``, the calibrator and the drift reference) to the active run under the name
+    ``model``.
 
     Args:
         params: the configuration.
@@ -243,6 +258,8 @@ def log_pyfunc(params: Params, layout: Layout, input_example: Any, drift_referen
         input_example: one or two rows of raw input, stored with the model as its example.
         drift_reference: `pipelines.drift_reference.build_reference`'s result, stored as the
             artifact ``drift_reference.json`` (``<model>/artifacts/drift_reference.json``).
+        calibrator: the `pipelines.calibration.Calibrator` fitted at training, stored as the
+            artifact ``calibration.json`` (None: the model's own probabilities).
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri``, ``model_id``, ...).
@@ -277,6 +294,10 @@ def log_pyfunc(params: Params, layout: Layout, input_example: Any, drift_referen
             reference_file = Path(scratch) / REFERENCE_FILE
             reference_file.write_text(json.dumps(drift_reference, separators=(",", ":")))
             artifacts[DRIFT_REFERENCE_ARTIFACT] = str(reference_file)
+        if calibrator is not None:
+            calibration_file = Path(scratch) / CALIBRATION_FILE
+            calibration_file.write_text(json.dumps(calibrator.to_dict(), indent=2, sort_keys=True))
+            artifacts[CALIBRATION_ARTIFACT] = str(calibration_file)
         return mlflow.pyfunc.log_model(
             name=ARTIFACT_PATH,
             python_model=python_model,

@@ -13,6 +13,11 @@
   that takes raw input (`pipelines.pyfunc_model`) and carries its own drift reference
   (`pipelines.drift_reference`: a seeded sample of the training inputs, and the validation
   split's predicted probabilities), made after the weights are saved so it never changes them.
+- Calibrated: after training, a post-hoc calibrator (``train.calibration``, temperature scaling
+  by default; `pipelines.calibration`) is fitted on the validation split's predictions. It is
+  part of the model: stored in ``train.json`` (``calibration``) for evaluate and in the pyfunc
+  (artifact ``calibration.json``) for serving, and the drift reference's predictions are
+  calibrated. It never touches the weights.
 
 Outputs: ``models/model.keras`` and ``models/train.json``. Runs in its own process (the DVC stage
 command), so the GPU's memory is freed when it ends.
@@ -32,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines import inputs, tracking
+from pipelines import calibration, inputs, tracking
 from pipelines.config import Params
 from pipelines.errors import MedloopError, mask_credentials
 from pipelines.models import build_model, class_probabilities, parameter_count, weights_digest
@@ -112,11 +117,19 @@ def run(params: Params, layout: Layout) -> TrainResult:
             mlflow.log_metrics({"best_val_auroc": best_val_auroc, "best_epoch": best_epoch,
                                 "epochs_run": epochs_run, "parameters": count})
             mlflow.set_tag("medloop.weights_sha256", digest)
+            calibrator = calibration.fit(params.train.calibration, class_probabilities(model, validation_data),
+                                         dataset_labels(validation_data))
+            mlflow.set_tag("medloop.calibration", calibrator.method)
+            if calibrator.method == "temperature":
+                mlflow.log_metric("calibration_temperature", calibrator.temperature)
+            log.info("train: calibration %s, fitted on %d validation items", calibrator.describe(),
+                     calibrator.fitted_on["n"])
             from pipelines.drift_reference import build_reference
             from pipelines.pyfunc_model import log_pyfunc
 
-            reference = build_reference(params, layout, model)
-            model_info = log_pyfunc(params, layout, _input_example(params, layout, summary), reference)
+            reference = build_reference(params, layout, model, calibrator)
+            model_info = log_pyfunc(params, layout, _input_example(params, layout, summary), reference,
+                                    calibrator)
             run_id = active.info.run_id
 
         record = {
@@ -136,6 +149,7 @@ def run(params: Params, layout: Layout) -> TrainResult:
             "device": device.facts,
             "mixed_precision": device.mixed_precision,
             "parameters": count,
+            "calibration": calibrator.to_dict(),
             "drift_reference": {"items": reference["items"], "statistics": list(reference["statistics"]),
                                 "prediction_items": len(reference["prediction"]["values"])},
         }
@@ -322,9 +336,7 @@ def ValidationAuroc(data: Any, classes: list[str], positive: int) -> Any:  # noq
     import keras
     from sklearn.metrics import log_loss, roc_auc_score
 
-    # The dataset's own order (shards are interleaved), read once; later passes hit its cache.
-    encoded = np.concatenate([np.asarray(y) for _, y in data])
-    truth = encoded[:, 0].astype(np.int64) if encoded.shape[1] == 1 else encoded.argmax(axis=1)
+    truth = dataset_labels(data)
 
     class _ValidationAuroc(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -334,6 +346,13 @@ def ValidationAuroc(data: Any, classes: list[str], positive: int) -> Any:  # noq
             logs["val_auroc"] = float(roc_auc_score(truth == positive, probabilities[:, positive]))
 
     return _ValidationAuroc()
+
+
+def dataset_labels(data: Any) -> np.ndarray:
+    """The class index of every item of a ``(x, encoded labels)`` dataset, in the dataset's own
+    order (shards are interleaved), which is the order ``model.predict`` gives."""
+    encoded = np.concatenate([np.asarray(y) for _, y in data])
+    return encoded[:, 0].astype(np.int64) if encoded.shape[1] == 1 else encoded.argmax(axis=1)
 
 
 def EpochMetrics(epochs: int) -> Any:  # noqa: N802 (a class)

@@ -6,18 +6,21 @@
    an unusable image fails its own request with a 422 naming it). Feature rows (checked by the
    caller) are kept as rows and hashed.
 2. `probabilities` (per batch, one worker thread): the prepared inputs of one or more requests
-   for ONE served version, run through the Keras model in one call, split back per request.
+   for ONE served version, run through the Keras model in one call, calibrated by the calibrator
+   the model carries (`pipelines.calibration.calibrator_of`, the pyfunc's own), split back per
+   request.
    Feature rows are scaled here, a whole batch at once, by `scaled_features` (the pyfunc's
    scaling, bit for bit).
 
 The result equals ``served.model.predict(frame)`` (the pyfunc) for the same inputs: the same
-preparation and the same Keras model, called with ``predict_on_batch`` rather than ``predict``,
+preparation, the same Keras model and the same calibration, called with ``predict_on_batch`` rather than ``predict``,
 which for a batch this small sets up a data pipeline and callbacks on every call and costs far
 more than the model itself. The Keras model sums a batch's rows in whatever order its kernels
 pick for that batch size, so a probability may differ from the same input's probability in
 another batch by a float32 rounding step (about 1e-7).
 
-`explain_gradcam` adds a Grad-CAM heat map per image (`pipelines.gradcam`), outside any batch.
+`explain_gradcam` adds a Grad-CAM heat map per image (`pipelines.gradcam`), outside any batch,
+for the class decided on the calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -114,8 +117,8 @@ class Scored(np.ndarray):
 
 
 def probabilities(served: Served, model_inputs: list[Any]) -> list[Scored]:
-    """Per-class probabilities (columns in ``served.classes`` order) for each request's
-    prepared inputs, from ONE call of the Keras model.
+    """Per-class calibrated probabilities (columns in ``served.classes`` order) for each
+    request's prepared inputs, from ONE call of the Keras model.
 
     For an image model that carries a drift reference, the same call also gives the penultimate
     embedding (`MedloopPyfunc.embed_and_score`), and each input's drift summary (intensity
@@ -124,6 +127,7 @@ def probabilities(served: Served, model_inputs: list[Any]) -> list[Scored]:
     """
     from pipelines.drift import summarize_inputs
     from pipelines.models import class_columns
+    from pipelines.calibration import calibrator_of
 
     python_model = pyfunc_of(served)
     sizes = np.cumsum([len(part) for part in model_inputs])[:-1]
@@ -131,13 +135,13 @@ def probabilities(served: Served, model_inputs: list[Any]) -> list[Scored]:
     if isinstance(model_inputs[0], np.ndarray):
         x = model_inputs[0] if len(model_inputs) == 1 else np.concatenate(model_inputs)
         if getattr(python_model, "drift_reference", None):
-            embeddings, scored = python_model.embed_and_score(x)
+            embeddings, scored = python_model.embed_and_score(x)  # calibrated by the pyfunc itself
             summaries = summarize_inputs(python_model, x, prepared=x, embeddings=embeddings)
         else:
-            scored = class_columns(python_model.model.predict_on_batch(x))
+            scored = calibrator_of(python_model).apply(class_columns(python_model.model.predict_on_batch(x)))
     else:
         x = scaled_features(python_model.scaler, [row for rows in model_inputs for row in rows])
-        scored = class_columns(python_model.model.predict_on_batch(x))
+        scored = calibrator_of(python_model).apply(class_columns(python_model.model.predict_on_batch(x)))
     order = [list(python_model.classes).index(label) for label in served.classes]
     parts = [part.view(Scored) for part in np.split(scored[:, order], sizes)]
     if summaries is not None:
@@ -192,7 +196,8 @@ def answers(served: Served, scored: np.ndarray, prepared: Prepared) -> list[dict
 
 
 def explain_gradcam(served: Served, prepared: Prepared) -> tuple[np.ndarray, list[dict]]:
-    """Probabilities and a Grad-CAM heat map per image, for the class each image is decided as.
+    """Probabilities and a Grad-CAM heat map per image, for the class each image is decided as
+    (on its calibrated probabilities, as answered).
 
     Returns:
         (probabilities as `probabilities` gives them, one explanation per image:

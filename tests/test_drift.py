@@ -207,9 +207,11 @@ def test_the_logged_tabular_model_carries_its_reference(trained_tabular, tmp_pat
     copy = mlflow.artifacts.download_artifacts(record["model_uri"], dst_path=str(tmp_path / "copy"))
     assert drift.load_reference(copy) == reference
 
-    # Seeded and capped: the same reference again, and at most reference_size items.
-    keras_model = pyfunc.unwrap_python_model().model
-    assert drift_reference.build_reference(params, layout, keras_model) == reference
+    # Seeded and capped: the same reference again, and at most reference_size items. Its
+    # predictions are calibrated by the model's own calibrator, as the served ones are.
+    keras_model, calibrator = pyfunc.unwrap_python_model().model, pyfunc.unwrap_python_model().calibrator
+    assert drift_reference.build_reference(params, layout, keras_model, calibrator) == reference
+    assert drift_reference.build_reference(params, layout, keras_model)["prediction"] != reference["prediction"]
     capped = params.model_copy(update={"monitoring": params.monitoring.model_copy(update={"reference_size": 50})})
     small = drift_reference.build_reference(params=capped, layout=layout, model=keras_model)
     assert small["items"] == 50 and len(small["statistics"]["mean_radius"]["values"]) == 50
@@ -294,7 +296,7 @@ def test_image_reference_and_served_summaries_agree_on_the_same_images(trained_i
     pcs = np.asarray([reference["statistics"][f"embedding_pc{k}"]["values"] for k in range(1, 6)])
     assert np.all(pcs.std(axis=1) > 0) and np.allclose(pcs.mean(axis=1), 0.0, atol=1e-6 * (1 + np.abs(pcs).max()))
     # Deterministic: the saved weights give the very same reference again.
-    assert drift_reference.build_reference(params, layout, python_model.model) == reference
+    assert drift_reference.build_reference(params, layout, python_model.model, python_model.calibrator) == reference
 
     # The service's view of the same images, from the collected files: the same numbers.
     files = pd.DataFrame({"image": [(layout.raw / record_id).read_bytes() for record_id in ids[:6]]})

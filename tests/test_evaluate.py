@@ -15,7 +15,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from conftest import image_params, load, make_workspace, tabular_params
-from pipelines import clean, collect, evaluate, metrics, preprocess
+from pipelines import calibration, clean, collect, evaluate, metrics, preprocess
 from pipelines.config import parse_params
 from pipelines.errors import MedloopError
 from pipelines.workspace import Layout
@@ -197,8 +197,9 @@ def processed_workspace(tmp_path_factory, params_dict: dict, name: str) -> Layou
     return layout
 
 
-def save_trained(layout: Layout, params, model, summary: dict, model_input: dict) -> str:
-    """What train leaves behind (per the contract): model.keras, train.json and an MLflow run."""
+def save_trained(layout: Layout, params, model, summary: dict, model_input: dict, calibrator=None) -> str:
+    """What train leaves behind (per the contract): model.keras, train.json (with the calibrator,
+    when given) and an MLflow run."""
     import mlflow
 
     from pipelines.tracking import configure, tracking_uri
@@ -215,6 +216,7 @@ def save_trained(layout: Layout, params, model, summary: dict, model_input: dict
         "modality": summary["modality"], "input": model_input, "weights_sha256": weights_sha256(model),
         "best_epoch": 1, "epochs_run": 1, "best_val_auroc": None, "device": {"kind": "cpu"},
         "mixed_precision": False, "parameters": int(model.count_params()),
+        **({"calibration": calibrator.to_dict()} if calibrator is not None else {}),
     }, indent=2))
     return run.info.run_id
 
@@ -233,7 +235,10 @@ def tabular_evaluated(tmp_path_factory):
                               keras.layers.Dense(1, activation="sigmoid")])
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
     model.fit(x, y, epochs=20, batch_size=32, verbose=0)
-    run_id = save_trained(layout, params, model, summary, {"features": summary["features"]})
+    # as train does: temperature scaling fitted on the validation split's predictions
+    validation = evaluate.predict_split(model, layout, summary, "validation", 2)
+    calibrator = calibration.fit("temperature", validation.probabilities, validation.label_index)
+    run_id = save_trained(layout, params, model, summary, {"features": summary["features"]}, calibrator)
 
     first = evaluate.run(params, layout)
     snapshot = {p.relative_to(layout.root): p.read_bytes()
@@ -247,8 +252,8 @@ def test_tabular_metrics_json_follows_the_contract(tabular_evaluated):
     layout, params, run_id, result, _, _ = tabular_evaluated
     report = json.loads(layout.metrics_json.read_text())
     assert set(report) == {"positive_class", "classes", "operating_threshold", "threshold_source", "test",
-                           "validation", "subgroups", "intervals", "test_cases", "frozen_test_set_sha256",
-                           "weights_sha256", "run_id"}
+                           "validation", "subgroups", "intervals", "test_cases", "calibration",
+                           "frozen_test_set_sha256", "weights_sha256", "run_id", "test_set"}
     assert report["intervals"]["sensitivity_ci"] == "wilson-patient-clustered"
     assert report["intervals"]["non_inferiority"] == "newcombe-paired-patient-clustered"
     # per-case results in record-id order, no identifiers: they agree with the counts
@@ -283,12 +288,52 @@ def test_tabular_metrics_json_follows_the_contract(tabular_evaluated):
 
 
 @pytest.mark.slow
+def test_tabular_metrics_and_threshold_are_on_calibrated_probabilities(tabular_evaluated):
+    import keras
+
+    layout, params, _, _, _, _ = tabular_evaluated
+    report = json.loads(layout.metrics_json.read_text())
+    trained = json.loads(layout.train_json.read_text())
+    calibrator = calibration.Calibrator.from_dict(trained["calibration"])
+    summary = json.loads((layout.processed / "preprocess.json").read_text())
+    model = keras.models.load_model(layout.model_file, compile=False)
+    own = {split: evaluate.predict_split(model, layout, summary, split, 2) for split in ("validation", "test")}
+    calibrated = {split: calibrator.apply(p.probabilities)[:, 1] for split, p in own.items()}
+    # the threshold is chosen on the CALIBRATED validation scores, and the test metrics use them
+    chosen = metrics.operating_threshold(own["validation"].label_index, calibrated["validation"], 0.9)
+    assert report["operating_threshold"] == math.floor(chosen * 1e6) / 1e6
+    y_test = own["test"].label_index
+    assert report["test"]["ece"] == pytest.approx(metrics.expected_calibration_error(y_test, calibrated["test"]), abs=1e-6)
+    section = report["calibration"]
+    assert section["method"] == "temperature" and section["fitted_on"] == "validation"
+    assert section["temperature"] == pytest.approx(calibrator.temperature, abs=1e-6)
+    assert section["description"].startswith("temperature scaling (T = ")
+    for split, key in (("validation", "validation"), ("test", "test")):
+        y = own[split].label_index
+        row = section[key]
+        assert row["ece_before"] == pytest.approx(metrics.expected_calibration_error(y, own[split].probabilities[:, 1]),
+                                                  abs=1e-6)
+        assert row["ece_after"] == pytest.approx(report[split]["ece"], abs=1e-6)
+        assert row["brier_after"] == pytest.approx(report[split]["brier"], abs=1e-6)
+    # fitted by minimising the validation log loss, so it cannot make that worse
+    from sklearn.metrics import log_loss
+
+    y_val = own["validation"].label_index
+    assert log_loss(y_val, calibrated["validation"]) <= log_loss(y_val, own["validation"].probabilities[:, 1])
+
+
+@pytest.mark.slow
 def test_tabular_plots_model_card_and_mlflow(tabular_evaluated):
     import mlflow
 
     layout, params, run_id, _, _, _ = tabular_evaluated
     for name in ("roc", "pr", "calibration", "confusion_matrix", "permutation_importance"):
         assert (layout.plots / f"{name}.json").is_file() and (layout.plots / f"{name}.png").is_file(), name
+    # the reliability diagram before calibration, beside the calibrated one (one DVC plot)
+    before = json.loads((layout.plots / "calibration_uncalibrated.json").read_text())["calibration_uncalibrated"]
+    after = json.loads((layout.plots / "calibration.json").read_text())["calibration"]
+    assert sum(p["count"] for p in before) == sum(p["count"] for p in after) > 0
+    assert before != after
     roc = json.loads((layout.plots / "roc.json").read_text())["roc"]
     assert roc[0] == {"x": 0.0, "y": 0.0} and roc[-1] == {"x": 1.0, "y": 1.0}
     importance = json.loads((layout.plots / "permutation_importance.json").read_text())["permutation_importance"]
@@ -299,6 +344,11 @@ def test_tabular_plots_model_card_and_mlflow(tabular_evaluated):
     assert str(report["operating_threshold"]) in card and "validation" in card
     assert "params_hash" in card and "## Limitations" in card and "site-" in card
     assert "SYNTHETIC" not in card
+    calibrated = report["calibration"]["test"]
+    assert "## Calibration" in card and report["calibration"]["description"] in card
+    assert (f"| test | {calibrated['ece_before']:.3f} | {calibrated['ece_after']:.3f} | "
+            f"{calibrated['brier_before']:.3f} | {calibrated['brier_after']:.3f} |") in card
+    assert "calibrated probability" in card
 
     from pipelines.tracking import tracking_uri
 
@@ -307,6 +357,13 @@ def test_tabular_plots_model_card_and_mlflow(tabular_evaluated):
     assert run.data.metrics["test_auroc"] == pytest.approx(report["test"]["auroc"], abs=1e-6)
     assert run.data.metrics["val_sensitivity"] == pytest.approx(report["validation"]["sensitivity"], abs=1e-6)
     assert float(run.data.tags["medloop.operating_threshold"]) == report["operating_threshold"]
+    assert run.data.metrics["test_ece_uncalibrated"] == pytest.approx(report["calibration"]["test"]["ece_before"],
+                                                                       abs=1e-6)
+    assert run.data.metrics["val_brier_uncalibrated"] == pytest.approx(
+        report["calibration"]["validation"]["brier_before"], abs=1e-6)
+    assert run.data.tags["medloop.calibration"] == "temperature"
+    plots = {a.path for a in client.list_artifacts(run_id, "evaluation/plots")}
+    assert {"evaluation/plots/calibration.png", "evaluation/plots/calibration_uncalibrated.json"} <= plots
     logged = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {"evaluation/metrics.json", "evaluation/model_card.md", "evaluation/plots"} <= logged
 

@@ -149,11 +149,13 @@ def test_concurrent_predictions_equal_unbatched_ones_and_are_all_stored(served_w
 
 @pytest.mark.slow
 def test_batched_scaling_and_scoring_equal_the_pyfunc(served_workspace):
-    """The service's batch path (NumPy scaling, one Keras call) gives what the registered pyfunc
-    gives for the same rows: the scaled features bit for bit, the probabilities to float32."""
+    """The service's batch path (NumPy scaling, one Keras call, the model's calibrator) gives what
+    the registered pyfunc gives for the same rows: the scaled features bit for bit, the calibrated
+    probabilities to float32."""
     import mlflow
     import pandas as pd
 
+    from pipelines.models import class_columns, class_probabilities
     from pipelines.tracking import configure
     from serving import scoring
     from serving.model import Served
@@ -178,6 +180,13 @@ def test_batched_scaling_and_scoring_equal_the_pyfunc(served_workspace):
     assert [len(part) for part in parts] == [1, 7, 12]
     by_pyfunc = model.predict(frame)[list(params.model.classes)].to_numpy()
     assert np.abs(np.concatenate(parts) - by_pyfunc).max() <= 2.5e-7
+    # Both are calibrated, by the temperature fitted at training that the model carries.
+    calibrator = python_model.calibrator
+    assert calibrator.method == "temperature" and calibrator.temperature != 1.0
+    own = class_columns(python_model.model.predict_on_batch(expected))
+    np.testing.assert_array_equal(by_pyfunc, calibrator.apply(class_probabilities(python_model.model, expected)))
+    assert np.abs(np.concatenate(parts) - calibrator.apply(own)).max() <= 2.5e-7
+    assert np.abs(own - by_pyfunc).max() > 1e-3  # ... and calibration changed them
 
 
 # ------------------------------------------------------------------------------------------------

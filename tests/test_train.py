@@ -12,6 +12,7 @@ import pytest
 
 from conftest import SALT, image_params, load, make_workspace, tabular_params
 from pipelines import clean, collect, inputs, models, preprocess, train
+from pipelines.calibration import Calibrator
 from pipelines.config import parse_params
 from pipelines.errors import MedloopError
 
@@ -90,6 +91,8 @@ def test_image_training_writes_the_model_and_a_complete_mlflow_run(trained_image
     assert record["parameters"] == model.count_params() and record["epochs_run"] == 2
     assert 1 <= record["best_epoch"] <= 2 and 0.0 <= record["best_val_auroc"] <= 1.0
     assert record["device"]["strategy"] and record["mixed_precision"] is False  # CPU: float32
+    assert record["calibration"]["method"] == "temperature" and record["calibration"]["temperature"] > 0
+    assert record["calibration"]["fitted_on"]["n"] == len(inputs.split_labels(layout, "validation"))
 
     client = mlflow_client(layout, params)
     run = client.get_run(record["run_id"])
@@ -103,6 +106,8 @@ def test_image_training_writes_the_model_and_a_complete_mlflow_run(trained_image
         history = client.get_metric_history(record["run_id"], metric)
         assert [m.step for m in history] == [1, 2], metric
     assert run.data.metrics["best_val_auroc"] == pytest.approx(record["best_val_auroc"])
+    assert run.data.metrics["calibration_temperature"] == pytest.approx(record["calibration"]["temperature"])
+    assert run.data.tags["medloop.calibration"] == "temperature"
     datasets = {d.dataset.name: [t.value for t in d.tags] for d in run.inputs.dataset_inputs}
     assert datasets == {"pneumonia-cxr-train": ["training"], "pneumonia-cxr-validation": ["validation"]}
 
@@ -117,7 +122,10 @@ def test_pyfunc_on_raw_images_equals_keras_on_preprocessed_pixels(trained_image)
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{record['run_id']}/model")
     keras_model = models.load_model(layout.model_file)
     ids, pixels = shard_pixels(layout, "test")
-    expected = models.class_probabilities(keras_model, pixels.astype(np.float32))
+    # calibrated by the calibrator fitted at training, which the pyfunc carries
+    calibrator = Calibrator.from_dict(record["calibration"])
+    assert pyfunc.unwrap_python_model().calibrator == calibrator
+    expected = calibrator.apply(models.class_probabilities(keras_model, pixels.astype(np.float32)))
     # the files as collected (de-identified DICOM and JPEG), before clean touched them
     raw = pd.DataFrame({"image": [(layout.raw / record_id).read_bytes() for record_id in ids]})
     predicted = pyfunc.predict(raw)
@@ -156,7 +164,9 @@ def test_tabular_training_and_pyfunc_on_raw_features(trained_tabular):
     expected_x = test[features].to_numpy(np.float32, copy=True)
     expected_x[0, 0] = np.float32((scaler["impute_median"][features[0]] - scaler["mean"][features[0]])
                                   / scaler["std"][features[0]])
-    expected = models.class_probabilities(models.load_model(layout.model_file), expected_x)
+    own = models.class_probabilities(models.load_model(layout.model_file), expected_x)
+    expected = Calibrator.from_dict(record["calibration"]).apply(own)
+    assert np.abs(expected - own).max() > 1e-3  # the calibration did something
     predicted = mlflow.pyfunc.load_model(record["model_uri"]).predict(raw.reset_index(drop=True))
     assert list(predicted.columns) == ["benign", "malignant"]
     np.testing.assert_allclose(predicted.to_numpy(), expected, rtol=1e-5, atol=1e-6)
