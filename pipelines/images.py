@@ -400,6 +400,14 @@ class HeaderMismatch:
     reason: str
 
 
+def dicom_header_refusal(data: bytes, rules: DicomHeaderSpec) -> str | None:
+    """Why a DICOM file is not what the model was built for: the reasons of every rule of
+    ``clean.image.dicom`` whose mismatch quarantines, joined; None when the header passes (the
+    service refuses such a file as clean quarantines it)."""
+    refused = [m.reason for m in check_dicom_header(_read_dicom(data), rules) if m.action == "quarantine"]
+    return "; ".join(refused) or None
+
+
 def check_dicom_header(dataset: Dataset, rules: DicomHeaderSpec) -> list[HeaderMismatch]:
     """Compare a DICOM header with the rules of ``clean.image.dicom``.
 

@@ -85,7 +85,7 @@ def prepare(served: Served, inputs: list[Any], params: Params, salt: bytes, inpu
     from pipelines.collect import EXTENSIONS, deidentify_image
     from pipelines.deid.keys import content_hash, keyed_hash
     from pipelines.errors import DeidentificationError
-    from pipelines.images import ImageProblem
+    from pipelines.images import ImageProblem, dicom_header_refusal
     from pipelines.pyfunc_model import IMAGE_COLUMN
 
     python_model = pyfunc_of(served)
@@ -96,6 +96,10 @@ def prepare(served: Served, inputs: list[Any], params: Params, salt: bytes, inpu
         except DeidentificationError as exc:
             raise HTTPException(422, f"image {index}: {exc}") from None
         try:
+            refused = (dicom_header_refusal(stored, params.clean.image.dicom)
+                       if file_format == "dicom" and params.clean.image is not None else None)
+            if refused:  # a CT or MR is not a chest radiograph: no decision on it
+                raise HTTPException(422, f"image {index} is not what the model was built for: {refused}")
             pixels.append(python_model.prepare(pd.DataFrame({IMAGE_COLUMN: [stored]})))
         except ImageProblem as exc:
             raise HTTPException(422, f"image {index} cannot be used: {exc}") from None

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import SALT, load, serving_settings
 from test_serving import bearer, instance, start_service, stop, tiny_cnn_workspace
+from tests_support import pydicom_test_file
 
 SAME = 1e-6  # see the module docstring
 
@@ -247,6 +248,8 @@ def test_a_bad_image_in_a_concurrent_burst_fails_only_its_own_request(image_work
             burst = [{"content": data, "headers": {"Content-Type": content_type(data)}} for data in files]
             burst.insert(5, {"content": small_png(), "headers": {"Content-Type": "image/png"}})
             burst.insert(9, {"content": b"not an image", "headers": {"Content-Type": "image/png"}})
+            # A CT slice is not a chest radiograph: refused on its header, as clean quarantines it.
+            burst.append({"content": pydicom_test_file("CT_small.dcm"), "headers": {"Content-Type": "application/dicom"}})
             burst.append({"json": {"images": [base64.b64encode(data).decode() for data in (files[0], small_png())]}})
             answers = asyncio.run(post_all(base, token, burst, clients=len(burst)))
             metrics = httpx.get(base + "/metrics").text
@@ -254,12 +257,15 @@ def test_a_bad_image_in_a_concurrent_burst_fails_only_its_own_request(image_work
             stop(process)
     assert {answer.status_code for answer in single} == {200}
     threshold = single[0].json()["operating_threshold"]
-    too_small, not_image, mixed = answers[5], answers[9], answers[-1]
+    too_small, not_image, computed_tomography, mixed = answers[5], answers[9], answers[-2], answers[-1]
+    assert computed_tomography.status_code == 422, computed_tomography.text
+    assert computed_tomography.json()["detail"].startswith(
+        "image 0 is not what the model was built for: DICOM Modality is 'CT', not one of CR, DX")
     assert too_small.status_code == 422, too_small.text
     assert too_small.json()["detail"].startswith("image 0 cannot be used") and "64" in too_small.json()["detail"]
     assert not_image.status_code == 422 and "not an image" in not_image.json()["detail"]
     assert mixed.status_code == 422 and mixed.json()["detail"].startswith("image 1 cannot be used")
-    good = [answer for n, answer in enumerate(answers[:-1]) if n not in (5, 9)]
+    good = [answer for n, answer in enumerate(answers[:-2]) if n not in (5, 9)]
     assert [answer.status_code for answer in good] == [200] * len(files)
     for answer, alone in zip(good, single):
         [prediction] = answer.json()["predictions"]
