@@ -351,7 +351,7 @@ def _parse_inputs(content_type: str, body: bytes, payload: Any, params: Params) 
                                  f"send only {key!r}")
     items = payload[key]
     if len(items) > params.serving.max_batch:
-        raise HTTPException(413, f"{len(items)} inputs in one request; at most {params.serving.max_batch}")
+        raise HTTPException(422, f"{len(items)} inputs in one request; at most {params.serving.max_batch}")
     if image_model:
         decoded = []
         for index, item in enumerate(items):

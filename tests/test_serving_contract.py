@@ -89,7 +89,7 @@ CASES = [
     ("an instance that is not an object", "post", "/predict", "clinician", "application/json",
      lambda f: b'{"instances": [3]}', 422, "instances[0] is not an object of feature values"),
     ("65 instances in one request", "post", "/predict", "clinician", "application/json",
-     lambda f: body_of([good(f)] * 65), 413, "65 inputs in one request; at most 64"),
+     lambda f: body_of([good(f)] * 65), 422, "65 inputs in one request; at most 64"),
     ("JSON nested 5,000 deep", "post", "/predict", "clinician", "application/json",
      lambda f: nested(5000), 422, "JSON nested deeper than 32 levels"),
     ("JSON nested 100,000 deep", "post", "/predict", "clinician", "application/json",
