@@ -243,7 +243,9 @@ def _fit_platt(column: np.ndarray, is_class: np.ndarray) -> list[float]:
         residual = _sigmoid(z) - target
         return value, np.array([(residual * x).sum(), residual.sum()])
 
-    found = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B")
+    # a >= 0: calibration may change how sure the model is, never turn its ranking upside down
+    # (a validation split where scores run against the labels would otherwise fit a < 0).
+    found = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B", bounds=[(0.0, None), (None, None)])
     return [float(found.x[0]), float(found.x[1])]
 
 

@@ -104,6 +104,8 @@ def version_lineage(params: Params, layout: Layout, version: str | None = None) 
             "clinician_labels": int(tags["medloop.data.clinician_labels"])
             if tags.get("medloop.data.clinician_labels") else None,
             "clinician_label_batches": [b for b in tags.get("medloop.data.clinician_label_batches", "").split(",") if b],
+            "clinician_label_batch_count": int(tags["medloop.data.clinician_label_batch_count"])
+            if tags.get("medloop.data.clinician_label_batch_count") else None,
         },
         "params_hash": tags.get("medloop.params_hash"),
         "params": dict(sorted(run.data.params.items())) if run else {},

@@ -178,8 +178,10 @@ def calibration_section(calibration: dict | None) -> list[str]:
     else:
         lines.append(f"The network's probabilities are calibrated by **{calibration['description']}**, fitted on "
                      f"the validation split after training. Every probability shown (here, by the service and "
-                     f"in the drift reference) is calibrated; calibration does not change which case ranks "
-                     f"above which.")
+                     f"in the drift reference) is calibrated. "
+                     + ("Isotonic regression may tie cases the network told apart." if calibration.get("method") == "isotonic"
+                        else "It keeps the order of the cases: it changes how sure the model says it is, not which "
+                             "case ranks above which."))
     lines += ["", "| split | ECE before | ECE after | Brier before | Brier after |",
               "| --- | ---: | ---: | ---: | ---: |"]
     for split in ("validation", "test"):

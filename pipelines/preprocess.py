@@ -216,8 +216,9 @@ def test_set_minimum(params: Params) -> dict:
 
 
 def cases_for_precision(proportion: float, half_width: float, z: float = 1.959964) -> int:
-    """The fewest cases whose 95% Wilson interval around ``proportion`` is at most
-    ``half_width`` wide on each side (e.g. 23 cases at a sensitivity of 0.85 and +-0.15)."""
+    """The fewest cases whose 95% Wilson interval at ``proportion`` is at most ``2 * half_width``
+    wide, i.e. ``half_width`` on each side of the interval's centre (22 cases at a sensitivity
+    of 0.85 and 0.15: the interval [0.651, 0.945])."""
     p = min(max(proportion, 0.0), 1.0)
     n = 1
     while True:
@@ -250,14 +251,17 @@ def test_set_state(frozen: pd.DataFrame, cases: dict[str, int], minimum: dict, e
     """
     digest = frozen_membership_sha256(frozen)
     last = earlier or {"version": 0, "status": GROWING, "record_ids_sha256": None}
+    # The membership of the last frozen version (older files kept it only while frozen).
+    last_frozen = last.get("frozen_record_ids_sha256") or (
+        last["record_ids_sha256"] if last["status"] == FROZEN else None)
     if not big_enough(cases, minimum):
         version, status = last["version"], GROWING  # the last frozen version, 0 for none yet
-    elif last["status"] == FROZEN and last["record_ids_sha256"] == digest:
+    elif digest == last_frozen:
         version, status = last["version"], FROZEN
     else:
-        version, status = last["version"] + 1, FROZEN
+        version, status, last_frozen = last["version"] + 1, FROZEN, digest
     return {"status": status, "version": version, "items": sum(cases.values()), "cases": cases,
-            "minimum": minimum, "record_ids_sha256": digest}
+            "minimum": minimum, "record_ids_sha256": digest, "frozen_record_ids_sha256": last_frozen}
 
 
 def frozen_membership_sha256(frozen: pd.DataFrame) -> str:

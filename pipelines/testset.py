@@ -54,11 +54,13 @@ def extend(params: Params, layout: Layout, *, cases_per_class: int, items: int |
     """
     if not reason.strip():
         raise ConfigError("--reason is required: extending the test set is recorded with who and why")
-    state = current(layout)
-    held = max((state or {}).get("cases", {}).values(), default=0)
-    if cases_per_class <= held:
-        raise ConfigError(f"the test set already holds up to {held} cases of a class; extending it needs "
-                          f"a minimum above that (got --cases-per-class {cases_per_class})")
+    state = current(layout) or {}
+    fewest = min(state.get("cases", {}).values(), default=0)
+    held_items = state.get("items", 0)
+    if cases_per_class <= fewest and (items is None or items <= held_items):
+        raise ConfigError(f"the test set already holds at least {fewest} cases of every class and {held_items} "
+                          f"items; extending it needs a minimum above that (got --cases-per-class "
+                          f"{cases_per_class}{f', --items {items}' if items is not None else ''})")
     text = layout.params_file.read_text()
     text = _set_key(text, "min_cases_per_class", str(cases_per_class), layout)
     if items is not None:

@@ -72,10 +72,14 @@ def lineage(params: Params, layout: Layout) -> dict[str, str]:
     return tags
 
 
+MAX_NAMED_BATCHES = 50  # feedback exports named in a run tag (about 24 characters each)
+
+
 def clinician_labels(layout: Layout) -> dict[str, str]:
     """What a model learns from clinicians: how many training and validation items carry a
     clinician's confirmed label (``medloop.data.clinician_labels``) and from which feedback
-    exports (``medloop.data.clinician_label_batches``, comma-separated batch ids)."""
+    exports (``medloop.data.clinician_label_batches``: the newest `MAX_NAMED_BATCHES` batch ids,
+    comma-separated; ``medloop.data.clinician_label_batch_count``: how many)."""
     import pandas as pd
 
     index_file = layout.processed / "index.parquet"
@@ -84,12 +88,16 @@ def clinician_labels(layout: Layout) -> dict[str, str]:
     columns = pd.read_parquet(index_file).columns
     wanted = [c for c in ("split", "label_provenance", "label_batch_id") if c in columns]
     if "label_provenance" not in wanted:
-        return {"medloop.data.clinician_labels": "0", "medloop.data.clinician_label_batches": ""}
+        return {"medloop.data.clinician_labels": "0", "medloop.data.clinician_label_batches": "",
+                "medloop.data.clinician_label_batch_count": "0"}
     index = pd.read_parquet(index_file, columns=wanted)
     learned = index[(index["label_provenance"] == "clinician") & index["split"].isin(["train", "validation"])]
     batches = sorted({str(b) for b in learned.get("label_batch_id", pd.Series(dtype=str)).dropna()})
+    # A tag holds at most 8,000 characters: the newest exports by name, all of them by count (the
+    # data/feedback version in medloop.data.feedback names every one).
     return {"medloop.data.clinician_labels": str(len(learned)),
-            "medloop.data.clinician_label_batches": ",".join(batches)}
+            "medloop.data.clinician_label_batches": ",".join(batches[-MAX_NAMED_BATCHES:]),
+            "medloop.data.clinician_label_batch_count": str(len(batches))}
 
 
 ENVIRONMENT_PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "pandas", "scikit-learn", "pillow",

@@ -120,9 +120,9 @@ def test_first_model_a_better_one_a_worse_one_then_override_and_rollback(tmp_pat
 
     state = testset.current(layout)
     assert (state["status"], state["version"]) == ("frozen", 1)
-    held = max(state["cases"].values())
-    with pytest.raises(ConfigError, match=f"already holds up to {held} cases of a class"):
-        testset.extend(load(layout), layout, cases_per_class=held, items=None, reason="more", actor="dr.lee")
+    held = min(state["cases"].values())
+    with pytest.raises(ConfigError, match=f"already holds at least {held} cases of every class and {state['items']} items"):
+        testset.extend(load(layout), layout, cases_per_class=held, items=state["items"], reason="more", actor="dr.lee")
     message = testset.extend(load(layout), layout, cases_per_class=held + 10, items=None,
                              reason="the ethics board asks for a tighter interval", actor="dr.lee")
     assert message.endswith(f"{held + 10} cases of each class (by dr.lee): the ethics board asks for a tighter interval")

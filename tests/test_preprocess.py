@@ -123,6 +123,9 @@ def test_a_small_test_set_grows_with_new_patients_then_freezes_and_versions(tmp_
     assert (again["status"], again["version"]) == ("growing", 1)
     assert preprocess.describe_test_set(again).startswith("growing: ")
     assert f"of {raised['cases_per_class']} " in preprocess.describe_test_set(again)
+    # The extension reverted before any patient joined: the same members are still version 1.
+    back = preprocess.test_set_state(frozen, state["cases"], minimum, again)
+    assert (back["status"], back["version"]) == ("frozen", 1)
 
 
 def test_tabular_scaler_is_fitted_on_train_only(tmp_path):
