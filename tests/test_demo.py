@@ -38,6 +38,7 @@ def test_the_demo_closes_the_loop(tmp_path):
     assert int(final["version"]) >= 2, final["promotion"]
     learned = final["learned_from"]
     assert learned["clinician_labels"] > 0 and learned["clinician_label_batches"], learned
+    assert learned["clinician_label_batch_count"] == len(learned["clinician_label_batches"]) == 1  # one clinic day
     assert f"v{final['version']} learned from: data/raw" in out
     assert f"{learned['clinician_labels']} clinician-confirmed labels" in out
     assert "live, v1:" in out and "confirmed by clinicians; agreement" in out
