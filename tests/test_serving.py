@@ -123,8 +123,9 @@ def test_predict_feedback_adjudication_and_reload(served_workspace):
         wrong_type = client.post("/predict", json={"instances": [{next(iter(instance(layout))): "high"}]},
                                  headers=bearer(tokens["clinician"]))
         assert wrong_type.status_code == 422 and "must be a number" in wrong_type.json()["detail"]
-        assert client.post("/predict", json={"instances": [instance(layout)] * 65},
-                           headers=bearer(tokens["clinician"])).status_code == 413
+        too_many = client.post("/predict", json={"instances": [instance(layout)] * 65},
+                               headers=bearer(tokens["clinician"]))
+        assert too_many.status_code == 422 and too_many.json()["detail"] == "65 inputs in one request; at most 64"
 
         # Feedback: stored once per idempotency key; the reviewer is the caller.
         label = load(layout).model.classes[1]
