@@ -8,7 +8,7 @@ BENCH_SALT = "benchmark-salt-not-secret-0123456789"
 
 def child_env() -> dict[str, str]:
     """medloop's tool environment (this interpreter first on PATH), quiet, with a salt."""
-    from pipelines.versioning import tool_env
+    from pipelines.ops.versioning import tool_env
 
     env = tool_env()
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"

@@ -159,7 +159,7 @@ def tabular_params(csv_path: Path, out: Path) -> dict:
 
 
 def make_workspace(folder: Path, params: dict) -> Path:
-    from pipelines.scaffold import create_workspace
+    from pipelines.ops.scaffold import create_workspace
 
     params_file = folder.parent / f"{folder.name}-params.yaml"
     params_file.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,7 @@ def write_tabular_csv(rows: int, path: Path, seed: int = 2024) -> dict:
     import pandas as pd
 
     from pipelines.config import BreastCancerSource
-    from pipelines.sources.breast_cancer import BreastCancerReader
+    from pipelines.data.sources.breast_cancer import BreastCancerReader
 
     base = BreastCancerReader(BreastCancerSource(kind="builtin_breast_cancer", seed=11, nights=1)).full_table()
     identifier_columns = ["patient_name", "mrn", "birth_date", "phone", "email", "address", "exam_date", "age", "site"]

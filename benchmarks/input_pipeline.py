@@ -3,7 +3,7 @@
     python benchmarks/input_pipeline.py [--images 2000] [--epochs 3] [--out benchmarks/out/input_pipeline]
 
 Set-up (not timed as throughput): ``--images`` synthetic 256x256 chest radiographs
-(`pipelines.sources.synthetic_cxr.render_radiograph`, ~45% pneumonia) are written as PNG files
+(`pipelines.data.sources.synthetic_cxr.render_radiograph`, ~45% pneumonia) are written as PNG files
 into class folders ``train/NORMAL`` and ``train/PNEUMONIA``; a medloop workspace with an
 ``image_folder`` source pointing there is taken through the real collect, clean and preprocess
 stages (150x150, 3 channels: the default profile), which write the TFRecord shards. The images
@@ -12,9 +12,9 @@ pipeline below reads exactly the same training images.
 
 Measured, each in its own fresh process (tf.data's determinism switch is process-wide), batch
 size 32, images 150x150x3, the same augmentation (rotation 5 degrees, zoom 0.1, contrast 0.1;
-the Keras layers of `pipelines.inputs.augmentation_layers`):
+the Keras layers of `pipelines.data.inputs.augmentation_layers`):
 
-(a) medloop: ``pipelines.inputs.image_dataset(..., training=True)``, as training runs it
+(a) medloop: ``pipelines.data.inputs.image_dataset(..., training=True)``, as training runs it
     (``train.deterministic: true``: op determinism on), and once more with determinism off;
 (b) ``keras.utils.image_dataset_from_directory`` + the augmentation layers in a parallel
     ``map`` + ``prefetch``, as in the Keras image-classification tutorial;
@@ -65,7 +65,7 @@ def _render(job: tuple[int, bool, str]) -> None:
     import numpy as np
     from PIL import Image
 
-    from pipelines.sources.synthetic_cxr import render_radiograph
+    from pipelines.data.sources.synthetic_cxr import render_radiograph
 
     seed, pneumonia, path = job
     pixels = render_radiograph(np.random.default_rng(seed), 256, pneumonia)
@@ -89,7 +89,7 @@ def write_folder(folder: Path, images: int) -> dict:
 
 
 def make_workspace(out: Path, folder: Path):
-    from pipelines.scaffold import create_workspace
+    from pipelines.ops.scaffold import create_workspace
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = copy.deepcopy(params)
@@ -154,13 +154,13 @@ def measure(case: str, workspace: Path, baseline: Path, epochs: int) -> dict:
 
     def make_data():
         if case.startswith("medloop"):
-            from pipelines import inputs
+            from pipelines.data import inputs
 
             return inputs.image_dataset(layout, "train", params, training=True)
         if case == "image_dataset_from_directory":
             import keras
 
-            from pipelines.inputs import augmentation_layers
+            from pipelines.data.inputs import augmentation_layers
 
             augment = keras.Sequential(augmentation_layers(params.train.augmentation, SEED))
             dataset = keras.utils.image_dataset_from_directory(

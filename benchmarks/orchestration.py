@@ -72,7 +72,7 @@ def _start_prefect(workdir: Path):
 
 def _measure(workdir: Path, profile: Path, images_per_night: int) -> list[dict]:
     from flows.retrain import retrain
-    from pipelines.scaffold import create_workspace
+    from pipelines.ops.scaffold import create_workspace
 
     params = yaml.safe_load(profile.read_text())
     # One night of data only, so that the second run finds nothing new.

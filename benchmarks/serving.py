@@ -148,7 +148,7 @@ def champion(workspace: Path, env: dict[str, str]) -> dict[str, str]:
         "import json, sys\n"
         "from mlflow import MlflowClient\n"
         "from pipelines.config import load_params\n"
-        "from pipelines.tracking import configure, tracking_uri\n"
+        "from pipelines.registry.tracking import configure, tracking_uri\n"
         "from pipelines.workspace import Layout\n"
         "layout = Layout.at(sys.argv[1]); params = load_params(layout.params_file); configure(params, layout)\n"
         "version = MlflowClient().get_model_version_by_alias(params.model.name, 'champion')\n"
@@ -164,7 +164,7 @@ def inputs(kind: str, workspace: Path, count: int = 64) -> list[dict]:
 
     params = load_params(workspace / "params.yaml")
     if kind == "image":
-        from pipelines.sources.synthetic_cxr import SyntheticCxrSourceReader
+        from pipelines.data.sources.synthetic_cxr import SyntheticCxrSourceReader
 
         # Night 2's studies: never collected, so never seen in training (the service scores them
         # as it would tomorrow's uploads).
@@ -172,7 +172,7 @@ def inputs(kind: str, workspace: Path, count: int = 64) -> list[dict]:
         items = SyntheticCxrSourceReader(source).night_items(2)[:count]
         encoded = [base64.b64encode(item.read()).decode() for item in items]
         return [{"medloop": {"images": [text]}, "mlflow": {"dataframe_records": [{"image": text}]}} for text in encoded]
-    from pipelines.sources.breast_cancer import BreastCancerReader
+    from pipelines.data.sources.breast_cancer import BreastCancerReader
 
     features = list(params.tabular.features)
     table = BreastCancerReader(params.source).full_table().tail(count)

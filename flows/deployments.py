@@ -17,8 +17,8 @@ from typing import Any
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError
-from pipelines.scaffold import project_root
-from pipelines.versioning import tool_env
+from pipelines.ops.scaffold import project_root
+from pipelines.ops.versioning import tool_env
 from pipelines.workspace import Layout
 
 FLOW_NAME = "retrain"

@@ -1,13 +1,13 @@
 """The retraining policy check (Prefect deployment on ``retrain_policy.check_cron``): starts the
 retrain deployment outside the nightly schedule when enough confirmed labels wait or the
 champion's inputs drift, outside the cooldown; the reason is the retrain run's ``reason``
-parameter. See ``pipelines.policy`` for the rules."""
+parameter. See ``pipelines.monitoring.policy`` for the rules."""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from pipelines import policy
+from pipelines.monitoring import policy
 from pipelines.config import load_params
 from pipelines.workspace import Layout
 from tasks.policy import decide_task, drift_task, start_retrain_task

@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 
 from prefect import flow
 
-from pipelines import report
+from pipelines.ops import report
 from pipelines.config import load_params
-from pipelines.lineage import git_tag_name
+from pipelines.registry.lineage import git_tag_name
 from pipelines.workspace import Layout, exclusive, read_json
 from tasks import progress
 from tasks.data import DATA_STAGES, collect_task, stage_task

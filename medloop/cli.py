@@ -39,7 +39,7 @@ def init(
     params: Optional[str] = typer.Option(None, "--params", help="params file, or a shipped profile by name (breast_cancer)."),
 ) -> None:
     """Create a workspace (git + DVC, params.yaml, dvc.yaml, stage code, DVC remote)."""
-    from pipelines.scaffold import create_workspace
+    from pipelines.ops.scaffold import create_workspace
 
     layout = create_workspace(folder, params)
     _console().print(f"[green]workspace ready[/] at {layout.root}")
@@ -53,7 +53,7 @@ def collect(
     """Collect new items from the configured source into data/raw (de-identified, dvc add)."""
     from pipelines import collect as collect_stage
     from pipelines.config import load_params
-    from pipelines.logs import setup_logging
+    from pipelines.ops.logs import setup_logging
     from pipelines.workspace import Layout
 
     layout = Layout.at(workspace).require()
@@ -68,7 +68,7 @@ def repro(
     workspace: Path = WorkspaceOption,
 ) -> None:
     """Run `dvc repro` for a data stage in the workspace."""
-    from pipelines.versioning import repro as dvc_repro
+    from pipelines.ops.versioning import repro as dvc_repro
     from pipelines.workspace import Layout
 
     ran = dvc_repro(Layout.at(workspace).require(), stage)
@@ -156,12 +156,12 @@ def policy(
     _quiet_prefect()
     import json
 
-    from pipelines import policy as retrain_policy
+    from pipelines.monitoring import policy as retrain_policy
     from pipelines.config import load_params
 
     layout = _layout(workspace)
     if check_only:
-        from pipelines import drift
+        from pipelines.monitoring import drift
 
         params = load_params(layout.params_file)
         report = drift.champion_report(params, layout) if params.retrain_policy.on_drift else None
@@ -183,10 +183,10 @@ def policy(
 @app.command()
 def status(workspace: Path = WorkspaceOption) -> None:
     """The champion, the last runs, and the next scheduled run."""
-    from pipelines import report
+    from pipelines.ops import report
     from pipelines.config import load_params
     from pipelines.errors import MedloopError
-    from pipelines.lineage import LineageError, version_lineage
+    from pipelines.registry.lineage import LineageError, version_lineage
 
     from medloop import views
 
@@ -249,7 +249,7 @@ def worker(workspace: Path = WorkspaceOption) -> None:
     _quiet_prefect()
     from flows.deployments import api_url, worker_command
     from pipelines.config import load_params
-    from pipelines.versioning import tool_env
+    from pipelines.ops.versioning import tool_env
 
     layout = _layout(workspace)
     api_url()
@@ -288,7 +288,7 @@ def lineage(
     """What a model version was made from: commit, data versions, params, gates, runs, promotion."""
     import json
 
-    from pipelines.lineage import version_lineage
+    from pipelines.registry.lineage import version_lineage
 
     from medloop import views
 
@@ -359,7 +359,7 @@ app.add_typer(testset_app, name="testset")
 @testset_app.command("show")
 def testset_show(workspace: Path = WorkspaceOption) -> None:
     """Whether the test set is still growing or frozen (which version), and its size."""
-    from pipelines import testset
+    from pipelines.data import testset
     from pipelines.config import load_params
 
     layout = _layout(workspace)
@@ -378,7 +378,7 @@ def testset_extend(
     The next run adds new patients to it; nothing is promoted until it is frozen again as the
     next version, and the champion is re-scored on it before any comparison."""
     from pipelines import promote as promotion
-    from pipelines import testset
+    from pipelines.data import testset
     from pipelines.config import load_params
 
     layout = _layout(workspace)
@@ -419,7 +419,7 @@ def demo(
     the champion served on 127.0.0.1; simulated clinicians predict, confirm, correct and
     disagree through the HTTP API, a reviewer adjudicates; the next night learns from them."""
     os.environ.setdefault("MEDLOOP_DEID_SALT", "demo-salt-not-a-secret-0123456789")
-    from pipelines.scaffold import create_workspace
+    from pipelines.ops.scaffold import create_workspace
 
     console = _console()
     layout = create_workspace(workspace, params)
@@ -455,7 +455,7 @@ def _demo_clinic(layout):
     through its HTTP API, and stop it."""
     import socket
 
-    from pipelines import clinicians
+    from pipelines.ops import clinicians
     from pipelines.config import load_params
     from serving.auth import add_token, load_entries
 
@@ -508,7 +508,7 @@ def _run_retrain(layout, reason: str = "started by hand (medloop run)") -> dict:
 
 
 def _print_summary(summary: dict) -> None:
-    from pipelines.report import headline
+    from pipelines.ops.report import headline
 
     from medloop import views
 
@@ -527,7 +527,7 @@ def _print_summary(summary: dict) -> None:
 def _demo_summary(layout, day=None) -> None:
     from pipelines import promote
     from pipelines.config import load_params
-    from pipelines.lineage import version_lineage
+    from pipelines.registry.lineage import version_lineage
 
     from medloop import views
 
@@ -578,7 +578,7 @@ def _logs_to_workspace(layout):
     sees the live view and one paragraph of error (``main``)."""
     import logging
 
-    from pipelines.logs import FORMAT
+    from pipelines.ops.logs import FORMAT
 
     layout.logs.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(layout.logs / "medloop.log")

@@ -13,8 +13,8 @@ from typing import Any
 
 from pipelines.config import load_params
 from pipelines.errors import MedloopError
-from pipelines.tracking import artifact_location, tracking_uri
-from pipelines.versioning import tool_env
+from pipelines.registry.tracking import artifact_location, tracking_uri
+from pipelines.ops.versioning import tool_env
 from pipelines.workspace import Layout
 
 STARTUP_SECONDS = 120

@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipelines.report import fmt as _fmt
+from pipelines.ops.report import fmt as _fmt
 
 STEPS = ("feedback", "collect", "clean", "validate", "preprocess", "train", "evaluate", "promote", "deploy", "publish")
 MARKS = {"waiting": "[dim]·[/]", "running": "[yellow]…[/]", "done": "[green]✓[/]",

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines import manifest
+from pipelines.data import manifest
 from pipelines.config import ImageCleanSpec, Params
 from pipelines.errors import MedloopError
 from pipelines.stage import stage_main
@@ -238,7 +238,7 @@ def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> p
 
 def _clean_one_image(job: tuple) -> dict:
     """Decode, check and convert one stored image (runs in a worker process)."""
-    from pipelines.images import ImageProblem, decode_image, encode_png, intensity_stats
+    from pipelines.data.images import ImageProblem, decode_image, encode_png, intensity_stats
 
     path, images_dir, digest, channels, min_side, max_pixels, dicom_header = job
     try:

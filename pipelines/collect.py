@@ -31,13 +31,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines import manifest
+from pipelines.data import manifest
 from pipelines.config import DEFAULT_PARAMS_FILE, Params, load_params
 from pipelines.deid.keys import content_hash, keyed_hash, load_salt, pseudonym
 from pipelines.errors import DeidentificationError, MedloopError
-from pipelines.sources import open_source
-from pipelines.sources.base import ItemUnavailable, SourceState
-from pipelines.versioning import track
+from pipelines.data.sources import open_source
+from pipelines.data.sources.base import ItemUnavailable, SourceState
+from pipelines.ops.versioning import track
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.collect")
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=DEFAULT_PARAMS_FILE)
     parser.add_argument("--night", type=int, default=None)
     args = parser.parse_args(argv)
-    from pipelines.logs import setup_logging
+    from pipelines.ops.logs import setup_logging
 
     layout = Layout.at(".")
     setup_logging(layout)

@@ -397,7 +397,7 @@ class TrainSpec(Strict):
     default chest X-ray CNN: batch norm, global pooling) or ``mlp`` (tabular).
     ``mixed_precision``: ``auto`` uses float16 compute on a GPU and float32 on a CPU.
     ``calibration``: the post-hoc calibration fitted on the validation split after training
-    (`pipelines.calibration`): ``temperature``, ``platt``, ``isotonic`` or ``none``.
+    (`pipelines.model.calibration`): ``temperature``, ``platt``, ``isotonic`` or ``none``.
     """
 
     architecture: Literal["seed_cnn", "cxr_small", "mlp"]

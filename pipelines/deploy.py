@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pipelines.config import Params
 from pipelines.errors import MedloopError
 from pipelines.promote import CHAMPION, version_with_alias, append_history, now_iso, is_registered
-from pipelines.tracking import FLOW_RUN_ENV, configure
+from pipelines.registry.tracking import FLOW_RUN_ENV, configure
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.deploy")

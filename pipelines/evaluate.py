@@ -2,13 +2,13 @@
 validation.
 
 - Every probability is CALIBRATED by the calibrator the train stage fitted on validation
-  (``models/train.json`` ``calibration``, `pipelines.calibration`), as the served model's are:
+  (``models/train.json`` ``calibration``, `pipelines.model.calibration`), as the served model's are:
   the threshold, every metric, the plots and the explanations use calibrated probabilities.
   The ECE and Brier score before and after calibration, on validation and test, are reported
   (``calibration`` in metrics.json, the model card), with a reliability diagram of both.
 - The operating threshold is chosen on the VALIDATION split, never on the test set: the highest
   threshold whose validation sensitivity for ``model.positive_class`` reaches
-  ``evaluate.target_sensitivity`` on calibrated scores (see `pipelines.metrics.operating_threshold`). It is rounded
+  ``evaluate.target_sensitivity`` on calibrated scores (see `pipelines.model.metrics.operating_threshold`). It is rounded
   down to 6 decimals, so the value written to metrics.json is exactly the one applied.
 - On the frozen test set: AUROC, AUPRC, sensitivity, specificity, PPV, NPV, F1, accuracy, Brier
   score and expected calibration error at that threshold, 95% intervals (AUROC: bootstrap over
@@ -43,15 +43,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines import metrics as clinical
-from pipelines import model_card
-from pipelines.calibration import Calibrator, calibrator_of
+from pipelines.model import metrics as clinical
+from pipelines.model import card as model_card
+from pipelines.model.calibration import Calibrator, calibrator_of
 from pipelines.config import Params
 from pipelines.errors import MedloopError
-from pipelines.gradcam import gradcam, overlay
+from pipelines.model.gradcam import gradcam, overlay
 from pipelines.stage import stage_main
-from pipelines.inputs import processed_summary
-from pipelines.tracking import configure, display_uri, dumps, lineage
+from pipelines.data.inputs import processed_summary
+from pipelines.registry.tracking import configure, display_uri, dumps, lineage
 from pipelines.workspace import Layout, read_json
 
 log = logging.getLogger("medloop.evaluate")
@@ -253,12 +253,14 @@ def rescore_registered(params: Params, layout: Layout, model_uri: str) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.tracking import configure
+    from pipelines.registry.tracking import configure
 
     configure(params, layout)
     name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
     registered = MlflowClient().get_model_version(name, version)
-    python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    from pipelines.model import pyfunc
+
+    python_model = pyfunc.load(model_uri).unwrap_python_model()
     model, calibrator = python_model.model, calibrator_of(python_model)
     summary = processed_summary(layout)
     n_classes = len(params.model.classes)

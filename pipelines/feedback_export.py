@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 
 from pipelines.config import Params
-from pipelines.manifest import new_batch_id
+from pipelines.data.manifest import new_batch_id
 from pipelines.store.feedback import FeedbackStore
-from pipelines.versioning import track
+from pipelines.ops.versioning import track
 from pipelines.workspace import Layout, database_url
 
 log = logging.getLogger("medloop.feedback")

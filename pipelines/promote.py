@@ -1,7 +1,7 @@
 """Promote (a task, not a DVC stage: it changes the model registry): bless a model or refuse it.
 
 The candidate is the run named by ``models/train.json``, judged on ``reports/metrics.json``
-(the frozen test set) by `pipelines.gates.evaluate_gates`, against the clinical floors and the
+(the frozen test set) by `pipelines.registry.gates.evaluate_gates`, against the clinical floors and the
 current champion.
 
 - Passed: the run's logged model is registered as a new version of ``model.name``; the decision,
@@ -19,7 +19,7 @@ history, a JSON list kept as tags of the registered model (see `history`).
 Champions are compared on the candidate's frozen test set: the metrics recorded on the champion's
 version are used when they were measured on the same set, with the champion's per-case results
 from the metrics.json logged with its run (sensitivity and specificity are judged on the paired
-difference, case by case; see `pipelines.gates`). When they were measured on another set, or the
+difference, case by case; see `pipelines.registry.gates`). When they were measured on another set, or the
 per-case results are missing, a ``rescore`` callable (model URI -> metrics.json dict on the
 current frozen test set) re-scores the champion; without one the ``same_frozen_test_set`` or the
 paired gates fail and say so.
@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pipelines.config import Params
 from pipelines.errors import GateError, MedloopError
-from pipelines.gates import Decision, evaluate_gates
+from pipelines.registry.gates import Decision, evaluate_gates
 from pipelines.stage import stage_main
-from pipelines.tracking import configure, display_uri
+from pipelines.registry.tracking import configure, display_uri
 from pipelines.workspace import Layout, read_json
 
 if TYPE_CHECKING:

@@ -29,9 +29,9 @@ from typing import Any
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError, WorkspaceError
-from pipelines.lineage import version_lineage
-from pipelines.tracking import environment_facts
-from pipelines.versioning import dvc, git, repro
+from pipelines.registry.lineage import version_lineage
+from pipelines.registry.tracking import environment_facts
+from pipelines.ops.versioning import dvc, git, repro
 from pipelines.workspace import Layout, read_json
 
 log = logging.getLogger("medloop.reproduce")
@@ -223,8 +223,8 @@ def _version_at(params: Params, layout: Layout, commit: str, rev: str) -> str:
     """The registered version whose recorded commit is ``commit``."""
     from mlflow import MlflowClient
 
-    from pipelines.lineage import COMMIT_TAG
-    from pipelines.tracking import configure
+    from pipelines.registry.lineage import COMMIT_TAG
+    from pipelines.registry.tracking import configure
 
     configure(params, layout)
     versions = MlflowClient().search_model_versions(f"name = '{params.model.name}'")
@@ -239,7 +239,7 @@ def _registered_metrics(params: Params, layout: Layout, version: str) -> dict:
     from mlflow import MlflowClient
 
     from pipelines.promote import METRICS_TAG
-    from pipelines.tracking import configure
+    from pipelines.registry.tracking import configure
 
     configure(params, layout)
     recorded = MlflowClient().get_model_version(params.model.name, version).tags.get(METRICS_TAG)

@@ -8,7 +8,7 @@ from typing import Callable, TypeVar
 
 from pipelines.config import DEFAULT_PARAMS_FILE, Params, load_params
 from pipelines.errors import MedloopError
-from pipelines.logs import setup_logging
+from pipelines.ops.logs import setup_logging
 from pipelines.workspace import Layout
 
 Result = TypeVar("Result")

@@ -2,7 +2,7 @@
 
 - Reproducible: with ``train.deterministic`` the seeds are fixed and TensorFlow's ops are made
   deterministic, so the same data and params give the same weights on a CPU (compare
-  ``weights_sha256``). The input pipeline's augmentation is seeded per batch (`pipelines.inputs`).
+  ``weights_sha256``). The input pipeline's augmentation is seeded per batch (`pipelines.data.inputs`).
 - Fast where it can be: float16 compute (``mixed_float16``) when a GPU is visible and
   ``train.mixed_precision`` allows it, and a ``MirroredStrategy`` over every visible GPU.
 - Clinically judged: early stopping on the validation AUROC of the positive class (computed
@@ -10,11 +10,11 @@
   from the training split, so the rarer finding is not ignored.
 - Tracked: one MLflow run per training with the flattened params, per-epoch metrics, lineage
   tags, device facts, the training and validation sets as dataset inputs, and a pyfunc model
-  that takes raw input (`pipelines.pyfunc_model`) and carries its own drift reference
-  (`pipelines.drift_reference`: a seeded sample of the training inputs, and the validation
+  that takes raw input (`pipelines.model.pyfunc`) and carries its own drift reference
+  (`pipelines.monitoring.reference`: a seeded sample of the training inputs, and the validation
   split's predicted probabilities), made after the weights are saved so it never changes them.
 - Calibrated: after training, a post-hoc calibrator (``train.calibration``, temperature scaling
-  by default; `pipelines.calibration`) is fitted on the validation split's predictions. It is
+  by default; `pipelines.model.calibration`) is fitted on the validation split's predictions. It is
   part of the model: stored in ``train.json`` (``calibration``) for evaluate and in the pyfunc
   (artifact ``calibration.json``) for serving, and the drift reference's predictions are
   calibrated. It never touches the weights.
@@ -37,10 +37,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines import calibration, inputs, tracking
+from pipelines.model import calibration
+from pipelines.data import inputs
+from pipelines.registry import tracking
 from pipelines.config import Params
 from pipelines.errors import MedloopError, mask_credentials
-from pipelines.models import build_model, class_probabilities, parameter_count, weights_digest
+from pipelines.model.architectures import build_model, class_probabilities, parameter_count, weights_digest
 from pipelines.stage import stage_main
 from pipelines.workspace import Layout
 
@@ -124,8 +126,8 @@ def run(params: Params, layout: Layout) -> TrainResult:
                 mlflow.log_metric("calibration_temperature", calibrator.temperature)
             log.info("train: calibration %s, fitted on %d validation items", calibrator.describe(),
                      calibrator.fitted_on["n"])
-            from pipelines.drift_reference import build_reference
-            from pipelines.pyfunc_model import log_pyfunc
+            from pipelines.monitoring.reference import build_reference
+            from pipelines.model.pyfunc import log_pyfunc
 
             reference = build_reference(params, layout, model, calibrator)
             model_info = log_pyfunc(params, layout, _input_example(params, layout, summary), reference,

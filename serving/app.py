@@ -18,7 +18,7 @@
 - ``GET /monitoring`` (reviewer role): live sensitivity, specificity and agreement per served
   version from confirmed labels, and beside each version the shadow candidate's figures on the
   same cases; ``drift``: the served version's input and prediction drift against its training
-  reference (`pipelines.drift`). The shadow candidate (``serving.shadow``) scores every input off the response
+  reference (`pipelines.monitoring.drift`). The shadow candidate (``serving.shadow``) scores every input off the response
   path; its answers are stored, never returned (`serving.shadow`).
 - ``GET /healthz``, ``GET /readyz`` (a model is loaded; also the shadow candidate, loaded or
   its load error), ``GET /metrics`` (Prometheus).
@@ -453,8 +453,8 @@ def _record(store: Any, served: Served, answers: list[dict], requested_by: str, 
 
 def _drift(served: Served | None, params: Params, store_url: str) -> dict | None:
     """The served version's input and prediction drift against the reference it carries
-    (`pipelines.drift`); None when nothing is served or the version carries no reference."""
-    from pipelines import drift
+    (`pipelines.monitoring.drift`); None when nothing is served or the version carries no reference."""
+    from pipelines.monitoring import drift
 
     reference = getattr(served.model.unwrap_python_model(), "drift_reference", None) if served else None
     if not reference:

@@ -155,7 +155,7 @@ class ModelManager:
         from mlflow import MlflowClient
 
         from pipelines.promote import CHAMPION
-        from pipelines.tracking import configure
+        from pipelines.registry.tracking import configure
 
         configure(self.params, self.layout)
         version = MlflowClient().get_model_version_by_alias(self.params.model.name, CHAMPION)
@@ -217,7 +217,7 @@ class ModelManager:
     def _version_tags(self, version: str) -> dict[str, str]:
         from mlflow import MlflowClient
 
-        from pipelines.tracking import configure
+        from pipelines.registry.tracking import configure
 
         configure(self.params, self.layout)
         return dict(MlflowClient().get_model_version(self.params.model.name, version).tags)
@@ -229,7 +229,7 @@ class ModelManager:
 
         from pipelines.evaluate import MLFLOW_ARTIFACT_PATH
         from pipelines.promote import get_run, logged_model
-        from pipelines.tracking import configure
+        from pipelines.registry.tracking import configure
 
         configure(self.params, self.layout)
         client = MlflowClient()
@@ -246,10 +246,10 @@ class ModelManager:
         self._fetch(source, rule, folder)
 
     def _load(self, version: str, folder: Path) -> Served:
-        import mlflow
+        from pipelines.model import pyfunc
 
         rule = json.loads((folder / "medloop.json").read_text())
-        model = mlflow.pyfunc.load_model(str(folder / "model"))
+        model = pyfunc.load(str(folder / "model"))
         return Served(rule["name"], str(version), model, list(rule["classes"]), rule["positive_class"],
                       float(rule["operating_threshold"]))
 

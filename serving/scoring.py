@@ -7,7 +7,7 @@
    caller) are kept as rows and hashed.
 2. `probabilities` (per batch, one worker thread): the prepared inputs of one or more requests
    for ONE served version, run through the Keras model in one call, calibrated by the calibrator
-   the model carries (`pipelines.calibration.calibrator_of`, the pyfunc's own), split back per
+   the model carries (`pipelines.model.calibration.calibrator_of`, the pyfunc's own), split back per
    request.
    Feature rows are scaled here, a whole batch at once, by `scaled_features` (the pyfunc's
    scaling, bit for bit).
@@ -19,7 +19,7 @@ more than the model itself. The Keras model sums a batch's rows in whatever orde
 pick for that batch size, so a probability may differ from the same input's probability in
 another batch by a float32 rounding step (about 1e-7).
 
-`explain_gradcam` adds a Grad-CAM heat map per image (`pipelines.gradcam`), outside any batch,
+`explain_gradcam` adds a Grad-CAM heat map per image (`pipelines.model.gradcam`), outside any batch,
 for the class decided on the calibrated probabilities.
 """
 
@@ -85,8 +85,8 @@ def prepare(served: Served, inputs: list[Any], params: Params, salt: bytes, inpu
     from pipelines.collect import EXTENSIONS, deidentify_image
     from pipelines.deid.keys import content_hash, keyed_hash
     from pipelines.errors import DeidentificationError
-    from pipelines.images import ImageProblem, dicom_header_refusal
-    from pipelines.pyfunc_model import IMAGE_COLUMN
+    from pipelines.data.images import ImageProblem, dicom_header_refusal
+    from pipelines.model.pyfunc import IMAGE_COLUMN
 
     python_model = pyfunc_of(served)
     pixels, metadata, hashes = [], [], []
@@ -126,12 +126,12 @@ def probabilities(served: Served, model_inputs: list[Any]) -> list[Scored]:
 
     For an image model that carries a drift reference, the same call also gives the penultimate
     embedding (`MedloopPyfunc.embed_and_score`), and each input's drift summary (intensity
-    statistics and embedding components, `pipelines.drift.summarize_inputs`) rides along as
+    statistics and embedding components, `pipelines.monitoring.drift.summarize_inputs`) rides along as
     ``drift``. Table inputs need none: drift is computed on the stored feature values.
     """
-    from pipelines.drift import summarize_inputs
-    from pipelines.models import class_columns
-    from pipelines.calibration import calibrator_of
+    from pipelines.monitoring.drift import summarize_inputs
+    from pipelines.model.architectures import class_columns
+    from pipelines.model.calibration import calibrator_of
 
     python_model = pyfunc_of(served)
     sizes = np.cumsum([len(part) for part in model_inputs])[:-1]
@@ -156,7 +156,7 @@ def probabilities(served: Served, model_inputs: list[Any]) -> list[Scored]:
 
 def scaled_features(scaler: dict, rows: list[dict]) -> np.ndarray:
     """Feature rows as the pyfunc's `MedloopPyfunc.prepare` makes them
-    (`pipelines.pyfunc_model.scale_features`: missing values imputed with the training median,
+    (`pipelines.model.pyfunc.scale_features`: missing values imputed with the training median,
     then standardised with the training mean and standard deviation, in float64, then float32),
     done in NumPy with the same arithmetic in the same order, so the result is the same to the
     bit (tested). pandas spends about 20 ms on it per call, column by column, whatever the
@@ -211,7 +211,7 @@ def explain_gradcam(served: Served, prepared: Prepared) -> tuple[np.ndarray, lis
     Raises:
         HTTPException: 422 when the model has no convolutional layer to explain with.
     """
-    from pipelines.gradcam import gradcam, overlay_png
+    from pipelines.model.gradcam import gradcam, overlay_png
 
     [scored] = probabilities(served, [prepared.model_input])
     decided = [served.decide({label: round(float(p), DECIMALS) for label, p in zip(served.classes, row)})

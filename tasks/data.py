@@ -10,8 +10,8 @@ from prefect.logging import get_run_logger
 
 from pipelines import collect
 from pipelines.config import load_params
-from pipelines.tracking import FLOW_RUN_ENV
-from pipelines.versioning import commit, repro
+from pipelines.registry.tracking import FLOW_RUN_ENV
+from pipelines.ops.versioning import commit, repro
 from pipelines.workspace import Layout
 from tasks import progress
 

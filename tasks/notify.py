@@ -50,7 +50,7 @@ def notify(params_file: str, title: str, body: str, *, failure: bool = True) -> 
 def on_retrain_failure(flow: Any, flow_run: Any, state: Any) -> None:
     """Prefect hook (failed or crashed retrain run): log the reason, notify, record it in the
     workspace's run log so ``medloop status`` shows it."""
-    from pipelines import report
+    from pipelines.ops import report
 
     params_file = str((flow_run.parameters or {}).get("params_file", "params.yaml"))
     reason = _reason(state)

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from pipelines import policy
+from pipelines.monitoring import policy
 from pipelines.config import load_params
 from pipelines.workspace import Layout
 
@@ -15,7 +15,7 @@ from pipelines.workspace import Layout
 @task(name="drift")
 def drift_task(workspace: str) -> Any:
     """The champion's drift report, or None when there is no champion or nothing served yet."""
-    from pipelines import drift
+    from pipelines.monitoring import drift
 
     layout = Layout.at(workspace)
     return drift.champion_report(load_params(layout.params_file), layout)

@@ -39,7 +39,7 @@ def emit(step: str, status: str, **details: Any) -> None:
 
 
 def stage_line(step: str) -> Callable[[str], None]:
-    """A line callback for `pipelines.versioning.repro`: turns ``epoch k/n`` lines into progress."""
+    """A line callback for `pipelines.ops.versioning.repro`: turns ``epoch k/n`` lines into progress."""
 
     def on_line(line: str) -> None:
         match = EPOCH_LINE.search(line)

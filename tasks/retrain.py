@@ -15,10 +15,12 @@ from typing import Any
 from prefect import task
 from prefect.logging import get_run_logger
 
-from pipelines import deploy, lineage, promote, report
+from pipelines import deploy, promote
+from pipelines.registry import lineage
+from pipelines.ops import report
 from pipelines.config import load_params
-from pipelines.tracking import tracking_uri
-from pipelines.versioning import changed, commit, head_commit, push, tag
+from pipelines.registry.tracking import tracking_uri
+from pipelines.ops.versioning import changed, commit, head_commit, push, tag
 from pipelines.workspace import Layout, read_json
 from tasks import progress
 

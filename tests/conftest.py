@@ -60,7 +60,7 @@ def tabular_params(**source) -> dict:
 
 def make_workspace(tmp_path: Path, params: dict, name: str = "ws"):
     """A real workspace (git + DVC) with these params; its DVC remote is a folder in tmp_path."""
-    from pipelines.scaffold import create_workspace
+    from pipelines.ops.scaffold import create_workspace
 
     params = copy.deepcopy(params)
     params["storage"]["dvc_remote"] = str(tmp_path / f"{name}-remote")
@@ -93,7 +93,7 @@ def served_workspace(tmp_path_factory):
         ``{"layout", "tokens": {role: token, "clinician2": token}, "tmp"}``.
     """
     from pipelines import collect, promote
-    from pipelines.versioning import repro
+    from pipelines.ops.versioning import repro
     from serving.auth import add_token
     from test_flow_retrain import passing_params
 

@@ -1,4 +1,4 @@
-"""Post-hoc calibration (`pipelines.calibration`) on synthetic scores whose true probabilities
+"""Post-hoc calibration (`pipelines.model.calibration`) on synthetic scores whose true probabilities
 are known: pure functions, no model."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import tabular_params
-from pipelines import calibration, metrics
-from pipelines.calibration import Calibrator
+from pipelines.model import calibration
+from pipelines.model import metrics
+from pipelines.model.calibration import Calibrator
 from pipelines.config import ConfigError, parse_params
 from pipelines.errors import MedloopError
 
@@ -143,3 +144,21 @@ def test_fit_refuses_what_it_cannot_fit():
         calibration.fit("temperature", np.zeros((0, 2)), [])
     with pytest.raises(MedloopError, match="n labels"):
         calibration.fit("temperature", np.full((3, 2), 0.5), [0, 1])
+
+
+def test_a_calibrator_pickled_under_the_flat_module_names_still_loads():
+    # Versions registered before pipelines/ was grouped by concern pickled their classes as
+    # pipelines.calibration.*; loading them goes through pyfunc.register_flat_module_names.
+    import pickle
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    calibrator = calibration.Calibrator(method="temperature", temperature=1.7)
+    flat = pickle.dumps(calibrator, protocol=0).replace(b"pipelines.model.calibration", b"pipelines.calibration")
+    assert b"pipelines.calibration\n" in flat
+    script = ("import pickle, sys; from pipelines.model import pyfunc; pyfunc.register_flat_module_names(); "
+              "print(pickle.loads(sys.stdin.buffer.read()).apply([[0.3, 0.7]]).round(6).tolist())")
+    loaded = subprocess.run([sys.executable, "-c", script], input=flat, capture_output=True, cwd=ROOT, check=True)
+    assert loaded.stdout.decode().strip() == str(calibrator.apply([[0.3, 0.7]]).round(6).tolist())

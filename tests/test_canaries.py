@@ -114,7 +114,7 @@ def image_folder(root: Path) -> Path:
 
 def run_data_half(layout) -> str:
     """collect, then the DVC stages, as a user would; returns everything they printed."""
-    from pipelines.versioning import tool_env
+    from pipelines.ops.versioning import tool_env
 
     env = tool_env()  # as a user with the virtual environment activated
     collected = subprocess.run(
@@ -205,7 +205,7 @@ def test_canaries_from_s3(tmp_path, s3_bucket, s3_endpoint, monkeypatch):
 
 @pytest.mark.slow
 def test_synthetic_source_fake_identifiers_never_survive(tmp_path):
-    from pipelines.sources.synthetic_cxr import SyntheticCxrSourceReader
+    from pipelines.data.sources.synthetic_cxr import SyntheticCxrSourceReader
 
     params = lenient(image_params())
     layout = make_workspace(tmp_path, params)

@@ -71,7 +71,7 @@ def test_ui_starts_mlflow_and_prefect_on_localhost_and_stops_on_ctrl_c(tmp_path)
     import mlflow
 
     from conftest import load
-    from pipelines.tracking import configure
+    from pipelines.registry.tracking import configure
 
     configure(load(layout), layout)
     mlflow_port, prefect_port = free_port(), free_port()

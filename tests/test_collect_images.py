@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from conftest import image_params, load, make_workspace
-from pipelines import clean, collect, manifest
+from pipelines import clean, collect
+from pipelines.data import manifest
 from tests_support import chest_dicom, pydicom_test_file
 
 MIN_SIDE = 64

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from conftest import load, make_workspace, tabular_params
-from pipelines import clean, collect, manifest
+from pipelines import clean, collect
+from pipelines.data import manifest
 from pipelines.errors import DeidentificationError, SourceError
 from tests_support import POSTGRES_URL, breast_cancer_frame
 

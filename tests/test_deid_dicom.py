@@ -17,7 +17,7 @@ from pipelines.config import SyntheticCxrSource
 from pipelines.deid import keys
 from pipelines.deid.dicom import PROFILE_ACTIONS, DicomDeidResult, deidentify_dicom
 from pipelines.errors import DeidentificationError
-from pipelines.sources.synthetic_cxr import SyntheticCxrSourceReader
+from pipelines.data.sources.synthetic_cxr import SyntheticCxrSourceReader
 
 SALT = b"test-salt-0123456789abcdef-not-secret"
 OTHER_SALT = b"another-salt-0123456789abcdef-xyz"

@@ -17,7 +17,7 @@ from test_flow_retrain import passing_params
 
 @pytest.mark.slow
 def test_the_demo_closes_the_loop(tmp_path):
-    from pipelines.lineage import version_lineage
+    from pipelines.registry.lineage import version_lineage
     from pipelines.workspace import Layout
 
     params = passing_params()

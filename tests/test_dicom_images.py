@@ -1,5 +1,5 @@
 """The right images: DICOM header rules from params, and every transfer syntax a PACS export
-carries decoded through medloop's own path (`pipelines.images.decode_image`).
+carries decoded through medloop's own path (`pipelines.data.images.decode_image`).
 
 The reference files ship inside pydicom (``get_testdata_file(..., download=False)``); a
 compressed file is compared with its uncompressed (or lossless) twin where pydicom ships one.
@@ -30,7 +30,7 @@ from conftest import ROOT, SALT, profile
 from pipelines.config import DicomHeaderSpec, load_params, parse_params
 from pipelines.deid.dicom import deidentify_dicom
 from pipelines.errors import ConfigError
-from pipelines.images import DecodedImage, ImageProblem, check_dicom_header, decode_image
+from pipelines.data.images import DecodedImage, ImageProblem, check_dicom_header, decode_image
 from tests_support import chest_dicom, dicom_file_bytes
 from tests_support import pydicom_test_file as shipped
 
@@ -147,7 +147,7 @@ class TestHeaderRules:
 
     def test_the_synthetic_source_writes_acceptable_headers(self) -> None:
         from pipelines.config import SyntheticCxrSource
-        from pipelines.sources.synthetic_cxr import SyntheticCxrSourceReader
+        from pipelines.data.sources.synthetic_cxr import SyntheticCxrSourceReader
 
         spec = SyntheticCxrSource(kind="synthetic_cxr", seed=5, nights=1, images_per_night=12, patients=6,
                                   image_size=32, pneumonia_fraction=0.5, jpeg_fraction=0.0)

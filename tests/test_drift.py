@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 
 from conftest import image_params, load, tabular_params
-from pipelines import drift, drift_reference, train
+from pipelines import train
+from pipelines.monitoring import drift
+from pipelines.monitoring import reference as drift_reference
 from pipelines.config import parse_params
 from test_train import processed_workspace, shard_pixels
 
@@ -177,7 +179,7 @@ def trained_tabular(tmp_path_factory):
 def logged_pyfunc(layout, params):
     import mlflow
 
-    from pipelines.tracking import tracking_uri
+    from pipelines.registry.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(params, layout))
     record = json.loads(layout.train_json.read_text())

@@ -12,7 +12,7 @@ import yaml
 from conftest import load, make_workspace, tabular_params
 from pipelines import collect
 from pipelines.errors import WorkspaceError
-from pipelines.versioning import StageFailed, commit, dvc, git, push, repro
+from pipelines.ops.versioning import StageFailed, commit, dvc, git, push, repro
 
 
 def ran_stages(layout) -> list[str]:
@@ -40,7 +40,7 @@ def test_stages_cache_and_rerun_only_what_changed(tmp_path):
     assert ran_stages(layout) == ["clean", "validate", "preprocess"]
     lock = yaml.safe_load((layout.root / "dvc.lock").read_text())
     clean_deps = {dep["path"] for dep in lock["stages"]["clean"]["deps"]}
-    assert {"data/raw", "pipelines/clean.py", "pipelines/images.py"} <= clean_deps
+    assert {"data/raw", "pipelines/clean.py", "pipelines/data/images.py"} <= clean_deps
     assert set(lock["stages"]["preprocess"]["params"]["params.yaml"]) >= {"preprocess", "model.classes"}
 
 
@@ -104,7 +104,7 @@ def test_s3_remote_is_one_params_change(tmp_path, s3_bucket, s3_endpoint):
     layout = make_workspace(tmp_path, params)
     params["storage"] = {"dvc_remote": f"s3://{bucket}/dvc", "s3_endpoint_url": s3_endpoint}
     layout.params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    from pipelines.scaffold import create_workspace
+    from pipelines.ops.scaffold import create_workspace
 
     create_workspace(layout.root)  # re-reads params.yaml and points the remote at S3
     collect.run(load(layout), layout)

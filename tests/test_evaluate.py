@@ -15,7 +15,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from conftest import image_params, load, make_workspace, tabular_params
-from pipelines import calibration, clean, collect, evaluate, metrics, preprocess
+from pipelines import clean, collect, evaluate, preprocess
+from pipelines.model import calibration
+from pipelines.model import metrics
 from pipelines.config import parse_params
 from pipelines.errors import MedloopError
 from pipelines.workspace import Layout
@@ -202,7 +204,7 @@ def save_trained(layout: Layout, params, model, summary: dict, model_input: dict
     when given) and an MLflow run."""
     import mlflow
 
-    from pipelines.tracking import configure, tracking_uri
+    from pipelines.registry.tracking import configure, tracking_uri
 
     layout.models.mkdir(parents=True, exist_ok=True)
     model.save(layout.model_file)
@@ -350,7 +352,7 @@ def test_tabular_plots_model_card_and_mlflow(tabular_evaluated):
             f"{calibrated['brier_before']:.3f} | {calibrated['brier_after']:.3f} |") in card
     assert "calibrated probability" in card
 
-    from pipelines.tracking import tracking_uri
+    from pipelines.registry.tracking import tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri(params, layout))
     run = client.get_run(run_id)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pandas as pd
 
 from conftest import image_params, load, make_workspace, tabular_params
-from pipelines import clean, collect, feedback_export, manifest, preprocess, validate
+from pipelines import clean, collect, feedback_export, preprocess, validate
+from pipelines.data import manifest
 from pipelines.store.feedback import FeedbackStore
 from pipelines.workspace import database_url
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import image_params, make_workspace
-from pipelines.versioning import git
+from pipelines.ops.versioning import git
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_nights_then_nothing_new(tmp_path, prefect_server):
 @pytest.mark.slow
 def test_a_failed_gate_fails_the_flow(tmp_path, prefect_server):
     from flows.data_refresh import data_refresh
-    from pipelines.versioning import StageFailed
+    from pipelines.ops.versioning import StageFailed
 
     params = image_params()
     params["validate"]["min_new_items"] = 1000  # no night brings that many

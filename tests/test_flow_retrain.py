@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import free_port, load, make_workspace, tabular_params
-from pipelines.versioning import git
+from pipelines.ops.versioning import git
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def registry(layout):
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.tracking import tracking_uri
+    from pipelines.registry.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(load(layout), layout))
     return MlflowClient()
@@ -93,7 +93,7 @@ def test_promote_then_nothing_changed_then_a_training_param_change(tmp_path, pre
     # Data pushed: every object of this data version is on the remote.
     remote = tmp_path / "ws-remote"
     assert remote.is_dir() and any(p.is_file() for p in remote.rglob("*"))
-    from pipelines.versioning import dvc
+    from pipelines.ops.versioning import dvc
 
     cloud = dvc(layout, "status", "--cloud").stdout
     assert "new:" not in cloud and "missing:" not in cloud, cloud
@@ -154,7 +154,7 @@ def test_promote_then_nothing_changed_then_a_training_param_change(tmp_path, pre
     assert {"train", "evaluate", "promote", "publish", "total"} <= set(retrained["seconds"])
 
     # The run log feeds `medloop status`.
-    from pipelines.report import recent_runs
+    from pipelines.ops.report import recent_runs
 
     outcomes = [run["outcome"] for run in recent_runs(layout, 3)]
     assert outcomes[:2] == [retrained["outcome"], "nothing-changed"]
@@ -201,7 +201,7 @@ def test_a_failed_data_gate_fails_the_run_notifies_and_keeps_the_champion(tmp_pa
     from prefect.states import State
 
     from flows.retrain import retrain
-    from pipelines.report import recent_runs
+    from pipelines.ops.report import recent_runs
 
     params = passing_params()
     layout = make_workspace(tmp_path, params)

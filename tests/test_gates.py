@@ -7,8 +7,8 @@ import copy
 import pytest
 
 from pipelines.config import PromoteSpec
-from pipelines.gates import evaluate_gates
-from pipelines.metrics import case_outcomes
+from pipelines.registry.gates import evaluate_gates
+from pipelines.model.metrics import case_outcomes
 
 SPEC = PromoteSpec(
     min_auroc=0.80, min_sensitivity=0.85, min_specificity=0.50, max_ece=0.15,

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from pipelines.errors import MedloopError
-from pipelines.images import DecodedImage, ImageProblem, decode_image, encode_png, intensity_stats
+from pipelines.data.images import DecodedImage, ImageProblem, decode_image, encode_png, intensity_stats
 from tests_support import dicom_file_bytes, pydicom_test_file
 
 LIMITS = {"min_side": 32, "max_pixels": 50_000_000}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines import metrics
+from pipelines.model import metrics
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import yaml
 
 from conftest import load, make_workspace, tabular_params
 from pipelines import collect, promote
-from pipelines.versioning import repro
+from pipelines.ops.versioning import repro
 
 
 def set_params(layout, **sections) -> None:
@@ -23,7 +23,7 @@ def registry(layout):
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.tracking import tracking_uri
+    from pipelines.registry.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(load(layout), layout))
     return MlflowClient()
@@ -115,7 +115,7 @@ def test_first_model_a_better_one_a_worse_one_then_override_and_rollback(tmp_pat
     # again nothing is promoted, and the champion stays.
     import subprocess
 
-    from pipelines import testset
+    from pipelines.data import testset
     from pipelines.errors import ConfigError
 
     state = testset.current(layout)

@@ -8,7 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 
 from conftest import load, make_workspace, tabular_params
-from pipelines import policy, report
+from pipelines.monitoring import policy
+from pipelines.ops import report
 from pipelines.store.feedback import FeedbackStore
 from pipelines.workspace import database_url
 
@@ -62,7 +63,7 @@ def test_the_cooldown_and_a_nightly_run_due_soon_hold_a_retrain_back(tmp_path):
 def test_drift_starts_a_retrain_only_when_judged_and_only_with_on_drift(tmp_path):
     import numpy as np
 
-    from pipelines import drift
+    from pipelines.monitoring import drift
     from test_drift import NOW, rows, tabular_reference
 
     layout = _workspace(tmp_path, on_drift=True)

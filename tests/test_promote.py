@@ -14,8 +14,8 @@ import pytest
 
 from pipelines import promote
 from pipelines.errors import GateError, MedloopError
-from pipelines.metrics import case_outcomes
-from pipelines.tracking import configure, dumps, lineage, tracking_uri
+from pipelines.model.metrics import case_outcomes
+from pipelines.registry.tracking import configure, dumps, lineage, tracking_uri
 from pipelines.workspace import Layout
 from conftest import load, make_workspace, tabular_params
 

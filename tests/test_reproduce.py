@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import SALT, load, make_workspace
-from pipelines.versioning import commit, git
+from pipelines.ops.versioning import commit, git
 from test_flow_retrain import passing_params
 
 

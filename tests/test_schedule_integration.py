@@ -148,7 +148,7 @@ def test_the_policy_flow_starts_the_retrain_deployment_with_its_reason(tmp_path,
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    from pipelines import policy
+    from pipelines.monitoring import policy
     from test_policy import _confirm, _workspace
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api["url"])

@@ -17,7 +17,7 @@ import yaml
 
 from conftest import SALT, free_port, in_range_instance, load, make_workspace
 from pipelines import collect, promote
-from pipelines.versioning import repro
+from pipelines.ops.versioning import repro
 from tests_support import fresh_postgres_database
 
 
@@ -74,7 +74,7 @@ def champion_version(layout) -> str:
     from mlflow import MlflowClient
 
     from pipelines.promote import CHAMPION
-    from pipelines.tracking import configure
+    from pipelines.registry.tracking import configure
 
     params = load(layout)
     configure(params, layout)
@@ -277,7 +277,7 @@ def test_images_are_de_identified_on_arrival_and_scored(tmp_path):
     from PIL import Image
 
     from pipelines.config import SyntheticCxrSource
-    from pipelines.sources.synthetic_cxr import SyntheticCxrSourceReader
+    from pipelines.data.sources.synthetic_cxr import SyntheticCxrSourceReader
     from serving.auth import add_token
 
     params, layout, result = tiny_cnn_workspace(tmp_path)
@@ -331,8 +331,8 @@ def test_images_are_de_identified_on_arrival_and_scored(tmp_path):
     # comparable with the reference the version carries.
     assert set(kept["drift"]) >= {"intensity_mean", "intensity_std", "embedding_pc1"}
     assert 0 <= kept["drift"]["intensity_mean"] <= 255
-    from pipelines import drift
-    from pipelines.drift_reference import load_reference
+    from pipelines.monitoring import drift
+    from pipelines.monitoring.reference import load_reference
 
     reference = load_reference(layout.state / "serving" / load(layout).model.name / f"v{result.version}" / "model")
     report = drift.report_from_store(load(layout), reference, f"sqlite:///{layout.root / '.medloop' / 'feedback.db'}",

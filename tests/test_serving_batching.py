@@ -157,8 +157,8 @@ def test_batched_scaling_and_scoring_equal_the_pyfunc(served_workspace):
     import mlflow
     import pandas as pd
 
-    from pipelines.models import class_columns, class_probabilities
-    from pipelines.tracking import configure
+    from pipelines.model.architectures import class_columns, class_probabilities
+    from pipelines.registry.tracking import configure
     from serving import scoring
     from serving.model import Served
 
@@ -203,7 +203,7 @@ def image_workspace(tmp_path_factory):
     import os
 
     from pipelines.config import SyntheticCxrSource
-    from pipelines.sources.synthetic_cxr import SyntheticCxrSourceReader
+    from pipelines.data.sources.synthetic_cxr import SyntheticCxrSourceReader
     from serving.auth import add_token
 
     previous = os.environ.get("MEDLOOP_DEID_SALT")
@@ -283,8 +283,8 @@ def test_gradcam_heat_map_of_each_image_as_the_model_saw_it(image_workspace):
     from PIL import Image
 
     from pipelines.collect import deidentify_image
-    from pipelines.gradcam import gradcam, overlay_png
-    from pipelines.tracking import configure
+    from pipelines.model.gradcam import gradcam, overlay_png
+    from pipelines.registry.tracking import configure
 
     layout, token, files = image_workspace["layout"], image_workspace["token"], image_workspace["files"]
     params = load(layout)

@@ -18,7 +18,7 @@ import yaml
 
 from conftest import SALT, load, make_workspace
 from pipelines import collect, promote
-from pipelines.versioning import repro
+from pipelines.ops.versioning import repro
 from test_flow_retrain import passing_params
 from test_serving import bearer, instance, start_service, stop
 
@@ -68,7 +68,7 @@ def registered(layout, version: str):
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.tracking import configure
+    from pipelines.registry.tracking import configure
 
     params = load(layout)
     configure(params, layout)

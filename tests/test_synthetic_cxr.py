@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from pipelines.config import SyntheticCxrSource
-from pipelines.sources.base import SourceState
-from pipelines.sources.synthetic_cxr import SyntheticCxrSourceReader, render_radiograph
+from pipelines.data.sources.base import SourceState
+from pipelines.data.sources.synthetic_cxr import SyntheticCxrSourceReader, render_radiograph
 
 EXIF_IMAGE_DESCRIPTION = 0x010E
 SOURCE_REF = re.compile(r"^night-(\d{2})/(NORMAL|PNEUMONIA)/person(\d{5})_study(\d{3})\.(dcm|jpeg)$")

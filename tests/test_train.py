@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 
 from conftest import SALT, image_params, load, make_workspace, tabular_params
-from pipelines import clean, collect, inputs, models, preprocess, train
-from pipelines.calibration import Calibrator
+from pipelines import clean, collect, preprocess, train
+from pipelines.data import inputs
+from pipelines.model import architectures as models
+from pipelines.model.calibration import Calibrator
 from pipelines.config import parse_params
 from pipelines.errors import MedloopError
 
@@ -60,7 +62,7 @@ def mlflow_client(layout, params):
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.tracking import tracking_uri
+    from pipelines.registry.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(params, layout))
     return MlflowClient()
@@ -209,7 +211,7 @@ def test_training_input_pipeline_is_seeded_augmented_and_flip_free(image_workspa
 def test_augmentation_is_the_keras_layers_in_one_resampling_and_one_channel():
     import tensorflow as tf
 
-    from pipelines.sources.synthetic_cxr import render_radiograph
+    from pipelines.data.sources.synthetic_cxr import render_radiograph
 
     augment = inputs.Augmenter(parse_params(image_params()).train.augmentation, seed=5)
     gray = np.stack([render_radiograph(np.random.default_rng(i), 64, i % 2 == 0) for i in range(6)])

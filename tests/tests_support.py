@@ -7,7 +7,7 @@ import contextlib
 import pandas as pd
 
 from pipelines.config import BreastCancerSource
-from pipelines.sources.breast_cancer import BreastCancerReader
+from pipelines.data.sources.breast_cancer import BreastCancerReader
 
 
 def breast_cancer_frame(n: int = 40, seed: int = 5) -> pd.DataFrame:

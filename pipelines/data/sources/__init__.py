@@ -9,27 +9,27 @@ def open_source(params: Params):
     """The reader for the configured source (an image source or a table source)."""
     spec = params.source
     if spec.kind == "image_folder":
-        from pipelines.sources.folder import ImageFolderReader
+        from pipelines.data.sources.folder import ImageFolderReader
 
         return ImageFolderReader(spec)
     if spec.kind in ("csv", "parquet"):
-        from pipelines.sources.tables import TableFileReader
+        from pipelines.data.sources.tables import TableFileReader
 
         return TableFileReader(spec)
     if spec.kind == "sql":
-        from pipelines.sources.tables import SqlReader
+        from pipelines.data.sources.tables import SqlReader
 
         return SqlReader(spec)
     if spec.kind == "s3":
-        from pipelines.sources.s3 import S3Reader
+        from pipelines.data.sources.s3 import S3Reader
 
         return S3Reader(spec)
     if spec.kind == "builtin_breast_cancer":
-        from pipelines.sources.breast_cancer import BreastCancerReader
+        from pipelines.data.sources.breast_cancer import BreastCancerReader
 
         return BreastCancerReader(spec)
     if spec.kind == "synthetic_cxr":
-        from pipelines.sources.synthetic_cxr import SyntheticCxrSourceReader
+        from pipelines.data.sources.synthetic_cxr import SyntheticCxrSourceReader
 
         return SyntheticCxrSourceReader(spec)
     raise AssertionError(f"unhandled source kind {spec.kind}")  # the config schema forbids it

@@ -6,7 +6,7 @@ on ``check_cron``) starts one when either
 
 - at least ``min_new_labels`` clinician-confirmed labels are waiting for export, or
 - ``on_drift`` is set and the champion's live inputs or predictions drift from its training
-  reference (``monitoring`` thresholds; see ``pipelines.drift``),
+  reference (``monitoring`` thresholds; see ``pipelines.monitoring.drift``),
 
 unless the last retrain (nightly or triggered) started less than ``cooldown_hours`` ago, or the
 next nightly run is due within the cooldown anyway. Every check gives a `PolicyDecision` that
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from pipelines import report
+from pipelines.ops import report
 from pipelines.config import Params
 from pipelines.workspace import Layout, database_url
 
@@ -67,7 +67,7 @@ def decide(params: Params, layout: Layout, *, drift: Any = None, next_nightly: d
     Args:
         params: the workspace's params.
         layout: the workspace.
-        drift: the champion's drift report (a ``pipelines.drift.DriftReport``), or None when
+        drift: the champion's drift report (a ``pipelines.monitoring.drift.DriftReport``), or None when
             drift is not checked (``on_drift`` off, or no champion yet).
         next_nightly: when the next nightly run is due, if known.
         now: the time of the check (default: now).

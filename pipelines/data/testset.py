@@ -16,7 +16,7 @@ import re
 from pipelines.config import Params, parse_params
 from pipelines.errors import ConfigError
 from pipelines.preprocess import TEST_SET_FILE, describe_test_set, test_set_minimum
-from pipelines.versioning import git
+from pipelines.ops.versioning import git
 from pipelines.workspace import Layout
 
 

@@ -1,6 +1,6 @@
 """Input and prediction drift of a served model version against the reference it carries.
 
-The reference (`pipelines.drift_reference`) holds, per statistic, the values of a seeded sample
+The reference (`pipelines.monitoring.reference`) holds, per statistic, the values of a seeded sample
 of training items: raw features for tables; intensity mean and standard deviation and the
 penultimate embedding's principal components for images. It also holds the validation split's
 predicted probabilities of the positive class. The service stores each input's summary
@@ -39,7 +39,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from pipelines.config import Params
-from pipelines.drift_reference import (  # noqa: F401 - re-exported: the service's entry points
+from pipelines.monitoring.reference import (  # noqa: F401 - re-exported: the service's entry points
     EMBEDDING,
     FEATURE,
     INTENSITY,
@@ -298,8 +298,8 @@ def champion_report(params: Params, layout: Any, *, now: datetime | None = None)
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipelines.drift_reference import load_reference
-    from pipelines.tracking import configure
+    from pipelines.monitoring.reference import load_reference
+    from pipelines.registry.tracking import configure
     from pipelines.workspace import database_url
 
     configure(params, layout)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipelines.config import PromoteSpec
-from pipelines.metrics import paired_difference, read_case_outcomes
+from pipelines.model.metrics import paired_difference, read_case_outcomes
 
 # Metrics in metrics.json are floats computed by sklearn; a threshold met "exactly" must not fail
 # on the last bit (0.85 - 0.02 is 0.8300000000000001), so comparisons allow this much slack.
@@ -291,7 +291,7 @@ def _paired_not_worse(metric: str, candidate: dict, champion: dict, margin: floa
     Both models' per-case results on the same frozen test cases (``test_cases`` in
     metrics.json) are paired; the 95% interval of candidate minus champion is Newcombe's
     hybrid score interval for paired proportions on the patient-clustered effective sample
-    size (`pipelines.metrics.paired_difference`). The candidate is refused when the whole
+    size (`pipelines.model.metrics.paired_difference`). The candidate is refused when the whole
     interval lies below ``-margin`` (its upper bound is under it): the data show it worse than
     the champion by more than the margin. Like the AUROC interval gate, this judges "no worse
     than the champion" by what the frozen test set can tell: a case more or less on a small set

@@ -20,7 +20,7 @@ def gradcam(model, images: np.ndarray, class_index: np.ndarray, n_classes: int) 
     """Grad-CAM of the last Conv2D layer for each image's target class.
 
     Args:
-        model: a Keras image model built by `pipelines.models` (or any chain of layers).
+        model: a Keras image model built by `pipelines.model.architectures` (or any chain of layers).
         images: float32 ``(n, H, W, C)``, the model's input.
         class_index: ``(n,)`` the class to explain for each image.
         n_classes: the number of classes (a binary model has one sigmoid output).
@@ -87,12 +87,12 @@ def last_conv_path(model) -> list | None:
     """The last Conv2D layer, walking ``model.layers`` (and nested models) in order, as the path
     of layers leading to it (``[conv]`` when it is a top-level layer).
 
-    For medloop's own architectures the layer named by `pipelines.models.GRADCAM_LAYERS` is
+    For medloop's own architectures the layer named by `pipelines.model.architectures.GRADCAM_LAYERS` is
     used instead: the last feature map after its batch norm and activation, the usual target.
     """
     import keras
 
-    from pipelines.models import GRADCAM_LAYERS
+    from pipelines.model.architectures import GRADCAM_LAYERS
 
     designed = GRADCAM_LAYERS.get(getattr(model, "name", ""))
     if designed and designed in {layer.name for layer in model.layers}:

@@ -31,7 +31,7 @@ from pydicom.uid import (
 
 from pipelines.config import SyntheticCxrSource
 from pipelines.deid.safe_harbor import years_between
-from pipelines.sources.base import ImageItem, SourceState
+from pipelines.data.sources.base import ImageItem, SourceState
 
 NORMAL = "NORMAL"
 PNEUMONIA = "PNEUMONIA"

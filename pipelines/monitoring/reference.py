@@ -3,9 +3,9 @@
 At training (`build_reference`, called by the train stage) a seeded sample of at most
 ``monitoring.reference_size`` training items is summarised, and the model's predicted
 probability of the positive class is taken on the validation split. The result ships inside the
-logged pyfunc (`pipelines.pyfunc_model`, artifact ``drift_reference.json``), so every registered
+logged pyfunc (`pipelines.model.pyfunc`, artifact ``drift_reference.json``), so every registered
 version carries its own reference. At serving (`summarize_inputs`) each input is summarised the
-same way; `pipelines.drift` compares the two.
+same way; `pipelines.monitoring.drift` compares the two.
 
 What is summarised:
 
@@ -19,7 +19,7 @@ Prediction drift uses the validation split, not training: the weights were fitte
 items, so their predictions there are more confident than on a new patient's input, and a
 reference made from them would show drift in any served data.
 
-Kept apart from `pipelines.drift` (the report) so that the train stage's code, which DVC tracks,
+Kept apart from `pipelines.monitoring.drift` (the report) so that the train stage's code, which DVC tracks,
 is only what makes the reference. Keras and scikit-learn are imported inside the functions.
 """
 
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines import inputs
+from pipelines.data import inputs
 from pipelines.config import Params
 from pipelines.errors import MedloopError
 from pipelines.workspace import Layout
@@ -56,7 +56,7 @@ def build_reference(params: Params, layout: Layout, model: Any, calibrator: Any 
         params: the configuration (``monitoring.reference_size``, ``train.seed``, the model).
         layout: the workspace (preprocess has run).
         model: the trained Keras model.
-        calibrator: the model's `pipelines.calibration.Calibrator`: the reference's predictions
+        calibrator: the model's `pipelines.model.calibration.Calibrator`: the reference's predictions
             are calibrated, as the service's are (None: the model's own probabilities).
 
     Returns:
@@ -253,7 +253,7 @@ def _image_sample(layout: Layout, split: str, size: int, rng: np.random.Generato
 
 
 def _positive_probability(model: Any, x: np.ndarray, positive: int, calibrator: Any = None) -> np.ndarray:
-    from pipelines.models import class_probabilities
+    from pipelines.model.architectures import class_probabilities
 
     if len(x) == 0:
         return np.zeros(0)

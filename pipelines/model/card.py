@@ -8,7 +8,7 @@ dates or host names, so the card changes only when the model, the data or the co
 from __future__ import annotations
 
 from pipelines.config import Params
-from pipelines.metrics import PROPORTION_INTERVAL_METHOD
+from pipelines.model.metrics import PROPORTION_INTERVAL_METHOD
 
 # Rows of the performance table: (key in metrics.json, label).
 PERFORMANCE_ROWS = (
@@ -50,7 +50,7 @@ def render(
     Args:
         params: the resolved params.
         report: the content of reports/metrics.json.
-        lineage: `pipelines.tracking.lineage` tags (git commit, DVC data hashes, params hash).
+        lineage: `pipelines.registry.tracking.lineage` tags (git commit, DVC data hashes, params hash).
         data: data/processed/preprocess.json (split sizes and class counts).
         explanations: ``{"gradcam": [paths]}`` or ``{"permutation_importance": [rows]}``.
         trained: models/train.json.

@@ -13,7 +13,7 @@ over the classes otherwise, always in float32 (safe under mixed precision).
 `class_probabilities` turns either form into one column per class.
 
 Augmentation is not part of any model: it lives in the training input pipeline
-(`pipelines.inputs`), so a served model sees exactly what preprocessing makes. TensorFlow and
+(`pipelines.data.inputs`), so a served model sees exactly what preprocessing makes. TensorFlow and
 Keras are imported inside the functions.
 """
 

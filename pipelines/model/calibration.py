@@ -71,7 +71,7 @@ class Calibrator:
 
         Args:
             probabilities: ``(n, n_classes)`` per-class probabilities as the model gives them
-                (`pipelines.models.class_columns`).
+                (`pipelines.model.architectures.class_columns`).
 
         Returns:
             float64 ``(n, n_classes)``, rows summing to 1; the input itself (as float64) for
@@ -185,7 +185,7 @@ def fit(method: str, probabilities: Any, label_index: Sequence[int]) -> Calibrat
 
 
 def calibrator_of(python_model: Any) -> Calibrator:
-    """The calibrator a loaded `pipelines.pyfunc_model.MedloopPyfunc` carries; the identity for a
+    """The calibrator a loaded `pipelines.model.pyfunc.MedloopPyfunc` carries; the identity for a
     version logged before calibration existed (its bundled code has no ``calibrator``)."""
     return getattr(python_model, "calibrator", None) or Calibrator()
 

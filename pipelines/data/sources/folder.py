@@ -17,7 +17,7 @@ from typing import Iterator
 
 from pipelines.config import ImageFolderSource
 from pipelines.errors import SourceError
-from pipelines.sources.base import ImageItem, ItemUnavailable, SourceState
+from pipelines.data.sources.base import ImageItem, ItemUnavailable, SourceState
 
 SPLIT_FOLDERS = {"train", "test", "val", "validation"}
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}

@@ -1,7 +1,7 @@
 """Lineage of registered model versions: what a version was made from, and the commit that holds it.
 
 Train tags its MLflow run with the git commit it started from, the DVC hashes of its inputs, the
-params hash and the Prefect flow run (`pipelines.tracking.lineage`); promote copies those tags onto
+params hash and the Prefect flow run (`pipelines.registry.tracking.lineage`); promote copies those tags onto
 the registered version with the gate results and who promoted it and why. After the run the flow
 commits ``dvc.lock`` and the ``.dvc`` files and tags that commit; `record_commit` then writes the
 commit and tag onto the run and the version, so a version names the exact commit to reproduce it
@@ -16,7 +16,7 @@ from typing import Any
 from pipelines.config import Params
 from pipelines.errors import MedloopError
 from pipelines.promote import CHAMPION, DECISION_TAG, REASONS_TAG, TAG, version_with_alias, is_registered
-from pipelines.tracking import configure
+from pipelines.registry.tracking import configure
 from pipelines.workspace import Layout
 
 COMMIT_TAG = "medloop.commit"          # the workspace commit holding the version's dvc.lock

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import BreastCancerSource
-from pipelines.sources.base import SourceState, TableChunk
+from pipelines.data.sources.base import SourceState, TableChunk
 
 FIRST_NAMES = ["Ada", "Grace", "Maria", "Lena", "Sofia", "Nora", "Ines", "Mira", "Julia", "Hana"]
 LAST_NAMES = ["Okafor", "Lindqvist", "Moreau", "Tanaka", "Novak", "Alvarez", "Brennan", "Kowalski"]

@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipelines.config import SqlSource, TableFileSource
 from pipelines.errors import SourceError
-from pipelines.sources.base import SourceState, TableChunk
+from pipelines.data.sources.base import SourceState, TableChunk
 
 CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}

@@ -19,9 +19,9 @@ import pandas as pd
 
 from pipelines.config import S3Source
 from pipelines.errors import SourceError
-from pipelines.sources.base import ImageItem, ItemUnavailable, SourceState, TableChunk
-from pipelines.sources.folder import label_from_parts, patient_from_name
-from pipelines.sources.tables import CSV_SUFFIXES, PARQUET_SUFFIXES
+from pipelines.data.sources.base import ImageItem, ItemUnavailable, SourceState, TableChunk
+from pipelines.data.sources.folder import label_from_parts, patient_from_name
+from pipelines.data.sources.tables import CSV_SUFFIXES, PARQUET_SUFFIXES
 
 MISSING_OBJECT_CODES = {"NoSuchKey", "404", "NotFound"}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipelines.config import load_params
 from pipelines.errors import ConfigError, WorkspaceError
-from pipelines.versioning import configure_remote, dvc, git
+from pipelines.ops.versioning import configure_remote, dvc, git
 from pipelines.workspace import Layout
 
 WORKSPACE_GITIGNORE = """\
@@ -28,7 +28,7 @@ __pycache__/
 
 def project_root() -> Path:
     """The medloop source tree (holding dvc.yaml, params.yaml, profiles/ and pipelines/)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / "dvc.yaml").is_file():
         raise WorkspaceError(
             f"cannot find medloop's dvc.yaml next to {root}; install medloop from its source "

@@ -149,7 +149,7 @@ def _image_payload(params: Params, layout: Layout):
 
 
 def _row_payload(params: Params, layout: Layout, record_ids: pd.Series):
-    from pipelines import manifest
+    from pipelines.data import manifest
 
     features = list(params.tabular.features)
     rows = manifest.stored_rows(layout, record_ids)
@@ -163,7 +163,7 @@ def _new_case(params: Params, first: Any, second: Any) -> Any:
     if params.model.modality == "image":
         from PIL import Image
 
-        from pipelines.images import decode_image
+        from pipelines.data.images import decode_image
 
         spec = params.clean.image
         pixels = decode_image(first, channels=spec.channels, min_side=spec.min_side,

@@ -4,7 +4,7 @@ served or registered model takes RAW input and gives per-class probabilities.
 Input (``predict``):
 
 - images: a DataFrame with a column ``image`` of file bytes (PNG, JPEG or DICOM), decoded with
-  the clean stage's `pipelines.images.decode_image` (same channels, same size limits), then
+  the clean stage's `pipelines.data.images.decode_image` (same channels, same size limits), then
   resized and contrast-normalised with exactly the preprocess stage's steps (Pillow BILINEAR
   resize, `pipelines.preprocess.normalise_intensity`); or an ``np.ndarray`` of uint8
   ``(n, H, W, C)`` pixels already at the model's size, which are contrast-normalised the same
@@ -15,15 +15,15 @@ Input (``predict``):
 Output: a DataFrame with one CALIBRATED probability column per class, named by the class.
 
 Calibration: the model carries the calibrator fitted on the validation split at training
-(`pipelines.calibration.Calibrator`, artifact ``calibration.json``), loaded as ``calibrator``
+(`pipelines.model.calibration.Calibrator`, artifact ``calibration.json``), loaded as ``calibrator``
 (the identity for versions logged before calibration existed). Every probability this class
 gives has been through ``calibrator.apply``, and the service's batched scoring applies the same
-object to the Keras model's output (`pipelines.calibration.calibrator_of`).
+object to the Keras model's output (`pipelines.model.calibration.calibrator_of`).
 
 Drift: the model carries its own drift reference (artifact ``drift_reference.json``, made at
-training by `pipelines.drift_reference.build_reference`), loaded as ``drift_reference`` (None
+training by `pipelines.monitoring.reference.build_reference`), loaded as ``drift_reference`` (None
 for versions logged before references existed). `MedloopPyfunc.embed` gives the penultimate
-layer's embedding of prepared images, which `pipelines.drift_reference.summarize_inputs` uses, and
+layer's embedding of prepared images, which `pipelines.monitoring.reference.summarize_inputs` uses, and
 `MedloopPyfunc.predict_with_drift` gives the probabilities and the drift summaries from one pass.
 
 This module is imported by the train stage and by serving only, both of which need MLflow, so
@@ -74,8 +74,8 @@ class MedloopPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         """Load the Keras model, ``preprocess.json``, (tables) ``scaler.json``, the calibrator
         and the drift reference, when the model carries them."""
-        from pipelines.calibration import Calibrator
-        from pipelines.models import load_model
+        from pipelines.model.calibration import Calibrator
+        from pipelines.model.architectures import load_model
 
         artifacts = context.artifacts
         self.model = load_model(artifacts[KERAS_ARTIFACT])
@@ -100,15 +100,15 @@ class MedloopPyfunc(mlflow.pyfunc.PythonModel):
         return self.embed_and_score(prepared)[0]
 
     def predict_with_drift(self, model_input: Any) -> tuple[pd.DataFrame, list[dict]]:
-        """`predict` and `pipelines.drift_reference.summarize_inputs` at once: the input is
+        """`predict` and `pipelines.monitoring.reference.summarize_inputs` at once: the input is
         prepared once and, for images, the network runs once for both the probabilities and the
         embedding (half the work of calling the two one after the other).
 
         Returns:
             ``(probabilities, summaries)``: what ``predict`` returns, and one drift summary per input.
         """
-        from pipelines.drift_reference import summarize_inputs
-        from pipelines.models import class_probabilities
+        from pipelines.monitoring.reference import summarize_inputs
+        from pipelines.model.architectures import class_probabilities
 
         prepared = self.prepare(model_input)
         if self.summary["modality"] == "image":
@@ -129,8 +129,8 @@ class MedloopPyfunc(mlflow.pyfunc.PythonModel):
             probabilities are the model's own, calibrated (up to float32 rounding between batch
             sizes).
         """
-        from pipelines.drift_reference import embedding_model
-        from pipelines.models import PREDICT_BATCH, class_columns
+        from pipelines.monitoring.reference import embedding_model
+        from pipelines.model.architectures import PREDICT_BATCH, class_columns
 
         if self._heads is None:
             with self._heads_lock:  # requests run in threads: build it once
@@ -151,9 +151,9 @@ class MedloopPyfunc(mlflow.pyfunc.PythonModel):
 
         Raises:
             MedloopError: the input is not of a form this model takes (the message says which
-                form it expects); `pipelines.images.ImageProblem` for an unusable image.
+                form it expects); `pipelines.data.images.ImageProblem` for an unusable image.
         """
-        from pipelines.models import class_probabilities
+        from pipelines.model.architectures import class_probabilities
 
         probabilities = self.calibrator.apply(class_probabilities(self.model, self.prepare(model_input)))
         index = model_input.index if isinstance(model_input, pd.DataFrame) else None
@@ -203,6 +203,37 @@ class MedloopPyfunc(mlflow.pyfunc.PythonModel):
         return scale_features(model_input, self.scaler)
 
 
+# Models registered before the package was grouped by concern pickled their classes under the flat
+# module names; `load` maps those names to where the classes live now.
+FLAT_MODULE_NAMES = {
+    "pipelines.pyfunc_model": "pipelines.model.pyfunc",
+    "pipelines.calibration": "pipelines.model.calibration",
+    "pipelines.models": "pipelines.model.architectures",
+    "pipelines.drift_reference": "pipelines.monitoring.reference",
+    "pipelines.inputs": "pipelines.data.inputs",
+    "pipelines.images": "pipelines.data.images",
+    "pipelines.metrics": "pipelines.model.metrics",
+}
+
+
+def register_flat_module_names() -> None:
+    """Make the flat module names of releases before the regrouping resolve to today's modules,
+    so that unpickling a version registered then finds its classes."""
+    import importlib
+    import sys
+
+    for flat, current in FLAT_MODULE_NAMES.items():
+        sys.modules.setdefault(flat, importlib.import_module(current))
+
+
+def load(model_uri: str) -> Any:
+    """``mlflow.pyfunc.load_model``, for versions pickled under today's module names or the flat
+    names of releases before the regrouping (a registered champion keeps loading after an upgrade).
+    """
+    register_flat_module_names()
+    return mlflow.pyfunc.load_model(model_uri)
+
+
 def prepare_image_bytes(data: bytes, shape: tuple[int, int, int], *, min_side: int, max_pixels: int) -> np.ndarray:
     """One image file as the model's input pixels, by the clean and preprocess stages' own steps.
 
@@ -215,11 +246,11 @@ def prepare_image_bytes(data: bytes, shape: tuple[int, int, int], *, min_side: i
         uint8 ``(height, width, channels)``.
 
     Raises:
-        pipelines.images.ImageProblem: the image is unusable (the same reasons clean quarantines).
+        pipelines.data.images.ImageProblem: the image is unusable (the same reasons clean quarantines).
     """
     from PIL import Image
 
-    from pipelines.images import decode_image
+    from pipelines.data.images import decode_image
     from pipelines.preprocess import normalise_intensity
 
     height, width, channels = shape
@@ -256,9 +287,9 @@ def log_pyfunc(params: Params, layout: Layout, input_example: Any, drift_referen
         params: the configuration.
         layout: the workspace (the model file must be written already).
         input_example: one or two rows of raw input, stored with the model as its example.
-        drift_reference: `pipelines.drift_reference.build_reference`'s result, stored as the
+        drift_reference: `pipelines.monitoring.reference.build_reference`'s result, stored as the
             artifact ``drift_reference.json`` (``<model>/artifacts/drift_reference.json``).
-        calibrator: the `pipelines.calibration.Calibrator` fitted at training, stored as the
+        calibrator: the `pipelines.model.calibration.Calibrator` fitted at training, stored as the
             artifact ``calibration.json`` (None: the model's own probabilities).
 
     Returns:
@@ -289,7 +320,7 @@ def log_pyfunc(params: Params, layout: Layout, input_example: Any, drift_referen
     with tempfile.TemporaryDirectory(prefix="medloop-drift-") as scratch:
         if drift_reference is not None:
             # Not a workspace file: the reference lives only inside the logged model.
-            from pipelines.drift_reference import REFERENCE_FILE
+            from pipelines.monitoring.reference import REFERENCE_FILE
 
             reference_file = Path(scratch) / REFERENCE_FILE
             reference_file.write_text(json.dumps(drift_reference, separators=(",", ":")))
@@ -307,7 +338,7 @@ def log_pyfunc(params: Params, layout: Layout, input_example: Any, drift_referen
             pip_requirements=pinned_requirements(),
             # Bundle the code it was trained with, so the logged model does not depend on whichever
             # medloop happens to be installed where it is loaded.
-            code_paths=[str(Path(__file__).resolve().parent)],
+            code_paths=[str(Path(__file__).resolve().parents[1])],
         )
 
 

@@ -129,7 +129,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _git_commit(layout: Layout) -> str:
-    from pipelines.versioning import git, head_commit
+    from pipelines.ops.versioning import git, head_commit
 
     head = head_commit(layout)
     if head is None:

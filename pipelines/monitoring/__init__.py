@@ -1,0 +1,1 @@
+"""Watching a model in service: drift, the reference a model carries, the retraining policy."""
