@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from benchmarks.validate_pandas import check_with_pandas
 from pipelines import validate
 from pipelines.config import Params, parse_params
 from pipelines.errors import GateError
@@ -228,7 +229,7 @@ def _run_failing(params: Params, layout: Layout) -> str:
 def _assert_pandas_agrees(params: Params, layout: Layout) -> None:
     """check_with_pandas reaches GX's verdict on every expectation, with the same counts."""
     report = json.loads(layout.validation_json.read_text())
-    baseline = validate.check_with_pandas(
+    baseline = check_with_pandas(
         params, pd.read_parquet(layout.clean_records), pd.read_parquet(layout.clean_intake)
     )
     assert len(baseline) == len(report["expectations"])
@@ -470,7 +471,7 @@ def test_a_newest_batch_quarantined_entirely_is_still_the_one_judged(tabular_par
     records = tabular_records(n=30, new=0)
     intake = intake_for(records, quarantined={NEW_BATCH: 10})
 
-    entries = validate.check_with_pandas(tabular_params, records, intake)
+    entries = check_with_pandas(tabular_params, records, intake)
 
     newest = [e for e in entries if e["suite"] != "records"]
     assert [e["success"] for e in newest] == [False, False]
