@@ -515,30 +515,29 @@ def write_gradcams(model, layout: Layout, summary: dict, test: Predictions, clas
 def permutation_importance(model, test: Predictions, positive: int, features: list[str], seed: int,
                            repeats: int = PERMUTATION_REPEATS, calibrator: Calibrator | None = None) -> list[dict]:
     """Drop in test AUROC when one feature's values are shuffled across patients (seeded), on
-    calibrated probabilities (``test``'s, and ``calibrator`` applied to the shuffled ones).
+    calibrated probabilities (``calibrator`` applied to the model's output), by scikit-learn's
+    `sklearn.inspection.permutation_importance`.
 
     Returns:
         ``[{"feature", "importance" (mean AUROC drop), "std"}]``, most important first; empty
         when the test AUROC is undefined.
     """
+    from sklearn.inspection import permutation_importance as shuffled_feature_drops
     from sklearn.metrics import roc_auc_score
 
     y = (test.label_index == positive).astype(int)
     if test.features is None or not 0 < y.sum() < len(y):
         return []
-    x = test.features
-    baseline = roc_auc_score(y, test.probabilities[:, positive])
-    rng = np.random.default_rng(seed)
     n_classes = test.probabilities.shape[1]
-    rows = []
-    for j, name in enumerate(features):
-        stacked = np.concatenate([x] * repeats)
-        for r in range(repeats):
-            stacked[r * len(x) : (r + 1) * len(x), j] = x[rng.permutation(len(x)), j]
-        scores = clinical.probabilities_from_output(_predict_array(model, stacked), n_classes)
-        scores = (scores if calibrator is None else calibrator.apply(scores))[:, positive]
-        drops = [baseline - roc_auc_score(y, part) for part in np.split(scores, repeats)]
-        rows.append({"feature": name, "importance": float(np.mean(drops)), "std": float(np.std(drops))})
+
+    def test_auroc(estimator, x: np.ndarray, y_true: np.ndarray) -> float:
+        scores = clinical.probabilities_from_output(_predict_array(estimator, x), n_classes)
+        return roc_auc_score(y_true, (scores if calibrator is None else calibrator.apply(scores))[:, positive])
+
+    drops = shuffled_feature_drops(model, test.features, y, scoring=test_auroc, n_repeats=repeats,
+                                   random_state=seed)
+    rows = [{"feature": name, "importance": float(mean), "std": float(std)}
+            for name, mean, std in zip(features, drops.importances_mean, drops.importances_std)]
     rows = clinical.json_ready(rows)
     return sorted(rows, key=lambda row: (-row["importance"], row["feature"]))
 
