@@ -686,10 +686,18 @@ class Params(Strict):
 
 
 def _cron(value: str) -> str:
-    fields = value.split()
-    allowed = set("0123456789*/,-") | set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-    if len(fields) != 5 or any(set(field) - allowed for field in fields):
-        raise ValueError(f"expected five cron fields 'minute hour day month weekday', got {value!r}")
+    """A cron expression of five fields that parses (cronsim), so a typo is caught when params are read."""
+    from datetime import datetime
+
+    from cronsim import CronSim, CronSimError
+
+    expected = f"expected five cron fields 'minute hour day month weekday', got {value!r}"
+    if len(value.split()) != 5:
+        raise ValueError(expected)
+    try:
+        CronSim(value, datetime(2000, 1, 1))  # parsing checks it; the start time does not matter
+    except CronSimError as error:
+        raise ValueError(f"{expected} ({error})") from None
     return value
 
 
