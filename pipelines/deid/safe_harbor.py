@@ -1,4 +1,4 @@
-"""Small HIPAA Safe Harbor rules shared by the tabular and DICOM de-identifiers."""
+"""Small HIPAA Safe Harbor rules shared by the tabular and DICOM de-identifiers: the one age rule."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ def age_band(age: float | int | None) -> str | None:
 
 
 def cap_age(age: float | int | None) -> int | None:
-    """Whole years, with every age over 89 reported as 90 ("90 or older")."""
+    """Completed years, with every age over 89 reported as 90 ("90 or older")."""
     if age is None or (isinstance(age, float) and math.isnan(age)):
         return None
-    return min(int(age), OLDEST_EXACT_AGE + 1)
+    return min(math.floor(age), OLDEST_EXACT_AGE + 1)
 
 
 def years_between(born: date, on: date) -> int:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pandas as pd
 
 from pipelines.config import DeidSpec, TabularSchema
 from pipelines.deid.keys import pseudonym
-from pipelines.deid.safe_harbor import OLDEST_EXACT_AGE
+from pipelines.deid.safe_harbor import age_band, cap_age
 from pipelines.errors import DeidentificationError, SourceError
 
 # Column names that look like direct identifiers (used only to word the error better).
@@ -121,12 +120,9 @@ def _years(values: pd.Series, column: str) -> pd.Series:
 
 def _age_bands(values: pd.Series, column: str) -> pd.Series:
     ages = pd.to_numeric(values, errors="coerce")
-    low = (np.floor(ages / 10) * 10).astype("Int64")
-    bands = low.astype("string") + "-" + (low + 9).astype("string")
-    bands = bands.where(ages <= OLDEST_EXACT_AGE, "90+")
-    return bands.where(ages.notna() & (ages >= 0), pd.NA).astype("string")
+    return ages.map(age_band).astype("string")
 
 
 def _capped_ages(values: pd.Series, column: str) -> pd.Series:
     ages = pd.to_numeric(values, errors="coerce")
-    return np.floor(ages).clip(upper=OLDEST_EXACT_AGE + 1).astype("Int64")
+    return ages.map(cap_age).astype("Int64")
