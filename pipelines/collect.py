@@ -26,7 +26,6 @@ import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +37,7 @@ from pipelines.errors import DeidentificationError, MedloopError
 from pipelines.data.sources import open_source
 from pipelines.data.sources.base import ItemUnavailable, SourceState
 from pipelines.ops.versioning import track
+from pipelines.values import utc_now
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.collect")
@@ -92,7 +92,7 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
     source = open_source(params)
     state = _source_state(known, source.name, night)
     batch_id = manifest.new_batch_id()
-    arrival = datetime.now(timezone.utc)
+    arrival = utc_now()
     staging = layout.tmp / batch_id
     staging.mkdir(parents=True)
     try:

@@ -52,6 +52,7 @@ from pipelines.model.gradcam import gradcam, overlay
 from pipelines.stage import stage_main
 from pipelines.data.inputs import processed_summary
 from pipelines.registry.tracking import configure, display_uri, dumps, lineage
+from pipelines.values import json_ready, number
 from pipelines.workspace import Layout, read_json
 
 log = logging.getLogger("medloop.evaluate")
@@ -216,7 +217,7 @@ def build_report(
         "weights_sha256": trained.get("weights_sha256"),
         "run_id": trained["run_id"],
     }
-    return clinical.json_ready(report, THRESHOLD_DIGITS)
+    return json_ready(report, THRESHOLD_DIGITS)
 
 
 def calibrated(predictions: Predictions, calibrator: Calibrator) -> Predictions:
@@ -405,7 +406,7 @@ def write_curve_plots(folder: Path, y_true, score, report: dict, bins: int, unca
     written = []
     for name, points in data.items():
         path = folder / f"{name}.json"
-        path.write_text(dumps({name: clinical.json_ready(points)}))
+        path.write_text(dumps({name: json_ready(points)}))
         written.append(path)
     plt = _pyplot()
     test, positive = report["test"], report["positive_class"]
@@ -421,7 +422,7 @@ def write_curve_plots(folder: Path, y_true, score, report: dict, bins: int, unca
     written.append(_save(fig, folder / "roc.png"))
 
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([p["x"] for p in data["pr"]], [p["y"] for p in data["pr"]], label=f"AUPRC {_fmt(test['auprc'])}")
+    ax.plot([p["x"] for p in data["pr"]], [p["y"] for p in data["pr"]], label=f"AUPRC {number(test['auprc'])}")
     if test["n"]:
         ax.axhline(test["n_positive"] / test["n"], linestyle="--", color="grey", linewidth=1, label="prevalence")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall, frozen test set",
@@ -435,10 +436,10 @@ def write_curve_plots(folder: Path, y_true, score, report: dict, bins: int, unca
     if "calibration_uncalibrated" in data:
         before = (calibration.get("test") or {}).get("ece_before")
         ax.plot([p["x"] for p in data["calibration_uncalibrated"]], [p["y"] for p in data["calibration_uncalibrated"]],
-                "s:", color="grey", label=f"before calibration (ECE {_fmt(before)})")
+                "s:", color="grey", label=f"before calibration (ECE {number(before)})")
     shown = "calibrated" if calibration.get("method", "none") != "none" else "model"
     ax.plot([p["x"] for p in data["calibration"]], [p["y"] for p in data["calibration"]], "o-",
-            label=f"{shown} (ECE {_fmt(test['ece'])})")
+            label=f"{shown} (ECE {number(test['ece'])})")
     ax.set(xlabel=f"mean predicted P({positive})", ylabel="observed frequency",
            title="Reliability diagram, frozen test set", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left")
@@ -538,7 +539,7 @@ def permutation_importance(model, test: Predictions, positive: int, features: li
                                    random_state=seed)
     rows = [{"feature": name, "importance": float(mean), "std": float(std)}
             for name, mean, std in zip(features, drops.importances_mean, drops.importances_std)]
-    rows = clinical.json_ready(rows)
+    rows = json_ready(rows)
     return sorted(rows, key=lambda row: (-row["importance"], row["feature"]))
 
 
@@ -578,13 +579,9 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "class"
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def _fmt_ci(metrics: dict, name: str) -> str:
     interval = metrics.get(f"{name}_ci")
-    text = _fmt(metrics.get(name))
+    text = number(metrics.get(name))
     return f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else text
 
 
@@ -636,8 +633,8 @@ def log_to_mlflow(params: Params, layout: Layout, run_id: str, report: dict) -> 
 
 def _describe(result: EvaluateResult) -> str:
     return (
-        f"evaluate: frozen test set n={result.test_n}: AUROC {_fmt(result.test_auroc)}, sensitivity "
-        f"{_fmt(result.test_sensitivity)}, specificity {_fmt(result.test_specificity)} at operating threshold "
+        f"evaluate: frozen test set n={result.test_n}: AUROC {number(result.test_auroc)}, sensitivity "
+        f"{number(result.test_sensitivity)}, specificity {number(result.test_specificity)} at operating threshold "
         f"{result.operating_threshold} (chosen on validation) -> {result.metrics_file}"
     )
 

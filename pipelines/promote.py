@@ -33,7 +33,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
 from pipelines.config import Params
@@ -41,6 +40,7 @@ from pipelines.errors import GateError, MedloopError
 from pipelines.registry.gates import Decision, evaluate_gates
 from pipelines.stage import stage_main
 from pipelines.registry.tracking import configure, display_uri
+from pipelines.values import now_iso
 from pipelines.workspace import Layout, read_json
 
 if TYPE_CHECKING:
@@ -579,11 +579,6 @@ def _fit_json(items: list[dict], limit: int) -> str:
         if len(text) <= limit:
             return text
     return "[]"
-
-
-def now_iso() -> str:
-    """Now, UTC, ISO 8601 to the second: the time every promotion record carries."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _rescorer(params, layout) -> Callable[[str], dict]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import sys
 import warnings
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from pipelines.config import Bounds, Params
 from pipelines.errors import GateError, WorkspaceError
 from pipelines.stage import stage_main
+from pipelines.values import json_ready
 from pipelines.workspace import Layout
 
 if TYPE_CHECKING:
@@ -584,33 +584,18 @@ _SUMMARY_KEYS = (
 def summarise(result: dict[str, Any]) -> dict[str, Any]:
     """A short json-safe summary of an expectation's result (Great Expectations' or the pandas
     baseline's in benchmarks/), as validation.json's ``observed``."""
-    summary = {key: _json_safe(result[key]) for key in _SUMMARY_KEYS if key in result}
+    summary = {key: _plain(result[key]) for key in _SUMMARY_KEYS if key in result}
     if "unexpected_percent" in summary and summary["unexpected_percent"] is not None:
         summary["unexpected_percent"] = round(float(summary["unexpected_percent"]), 4)
     if result.get("unexpected_count"):
         examples = list(result.get("partial_unexpected_list") or [])[:EXAMPLES]
-        summary["partial_unexpected_list"] = [_json_safe(value) for value in examples]
+        summary["partial_unexpected_list"] = [_plain(value) for value in examples]
     return summary
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON values from numpy scalars, pandas' missing markers, NaN and the like."""
-    if isinstance(value, dict):
-        return {str(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        return _json_safe(value.item())
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        # NaN and the infinities are not JSON.
-        return value if math.isfinite(value) else None if math.isnan(value) else str(value)
-    if type(value).__name__ in ("NAType", "NaTType"):
-        return None
-    return str(value)
+def _plain(value: Any) -> Any:
+    # An infinity stays as text ("inf"): a person reading a failing example must see it.
+    return json_ready(value, None, keep_infinity=True)
 
 
 def report_entry(rule: Rule, outcome: dict[str, Any]) -> dict[str, Any]:
@@ -622,7 +607,7 @@ def report_entry(rule: Rule, outcome: dict[str, Any]) -> dict[str, Any]:
         "suite": rule.suite,
         "expectation": rule.expectation,
         "column": rule.column,
-        "kwargs": _json_safe(kwargs),
+        "kwargs": _plain(kwargs),
         "success": bool(outcome["success"]),
         "observed": outcome["observed"],
         "expected": rule.expected,

@@ -12,11 +12,11 @@ import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
 from pipelines.errors import MedloopError, WorkspaceError
+from pipelines.values import now_iso
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def exclusive(layout: Layout, purpose: str = "retrain") -> Iterator[Path]:
             ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        handle.write(f"pid {os.getpid()} since {now_iso()}\n")
         handle.flush()
         yield path
     finally:

@@ -21,12 +21,12 @@ import logging
 import shutil
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError
+from pipelines.values import now_iso
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.serving")
@@ -44,7 +44,7 @@ class Served:
     classes: list[str]
     positive_class: str
     operating_threshold: float
-    loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    loaded_at: str = field(default_factory=now_iso)
 
     def decide(self, probabilities: dict[str, float]) -> str:
         """The positive class at or above the operating threshold; otherwise the most likely other."""

@@ -20,6 +20,7 @@ from pipelines.model import calibration
 from pipelines.model import metrics
 from pipelines.config import parse_params
 from pipelines.errors import MedloopError
+from pipelines.values import json_ready
 from pipelines.workspace import Layout
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def test_subgroup_metrics_count_every_item_once():
 
 
 def test_json_ready_rounds_and_drops_nan():
-    assert metrics.json_ready({"a": np.float32(0.1234567), "b": [float("nan"), np.int64(3)], "c": -0.0000001}) == {
+    assert json_ready({"a": np.float32(0.1234567), "b": [float("nan"), np.int64(3)], "c": -0.0000001}) == {
         "a": 0.123457, "b": [None, 3], "c": 0.0}
 
 

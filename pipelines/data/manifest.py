@@ -10,13 +10,14 @@ disappears without a trace.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
 
 from pipelines.config import METADATA_SUBGROUPS
+from pipelines.values import utc_now
 from pipelines.workspace import Layout
 
 MANIFEST_FILE = "manifest.parquet"
@@ -48,7 +49,7 @@ SUBGROUP_COLUMNS = METADATA_SUBGROUPS  # the manifest columns that hold subgroup
 
 def new_batch_id(now: datetime | None = None) -> str:
     """A sortable batch id such as ``20261122T063700123456Z``."""
-    now = now or datetime.now(timezone.utc)
+    now = now or utc_now()
     return now.strftime("%Y%m%dT%H%M%S%fZ")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pipelines.config import Params
 from pipelines.model.metrics import PROPORTION_INTERVAL_METHOD
+from pipelines.values import number
 
 # Rows of the performance table: (key in metrics.json, label).
 PERFORMANCE_ROWS = (
@@ -108,8 +109,8 @@ def render(
         f"of {model.positive_class} is at least **{report['operating_threshold']}**. The threshold was "
         f"chosen on the **validation** split (never the test set) as the highest threshold whose "
         f"validation sensitivity reaches the target of {params.evaluate.target_sensitivity:g} "
-        f"(validation sensitivity reached: {_fmt(validation.get('sensitivity'))}, specificity "
-        f"{_fmt(validation.get('specificity'))}).",
+        f"(validation sensitivity reached: {number(validation.get('sensitivity'))}, specificity "
+        f"{number(validation.get('specificity'))}).",
         "",
     ]
     lines += calibration_section(report.get("calibration"))
@@ -124,8 +125,8 @@ def render(
         if key not in test:
             continue
         interval = test.get(f"{key}_ci")
-        shown = f"{_fmt(interval[0])} - {_fmt(interval[1])}" if interval else ""
-        lines.append(f"| {label} | {_fmt(test[key])} | {shown} | {_fmt(validation.get(key))} |")
+        shown = f"{number(interval[0])} - {number(interval[1])}" if interval else ""
+        lines.append(f"| {label} | {number(test[key])} | {shown} | {number(validation.get(key))} |")
     lines += [
         "",
         f"Intervals (95%): AUROC by {params.evaluate.bootstrap_samples} bootstrap resamples of patients, "
@@ -141,8 +142,8 @@ def render(
         for column, values in sorted(report["subgroups"].items()):
             for value, row in sorted(values.items()):
                 flag = " (small)" if row["n"] < small else ""
-                lines.append(f"| {column} | {value}{flag} | {row['n']} | {row['n_positive']} | {_fmt(row['auroc'])} "
-                             f"| {_fmt(row['sensitivity'])} | {_fmt(row['specificity'])} |")
+                lines.append(f"| {column} | {value}{flag} | {row['n']} | {row['n_positive']} | {number(row['auroc'])} "
+                             f"| {number(row['sensitivity'])} | {number(row['specificity'])} |")
         lines += ["", f"Subgroups with fewer than {small} items are marked (small): their figures are "
                       f"reported but too uncertain to judge.", ""]
     else:
@@ -156,7 +157,7 @@ def render(
                   f"wrong reason (or at burned-in markers).", ""]
     importance = explanations.get("permutation_importance")
     if importance:
-        top = ", ".join(f"{row['feature']} ({_fmt(row['importance'])})" for row in importance[:5])
+        top = ", ".join(f"{row['feature']} ({number(row['importance'])})" for row in importance[:5])
         lines += ["## Explanations", "",
                   f"Permutation importance (drop in test AUROC when a feature is shuffled): {top}. "
                   f"Correlated features share their importance, so a low value does not mean a "
@@ -186,8 +187,8 @@ def calibration_section(calibration: dict | None) -> list[str]:
               "| --- | ---: | ---: | ---: | ---: |"]
     for split in ("validation", "test"):
         row = calibration.get(split) or {}
-        lines.append(f"| {split} | {_fmt(row.get('ece_before'))} | {_fmt(row.get('ece_after'))} "
-                     f"| {_fmt(row.get('brier_before'))} | {_fmt(row.get('brier_after'))} |")
+        lines.append(f"| {split} | {number(row.get('ece_before'))} | {number(row.get('ece_after'))} "
+                     f"| {number(row.get('brier_before'))} | {number(row.get('brier_after'))} |")
     lines += ["", "Lower is better for both. The calibrator was fitted on validation, so the test row is the "
                   "honest one. The reliability diagram (before and after) is `reports/plots/calibration.png`.", ""]
     return lines
@@ -231,11 +232,3 @@ def limitations(params: Params, report: dict) -> list[str]:
     items.append("Labels are as recorded by the source (and clinicians' feedback); label errors "
                  "bound the measured performance.")
     return items
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)

@@ -507,25 +507,6 @@ def curves(y_true: Sequence, score: Sequence, bins: int = 10) -> dict[str, list[
     return {"roc": roc, "pr": pr, "calibration": calibration}
 
 
-def json_ready(value, digits: int = 6):
-    """Round floats to ``digits`` decimals, NaN/inf to None, numpy scalars to Python (recursively)."""
-    if isinstance(value, dict):
-        return {str(k): json_ready(v, digits) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v, digits) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        if not math.isfinite(value):
-            return None
-        rounded = round(value, digits)
-        return 0.0 if rounded == 0 else rounded  # no "-0.0"
-    return value
-
-
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------

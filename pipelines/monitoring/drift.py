@@ -48,6 +48,7 @@ from pipelines.monitoring.reference import (  # noqa: F401 - re-exported: the se
     summarize_inputs,
 )
 from pipelines.errors import MedloopError
+from pipelines.values import utc_now
 
 PSI_EPSILON = 1e-4  # the share an empty bin counts as (keeps the logarithm finite)
 PREDICTION = "prediction"
@@ -151,7 +152,7 @@ def drift_report(params: Params, reference: dict, predictions: Iterable[dict], *
         The `DriftReport`.
     """
     spec = params.monitoring
-    end = _utc(now or datetime.now(timezone.utc))
+    end = _utc(now or utc_now())
     start = end - timedelta(days=spec.window_days)
     rows = [row for row in predictions if row.get("created_at") is None or start <= _utc(row["created_at"]) <= end]
     judged = len(rows) >= spec.min_inputs
@@ -260,7 +261,7 @@ def recent_predictions(store_url: str, model_name: str, model_version: str | Non
     from pipelines.store.db import StoreError, engine_for
     from pipelines.store.models import Prediction
 
-    end = _utc(now or datetime.now(timezone.utc))
+    end = _utc(now or utc_now())
     query = (select(Prediction.id, Prediction.created_at, Prediction.model_name, Prediction.model_version,
                     Prediction.input_metadata, Prediction.probabilities)
              .where(Prediction.model_name == model_name,

@@ -26,7 +26,6 @@ is only what makes the reference. Keras and scikit-learn are imported inside the
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ import pandas as pd
 from pipelines.data import inputs
 from pipelines.config import Params
 from pipelines.errors import MedloopError
+from pipelines.values import json_ready
 from pipelines.workspace import Layout
 
 REFERENCE_FILE = "drift_reference.json"
@@ -263,10 +263,7 @@ def _positive_probability(model: Any, x: np.ndarray, positive: int, calibrator: 
 
 def _json_float(value: Any) -> float | None:
     """A float for JSON: NaN and missing values become None (JSON has no NaN)."""
-    if value is None:
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
+    return None if value is None else json_ready(float(value), None)
 
 
 def _floats(values: Any) -> list[float | None]:

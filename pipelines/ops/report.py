@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.workspace import Layout
+from pipelines.values import number
 
 RUNS_FILE = "runs.jsonl"
 SHOWN_METRICS = ("auroc", "sensitivity", "specificity", "ppv", "npv", "ece", "n")
@@ -121,8 +122,4 @@ def earlier_decision(layout: Layout, run_id: str | None) -> dict[str, Any] | Non
 
 def fmt(value: Any) -> str:
     """A metric for a table: 4 decimals, ``-`` for none."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
+    return number(value, digits=4, missing="-")

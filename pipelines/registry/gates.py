@@ -24,6 +24,7 @@ from typing import Any
 
 from pipelines.config import PromoteSpec
 from pipelines.model.metrics import paired_difference, read_case_outcomes
+from pipelines.values import number
 
 # Metrics in metrics.json are floats computed by sklearn; a threshold met "exactly" must not fail
 # on the last bit (0.85 - 0.02 is 0.8300000000000001), so comparisons allow this much slack.
@@ -74,8 +75,8 @@ class Decision:
         if self.passed:
             return f"all {len(self.reasons)} gates passed"
         return "\n".join(
-            f"  - {failure.gate}: {failure.detail} (observed {_fmt(failure.observed)}, "
-            f"required {_fmt(failure.required)})"
+            f"  - {failure.gate}: {failure.detail} (observed {_shown(failure.observed)}, "
+            f"required {_shown(failure.required)})"
             for failure in self.failures
         )
 
@@ -128,13 +129,13 @@ def _floor(
 ) -> GateResult:
     label = _LABELS[metric] + where
     if observed is None:
-        detail = f"{label} was not measured, so the floor {_fmt(required)} cannot be checked"
+        detail = f"{label} was not measured, so the floor {_shown(required)} cannot be checked"
         return GateResult(gate, None, required, False, detail)
     if observed >= required - TOLERANCE:
-        detail = f"{label} {_fmt(observed)} meets the floor {_fmt(required)}"
+        detail = f"{label} {_shown(observed)} meets the floor {_shown(required)}"
         return GateResult(gate, observed, required, True, detail)
-    detail = (f"{label} {_fmt(observed)} is below the floor {_fmt(required)} "
-              f"(short by {_fmt(required - observed)})")
+    detail = (f"{label} {_shown(observed)} is below the floor {_shown(required)} "
+              f"(short by {_shown(required - observed)})")
     return GateResult(gate, observed, required, False, detail)
 
 
@@ -169,13 +170,13 @@ def test_set_size(test_set: dict | None, positive_class: str | None = None) -> G
 def _ceiling(gate: str, metric: str, observed: float | None, required: float) -> GateResult:
     label = _LABELS[metric]
     if observed is None:
-        detail = f"{label} was not measured, so the ceiling {_fmt(required)} cannot be checked"
+        detail = f"{label} was not measured, so the ceiling {_shown(required)} cannot be checked"
         return GateResult(gate, None, required, False, detail)
     if observed <= required + TOLERANCE:
-        detail = f"{label} {_fmt(observed)} is within the ceiling {_fmt(required)}"
+        detail = f"{label} {_shown(observed)} is within the ceiling {_shown(required)}"
         return GateResult(gate, observed, required, True, detail)
-    detail = (f"{label} {_fmt(observed)} is above the ceiling {_fmt(required)} "
-              f"(over by {_fmt(observed - required)})")
+    detail = (f"{label} {_shown(observed)} is above the ceiling {_shown(required)} "
+              f"(over by {_shown(observed - required)})")
     return GateResult(gate, observed, required, False, detail)
 
 
@@ -263,18 +264,18 @@ def _not_worse(
     required = reference - margin
     if observed is None:
         detail = (f"{label} was not measured, so it cannot be compared with the champion's "
-                  f"{_fmt(reference)}")
+                  f"{_shown(reference)}")
         return GateResult(gate, None, required, False, detail)
     if observed >= required - TOLERANCE:
         return GateResult(
             gate, observed, required, True,
-            f"{label} {_fmt(observed)} is no worse than the champion's {_fmt(reference)} "
-            f"by more than the margin {_fmt(margin)}",
+            f"{label} {_shown(observed)} is no worse than the champion's {_shown(reference)} "
+            f"by more than the margin {_shown(margin)}",
         )
     return GateResult(
         gate, observed, required, False,
-        f"{label} {_fmt(observed)} is worse than the champion's {_fmt(reference)} by "
-        f"{_fmt(reference - observed)}, more than the margin {_fmt(margin)} (required at least {_fmt(required)})",
+        f"{label} {_shown(observed)} is worse than the champion's {_shown(reference)} by "
+        f"{_shown(reference - observed)}, more than the margin {_shown(margin)} (required at least {_shown(required)})",
     )
 
 
@@ -367,19 +368,15 @@ def _interval_not_below(interval: list | None, reference: float | None) -> GateR
         return GateResult(gate, None, reference, True,
                           "not gated: the candidate has no AUROC interval (evaluate.bootstrap_samples is 0?)")
     low, high = interval
-    shown = f"[{_fmt(low)}, {_fmt(high)}]"
+    shown = f"[{_shown(low)}, {_shown(high)}]"
     if high >= reference - TOLERANCE:
         return GateResult(gate, high, reference, True,
-                          f"the AUROC 95% interval {shown} reaches the champion's AUROC {_fmt(reference)}: "
+                          f"the AUROC 95% interval {shown} reaches the champion's AUROC {_shown(reference)}: "
                           "the candidate is not confidently worse")
     return GateResult(gate, high, reference, False,
                       f"the AUROC 95% interval {shown} lies wholly below the champion's AUROC "
-                      f"{_fmt(reference)}: the candidate is confidently worse")
+                      f"{_shown(reference)}: the candidate is confidently worse")
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        if value != 0 and abs(value) < 1e-4:
-            return f"{value:.1e}"
-        return f"{value:.4f}"
-    return str(value)
+def _shown(value: Any) -> str:
+    return number(value, digits=4)

@@ -6,14 +6,12 @@ UPDATE and DELETE (and TRUNCATE on PostgreSQL)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+from pipelines.values import utc_now
 
 
 class Base(DeclarativeBase):
@@ -26,7 +24,7 @@ class Prediction(Base):
     __tablename__ = "predictions"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, index=True)
     model_name: Mapped[str] = mapped_column(String(200), index=True)
     model_version: Mapped[str] = mapped_column(String(50))
     input_sha256: Mapped[str] = mapped_column(String(64), index=True)  # keyed hash of the de-identified input
@@ -49,7 +47,7 @@ class Feedback(Base):
     __table_args__ = (UniqueConstraint("reviewer_id", "idempotency_key", name="uq_feedback_reviewer_idempotency_key"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, index=True)
     prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
     label: Mapped[str] = mapped_column(String(100))
     reviewer_id: Mapped[str] = mapped_column(String(200), index=True)
@@ -66,7 +64,7 @@ class Adjudication(Base):
     __tablename__ = "adjudications"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), unique=True)
     labels_in_conflict: Mapped[list] = mapped_column(JSON)
 
@@ -78,7 +76,7 @@ class AdjudicationResolution(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     adjudication_id: Mapped[int] = mapped_column(ForeignKey("adjudications.id"), unique=True)
-    resolved_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    resolved_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     resolved_label: Mapped[str] = mapped_column(String(100))
     resolved_by: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -90,7 +88,7 @@ class Deployment(Base):
     __tablename__ = "deployments"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, index=True)
     model_name: Mapped[str] = mapped_column(String(200), index=True)
     model_version: Mapped[str] = mapped_column(String(50))
     actor: Mapped[str] = mapped_column(String(200))
@@ -110,7 +108,7 @@ class ShadowPrediction(Base):
     __table_args__ = (UniqueConstraint("prediction_id", "candidate", name="uq_shadow_prediction_candidate"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, index=True)
     prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
     candidate: Mapped[str] = mapped_column(String(100), index=True)
     model_name: Mapped[str] = mapped_column(String(200))
