@@ -95,7 +95,7 @@ def run(params: Params, layout: Layout) -> TrainResult:
                              "medloop.stage": "train", "medloop.architecture": params.train.architecture})
             mlflow.log_params(flatten_params(params))
             _log_dataset_inputs(params, layout)
-            validation_auroc = ValidationAuroc(validation_data, classes, positive)
+            validation_auroc = validation_auroc_callback(validation_data, classes, positive)
             early_stopping = keras.callbacks.EarlyStopping(
                 monitor="val_auroc", mode="max", patience=params.train.early_stopping_patience,
                 restore_best_weights=True,
@@ -104,7 +104,7 @@ def run(params: Params, layout: Layout) -> TrainResult:
                 train_data,
                 epochs=params.train.epochs,
                 class_weight=weights,
-                callbacks=[validation_auroc, early_stopping, EpochMetrics(params.train.epochs)],
+                callbacks=[validation_auroc, early_stopping, epoch_metrics_callback(params.train.epochs)],
                 shuffle=False,  # the training dataset shuffles itself (seeded)
                 verbose=0,
             )
@@ -325,7 +325,7 @@ def flatten_params(params: Params) -> dict[str, str]:
     return flat
 
 
-def ValidationAuroc(data: Any, classes: list[str], positive: int) -> Any:  # noqa: N802 (a class)
+def validation_auroc_callback(data: Any, classes: list[str], positive: int) -> Any:
     """A Keras callback that, after every epoch, predicts the validation set once and adds to
     the epoch's logs ``val_loss`` (log loss) and ``val_auroc`` (scikit-learn's ROC AUC of the
     positive class, one-vs-rest), for EarlyStopping and the MLflow metrics.
@@ -340,14 +340,14 @@ def ValidationAuroc(data: Any, classes: list[str], positive: int) -> Any:  # noq
 
     truth = dataset_labels(data)
 
-    class _ValidationAuroc(keras.callbacks.Callback):
+    class ValidationAuroc(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             probabilities = class_probabilities(self.model, data)
             logs = logs if logs is not None else {}
             logs["val_loss"] = float(log_loss(truth, probabilities, labels=list(range(len(classes)))))
             logs["val_auroc"] = float(roc_auc_score(truth == positive, probabilities[:, positive]))
 
-    return _ValidationAuroc()
+    return ValidationAuroc()
 
 
 def dataset_labels(data: Any) -> np.ndarray:
@@ -357,13 +357,13 @@ def dataset_labels(data: Any) -> np.ndarray:
     return encoded[:, 0].astype(np.int64) if encoded.shape[1] == 1 else encoded.argmax(axis=1)
 
 
-def EpochMetrics(epochs: int) -> Any:  # noqa: N802 (a class)
+def epoch_metrics_callback(epochs: int) -> Any:
     """A Keras callback logging every epoch's metrics to the active MLflow run (step = epoch,
     counted from 1), and a line ``epoch k/n: ...`` to the stage log (progress displays read it)."""
     import keras
     import mlflow
 
-    class _EpochMetrics(keras.callbacks.Callback):
+    class EpochMetrics(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             metrics = {key: float(value) for key, value in (logs or {}).items()
                        if isinstance(value, (int, float, np.floating)) and np.isfinite(value)}
@@ -374,7 +374,7 @@ def EpochMetrics(epochs: int) -> Any:  # noqa: N802 (a class)
             shown = ", ".join(f"{key} {metrics[key]:.4f}" for key in ("loss", "val_auroc") if key in metrics)
             log.info("epoch %d/%d: %s", epoch + 1, epochs, shown)
 
-    return _EpochMetrics()
+    return EpochMetrics()
 
 
 def main(argv: list[str] | None = None) -> int:

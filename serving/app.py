@@ -30,6 +30,7 @@ import contextlib
 import os
 import time
 from pathlib import Path
+from typing import Callable, Union
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,11 +42,14 @@ from serving.model import ModelManager
 from serving.schemas import PROBLEMS
 from serving.service import Service
 
-# The parts of the service, one router each, in the order the OpenAPI document lists them. A new
-# part (the clinicians' pages, say) is a router in a module of its own, added here; its routes
-# reach the service through the dependencies of `serving.service` (`service_of`, `caller`).
-ROUTERS: tuple[APIRouter, ...] = (health.router, predict.router, feedback.router, monitoring.router,
-                                  admin.router)
+# A part of the service: its router, or a function that builds its router for the app's Service.
+Part = Union[APIRouter, Callable[[Service], APIRouter]]
+
+# The parts of the service, in the order the OpenAPI document lists them. A new part (the
+# clinicians' pages, say) is a module of its own, added here: a module-level router whose routes
+# reach the service through the dependencies of `serving.service` (`service_of`, `caller`), or a
+# function of the Service that builds one.
+ROUTERS: tuple[Part, ...] = (health.router, predict.router, feedback.router, monitoring.router, admin.router)
 
 
 def create_app(params_file: str | Path, *, reload_seconds: float | None = None) -> FastAPI:
@@ -73,8 +77,8 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
                   description=f"Serves {params.model.name}@champion and takes clinicians' feedback.", **docs)
     app.state.service = service
     app.state.manager, app.state.store, app.state.params = service.manager, service.store, params
-    for router in ROUTERS:
-        app.include_router(router)
+    for part in ROUTERS:
+        app.include_router(part if isinstance(part, APIRouter) else part(service))
 
     def openapi() -> dict:
         # The routers are shared by every app in the process; what params declare goes into

@@ -161,15 +161,6 @@ def parameter_count(model: Any) -> int:
     return int(model.count_params())
 
 
-def gradcam_layer(model: Any) -> str:
-    """The name of the layer whose activations Grad-CAM should use (the last convolutional
-    feature map, after its activation)."""
-    name = GRADCAM_LAYERS.get(model.name)
-    if name is None:
-        raise MedloopError(f"model {model.name!r} has no convolutional layer for Grad-CAM")
-    return name
-
-
 # ---------------------------------------------------------------------------------------------
 # architectures
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +203,7 @@ def _cxr_small(inputs: Any) -> Any:
       ``preprocess.image_size`` needs no architecture change; the deeper, padded stack sees
       larger structures (a consolidation spanning a lobe) than three valid-padded convs do.
     - Explainability: the last block's ReLU output is a clean class-evidence map for Grad-CAM
-      (`gradcam_layer`).
+      (``GRADCAM_LAYERS``).
 
     Batch norm uses momentum 0.9 rather than Keras' 0.99: a night's retrain on a few hundred
     images is only ~100 optimizer steps, too few for 0.99's moving statistics (used at inference)

@@ -187,12 +187,7 @@ def _subgroup_floors(subgroups: dict, spec: PromoteSpec) -> list[GateResult]:
             group = subgroups[column][value]
             key = f"{column}={value}"
             n = int(group.get("n") or 0)
-            for metric, floor in (
-                ("auroc", getattr(spec, "subgroup_min_auroc", None)),
-                ("sensitivity", getattr(spec, "subgroup_min_sensitivity", None)),
-            ):
-                if floor is None:
-                    continue
+            for metric, floor in (("auroc", spec.subgroup_min_auroc), ("sensitivity", spec.subgroup_min_sensitivity)):
                 gate = f"subgroup_min_{metric}[{key}]"
                 observed = group.get(metric)
                 if n < spec.subgroup_min_count:
