@@ -75,8 +75,8 @@ class Decision:
         if self.passed:
             return f"all {len(self.reasons)} gates passed"
         return "\n".join(
-            f"  - {failure.gate}: {failure.detail} (observed {_shown(failure.observed)}, "
-            f"required {_shown(failure.required)})"
+            f"  - {failure.gate}: {failure.detail} (observed {_fmt(failure.observed)}, "
+            f"required {_fmt(failure.required)})"
             for failure in self.failures
         )
 
@@ -129,13 +129,13 @@ def _floor(
 ) -> GateResult:
     label = _LABELS[metric] + where
     if observed is None:
-        detail = f"{label} was not measured, so the floor {_shown(required)} cannot be checked"
+        detail = f"{label} was not measured, so the floor {_fmt(required)} cannot be checked"
         return GateResult(gate, None, required, False, detail)
     if observed >= required - TOLERANCE:
-        detail = f"{label} {_shown(observed)} meets the floor {_shown(required)}"
+        detail = f"{label} {_fmt(observed)} meets the floor {_fmt(required)}"
         return GateResult(gate, observed, required, True, detail)
-    detail = (f"{label} {_shown(observed)} is below the floor {_shown(required)} "
-              f"(short by {_shown(required - observed)})")
+    detail = (f"{label} {_fmt(observed)} is below the floor {_fmt(required)} "
+              f"(short by {_fmt(required - observed)})")
     return GateResult(gate, observed, required, False, detail)
 
 
@@ -170,13 +170,13 @@ def test_set_size(test_set: dict | None, positive_class: str | None = None) -> G
 def _ceiling(gate: str, metric: str, observed: float | None, required: float) -> GateResult:
     label = _LABELS[metric]
     if observed is None:
-        detail = f"{label} was not measured, so the ceiling {_shown(required)} cannot be checked"
+        detail = f"{label} was not measured, so the ceiling {_fmt(required)} cannot be checked"
         return GateResult(gate, None, required, False, detail)
     if observed <= required + TOLERANCE:
-        detail = f"{label} {_shown(observed)} is within the ceiling {_shown(required)}"
+        detail = f"{label} {_fmt(observed)} is within the ceiling {_fmt(required)}"
         return GateResult(gate, observed, required, True, detail)
-    detail = (f"{label} {_shown(observed)} is above the ceiling {_shown(required)} "
-              f"(over by {_shown(observed - required)})")
+    detail = (f"{label} {_fmt(observed)} is above the ceiling {_fmt(required)} "
+              f"(over by {_fmt(observed - required)})")
     return GateResult(gate, observed, required, False, detail)
 
 
@@ -259,18 +259,18 @@ def _not_worse(
     required = reference - margin
     if observed is None:
         detail = (f"{label} was not measured, so it cannot be compared with the champion's "
-                  f"{_shown(reference)}")
+                  f"{_fmt(reference)}")
         return GateResult(gate, None, required, False, detail)
     if observed >= required - TOLERANCE:
         return GateResult(
             gate, observed, required, True,
-            f"{label} {_shown(observed)} is no worse than the champion's {_shown(reference)} "
-            f"by more than the margin {_shown(margin)}",
+            f"{label} {_fmt(observed)} is no worse than the champion's {_fmt(reference)} "
+            f"by more than the margin {_fmt(margin)}",
         )
     return GateResult(
         gate, observed, required, False,
-        f"{label} {_shown(observed)} is worse than the champion's {_shown(reference)} by "
-        f"{_shown(reference - observed)}, more than the margin {_shown(margin)} (required at least {_shown(required)})",
+        f"{label} {_fmt(observed)} is worse than the champion's {_fmt(reference)} by "
+        f"{_fmt(reference - observed)}, more than the margin {_fmt(margin)} (required at least {_fmt(required)})",
     )
 
 
@@ -363,15 +363,15 @@ def _interval_not_below(interval: list | None, reference: float | None) -> GateR
         return GateResult(gate, None, reference, True,
                           "not gated: the candidate has no AUROC interval (evaluate.bootstrap_samples is 0?)")
     low, high = interval
-    shown = f"[{_shown(low)}, {_shown(high)}]"
+    shown = f"[{_fmt(low)}, {_fmt(high)}]"
     if high >= reference - TOLERANCE:
         return GateResult(gate, high, reference, True,
-                          f"the AUROC 95% interval {shown} reaches the champion's AUROC {_shown(reference)}: "
+                          f"the AUROC 95% interval {shown} reaches the champion's AUROC {_fmt(reference)}: "
                           "the candidate is not confidently worse")
     return GateResult(gate, high, reference, False,
                       f"the AUROC 95% interval {shown} lies wholly below the champion's AUROC "
-                      f"{_shown(reference)}: the candidate is confidently worse")
+                      f"{_fmt(reference)}: the candidate is confidently worse")
 
 
-def _shown(value: Any) -> str:
+def _fmt(value: Any) -> str:
     return number(value, digits=4)

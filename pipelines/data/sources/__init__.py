@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pipelines.config import Params
+from pipelines.data.sources.base import ImageSource, TableSource
 
 
-def open_source(params: Params):
+def open_source(params: Params) -> ImageSource | TableSource:
     """The reader for the configured source (an image source or a table source)."""
     spec = params.source
     if spec.kind == "image_folder":

@@ -7,7 +7,7 @@ crash). Tabular sources yield `TableChunk`s: a DataFrame of raw rows and where t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 import pandas as pd
@@ -64,7 +64,6 @@ class TableChunk:
 class SourceState:
     """What collect already has from this source, so a source can skip work early."""
 
-    seen_refs: frozenset[str] = field(default_factory=frozenset)
     nights_released: int = 0
 
 
