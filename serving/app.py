@@ -76,7 +76,6 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
     app = FastAPI(title="medloop prediction service", version="1", lifespan=lifespan, responses=PROBLEMS,
                   description=f"Serves {params.model.name}@champion and takes clinicians' feedback.", **docs)
     app.state.service = service
-    app.state.manager, app.state.store, app.state.params = service.manager, service.store, params
     for part in ROUTERS:
         app.include_router(part if isinstance(part, APIRouter) else part(service))
 
