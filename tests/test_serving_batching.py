@@ -4,8 +4,9 @@ its own process, serving a trained and registered model (the tabular MLP of conf
 
 Probabilities are answered to 6 decimals. A batched model call may sum a row's products in
 another order than a call on that row alone (the kernels block by batch size), which moves a
-float32 probability by a rounding step (~1e-7), so "the same answer" below means the same
-decision and probabilities within 1e-6 (one unit of the last decimal answered)."""
+float32 probability by a rounding step (~1e-7 for the MLP); through a CNN's stacked convolutions
+the steps add up (1.5e-5 measured on a tiny CNN), so "the same answer" below means the same
+decision and probabilities within 1e-4, far below any clinically meaningful difference."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from conftest import SALT, load, serving_settings
 from test_serving import bearer, instance, start_service, stop, tiny_cnn_workspace
 from tests_support import pydicom_test_file
 
-SAME = 1e-6  # see the module docstring
+SAME = 1e-4  # see the module docstring
 FLOAT_NOISE = 1e-12  # 0.930822 - 0.930821 is 1.00000000003e-06 in binary floating point
 
 
