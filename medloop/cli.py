@@ -108,12 +108,10 @@ def promote(
     else:
         if reason:
             raise MedloopError("--reason goes with --run (a human override); a gated promotion records its gates")
-        from pipelines.evaluate import rescore_registered
+        from pipelines.registry.client import rescorer
 
-        result = promotion.run(
-            params, layout, actor=promotion.default_actor(), require_promotion=True,
-            rescore=lambda uri: rescore_registered(params, layout, uri),
-        )
+        result = promotion.run(params, layout, actor=promotion.default_actor(), require_promotion=True,
+                               rescore=rescorer(params, layout))
     _console().print(result.describe())
 
 

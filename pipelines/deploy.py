@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError
-from pipelines.promote import CHAMPION, version_with_alias, append_history, now_iso, is_registered
-from pipelines.registry.tracking import FLOW_RUN_ENV, configure
+from pipelines.registry.client import CHAMPION, append_history, champion as champion_of, connect, is_registered, now_iso
+from pipelines.registry.tracking import FLOW_RUN_ENV
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.deploy")
@@ -70,15 +70,13 @@ def run(params: Params, layout: Layout, version: str | None = None, *, actor: st
     Raises:
         DeployError: the model is not registered, has no champion, or has no such version.
     """
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    configure(params, layout)
-    client = MlflowClient()
+    client = connect(params, layout)
     name = params.model.name
     if not is_registered(client, name):
         raise DeployError(f"model {name} is not registered yet: nothing to deploy (promote a model first)")
-    champion = version_with_alias(client, name, CHAMPION)
+    champion = champion_of(client, name)
     if version is None:
         if champion is None:
             raise DeployError(f"model {name} has no {CHAMPION}: nothing to deploy")

@@ -33,41 +33,34 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
 from pipelines.config import Params
 from pipelines.errors import GateError, MedloopError
+from pipelines.registry.client import (CHAMPION, history as client_history, PREVIOUS_CHAMPION, append_history, champion as champion_of,
+                                       connect, get_run, is_registered, load_json_list, logged_model, now_iso,
+                                       rescorer, version_of_run, version_with_alias)
 from pipelines.registry.gates import Decision, evaluate_gates
 from pipelines.stage import stage_main
-from pipelines.registry.tracking import configure, display_uri
+from pipelines.registry.tracking import display_uri
 from pipelines.workspace import Layout, read_json
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities.model_registry import ModelVersion
 
 log = logging.getLogger("medloop.promote")
-
-CHAMPION = "champion"
-PREVIOUS_CHAMPION = "previous-champion"
-MODEL_ARTIFACT = "model"  # the artifact path (logged model name) train uses
 
 TAG = "medloop.promotion."
 DECISION_TAG = TAG + "decision"
 REASONS_TAG = TAG + "reasons"
-HISTORY_TAG = TAG + "history"
-HISTORY_PAGES_TAG = TAG + "history.pages"
-HISTORY_REASON_LIMIT = 1000
 METRICS_TAG = "medloop.metrics"  # the full metrics.json on a version, JSON
 
 DECISION_ARTIFACT = "promotion/decision.json"
 METRICS_ARTIFACT = "promotion/metrics.json"
 
-# Run tags are cut at 8000 characters by MLflow and registered-model tags are VARCHAR(5000) on
-# PostgreSQL: JSON kept in them must fit, or it would be cut into invalid JSON.
+# Run tags are cut at 8000 characters by MLflow: JSON kept in them must fit, or it would be cut
+# into invalid JSON.
 RUN_TAG_LIMIT = 8000
-HISTORY_PAGE_LIMIT = 4500
 
 
 class PromotionError(MedloopError):
@@ -163,8 +156,6 @@ def run(
             the tracking store, or (when the gates pass) it has no logged model.
         PromotionRefused: the gates failed and ``require_promotion`` is set.
     """
-    from mlflow import MlflowClient
-
     train_info = read_json(layout.train_json, "run the train stage before promoting", PromotionError)
     candidate = read_json(layout.metrics_json, "run the evaluate stage before promoting", PromotionError)
     run_id = train_info.get("run_id")
@@ -175,13 +166,12 @@ def run(
             f"{layout.metrics_json} is for run {candidate.get('run_id')} but {layout.train_json} "
             f"names run {run_id}: re-run evaluate before promoting"
         )
-    configure(params, layout)
-    client = MlflowClient()
+    client = connect(params, layout)
     name = params.model.name
-    mlflow_run = get_run(client, run_id, params, layout)
+    mlflow_run = get_run(client, run_id, params, layout, PromotionError)
 
-    champion = version_with_alias(client, name, CHAMPION)
-    registered = _version_of_run(client, name, run_id)
+    champion = champion_of(client, name)
+    registered = version_of_run(client, name, run_id)
     if registered is not None:
         # A retried task, or a night with nothing retrained: never register the same run twice.
         serving = champion is not None and str(champion.version) == registered
@@ -211,7 +201,7 @@ def run(
             )
         return result
 
-    model_id, source = logged_model(client, mlflow_run)
+    model_id, source = logged_model(client, mlflow_run, PromotionError)
     reason = f"passed all {len(decision.reasons)} gates"
     tags = _version_tags(mlflow_run, candidate, decision, "promoted", actor, at, reason)
     result = _register_and_crown(client, params, layout, run_id, model_id, source, tags, champion,
@@ -242,15 +232,12 @@ def override(
         PromotionError: no reason given; the run is unknown, was never judged by promote, was
             already promoted, or has no logged model.
     """
-    from mlflow import MlflowClient
-
     actor = actor or default_actor()
     if not reason or not reason.strip():
         raise PromotionError("an override needs a reason: say why the refused gates may be set aside")
-    configure(params, layout)
-    client = MlflowClient()
+    client = connect(params, layout)
     name = params.model.name
-    mlflow_run = get_run(client, run_id, params, layout)
+    mlflow_run = get_run(client, run_id, params, layout, PromotionError)
     judged = mlflow_run.data.tags.get(DECISION_TAG)
     if judged is None:
         raise PromotionError(
@@ -261,10 +248,10 @@ def override(
         version = mlflow_run.data.tags.get(TAG + "version", "?")
         raise PromotionError(f"run {run_id} was already registered ({judged}) as {name} v{version}; "
                              "nothing to override")
-    model_id, source = logged_model(client, mlflow_run)
+    model_id, source = logged_model(client, mlflow_run, PromotionError)
     candidate = _run_metrics(run_id)
-    refused = _load_json_list(mlflow_run.data.tags.get(REASONS_TAG))
-    champion = version_with_alias(client, name, CHAMPION)
+    refused = load_json_list(mlflow_run.data.tags.get(REASONS_TAG))
+    champion = champion_of(client, name)
     at = now_iso()
     tags = _version_tags(mlflow_run, candidate, None, "override", actor, at, reason)
     tags[REASONS_TAG] = json.dumps(refused)  # the gates that were set aside
@@ -293,11 +280,8 @@ def rollback(params: Params, layout: Layout, actor: str | None = None, reason: s
     Raises:
         PromotionError: the model is not registered or has no previous champion.
     """
-    from mlflow import MlflowClient
-
     actor = actor or default_actor()
-    configure(params, layout)
-    client = MlflowClient()
+    client = connect(params, layout)
     name = params.model.name
     if not is_registered(client, name):
         raise PromotionError(f"model {name} is not registered in {display_uri(params, layout)}: "
@@ -306,7 +290,7 @@ def rollback(params: Params, layout: Layout, actor: str | None = None, reason: s
     if previous is None:
         raise PromotionError(f"model {name} has no {PREVIOUS_CHAMPION} alias: there is no earlier "
                              "champion to roll back to")
-    current = version_with_alias(client, name, CHAMPION)
+    current = champion_of(client, name)
     at = now_iso()
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
@@ -331,13 +315,7 @@ def history(params: Params, layout: Layout) -> list[dict]:
     Each entry: ``version``, ``alias``, ``action`` (promoted | override | rollback), ``actor``,
     ``reason``, ``at`` (and ``replaced``: the champion it displaced). Empty before the first.
     """
-    from mlflow import MlflowClient
-
-    configure(params, layout)
-    client = MlflowClient()
-    if not is_registered(client, params.model.name):
-        return []
-    return _read_history(client.get_registered_model(params.model.name).tags)
+    return client_history(connect(params, layout), params.model.name)
 
 
 def default_actor() -> str:
@@ -348,36 +326,6 @@ def default_actor() -> str:
 # --------------------------------------------------------------------------------------------
 # reading inputs
 # --------------------------------------------------------------------------------------------
-
-
-def get_run(client: "MlflowClient", run_id: str, params: Params, layout: Layout):
-    """The MLflow run ``run_id`` (PromotionError naming the tracking store when it is not there)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(run_id)
-    except MlflowException:
-        raise PromotionError(
-            f"run {run_id} is not in the tracking store {display_uri(params, layout)}"
-        ) from None
-
-
-def logged_model(client: "MlflowClient", mlflow_run) -> tuple[str | None, str]:
-    """The run's logged model ``model``: (model id, source URI to register)."""
-    run_id = mlflow_run.info.run_id
-    outputs = mlflow_run.outputs.model_outputs if mlflow_run.outputs else []
-    # MLflow 3 logs a model as a LoggedModel linked to the run (the newest step wins).
-    for output in sorted(outputs, key=lambda o: o.step, reverse=True):
-        logged = client.get_logged_model(output.model_id)
-        if logged.name == MODEL_ARTIFACT:
-            return logged.model_id, f"models:/{logged.model_id}"
-    # A model saved among the run's own artifacts (MLflow 2 layout).
-    if any(item.path.endswith("MLmodel") for item in client.list_artifacts(run_id, MODEL_ARTIFACT)):
-        return None, f"runs:/{run_id}/{MODEL_ARTIFACT}"
-    raise PromotionError(
-        f"run {run_id} has no logged model {MODEL_ARTIFACT!r}, so there is nothing to register; "
-        "re-run train"
-    )
 
 
 def _run_metrics(run_id: str) -> dict:
@@ -402,39 +350,6 @@ def _logged_metrics(run_id: str | None) -> dict:
 # --------------------------------------------------------------------------------------------
 # the registry
 # --------------------------------------------------------------------------------------------
-
-
-def is_registered(client: "MlflowClient", name: str) -> bool:
-    """Whether the registry holds a model named ``name``."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-        return True
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
-        raise
-
-
-def _version_of_run(client: "MlflowClient", name: str, run_id: str) -> str | None:
-    """The version already registered from this run, if any."""
-    if not is_registered(client, name):
-        return None
-    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    return str(max(int(v.version) for v in versions)) if versions else None
-
-
-def version_with_alias(client: "MlflowClient", name: str, alias: str) -> "ModelVersion | None":
-    """The version behind an alias; None when the model or the alias does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
 
 
 def _champion_metrics(champion, candidate: dict, name: str, rescore) -> dict | None:
@@ -534,38 +449,6 @@ def _log_decision(client: "MlflowClient", run_id: str, metrics: dict, decision: 
     client.log_text(run_id, json.dumps(metrics, indent=2, sort_keys=True), METRICS_ARTIFACT)
 
 
-# --------------------------------------------------------------------------------------------
-# promotion history: pages of a JSON list in registered-model tags
-# --------------------------------------------------------------------------------------------
-
-
-def append_history(client: "MlflowClient", name: str, entry: dict[str, Any]) -> None:
-    """Append one entry. The newest page is ``medloop.promotion.history``; a full page is moved
-    to ``medloop.promotion.history.<k>`` (k = 1, 2, ...) so that no tag outgrows its column."""
-    tags = client.get_registered_model(name).tags
-    if entry.get("reason") and len(entry["reason"]) > HISTORY_REASON_LIMIT:
-        # One entry must fit a page; the full reason stays on the version's own tags.
-        entry = {**entry, "reason": entry["reason"][:HISTORY_REASON_LIMIT] + "..."}
-    page = _load_json_list(tags.get(HISTORY_TAG)) + [entry]
-    if len(json.dumps(page)) > HISTORY_PAGE_LIMIT and len(page) > 1:
-        archived = int(tags.get(HISTORY_PAGES_TAG, "0")) + 1
-        client.set_registered_model_tag(name, f"{HISTORY_TAG}.{archived}", json.dumps(page[:-1]))
-        client.set_registered_model_tag(name, HISTORY_PAGES_TAG, str(archived))
-        page = [entry]
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(page))
-
-
-def _read_history(tags: dict[str, str]) -> list[dict]:
-    entries: list[dict] = []
-    for number in range(1, int(tags.get(HISTORY_PAGES_TAG, "0")) + 1):
-        entries += _load_json_list(tags.get(f"{HISTORY_TAG}.{number}"))
-    return entries + _load_json_list(tags.get(HISTORY_TAG))
-
-
-def _load_json_list(value: str | None) -> list:
-    return json.loads(value) if value else []
-
-
 def _fit_json(items: list[dict], limit: int) -> str:
     """JSON of ``items`` within ``limit`` characters: details dropped, then the tail summarised."""
     text = json.dumps(items)
@@ -581,26 +464,12 @@ def _fit_json(items: list[dict], limit: int) -> str:
     return "[]"
 
 
-def now_iso() -> str:
-    """Now, UTC, ISO 8601 to the second: the time every promotion record carries."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _rescorer(params, layout) -> Callable[[str], dict]:
-    def rescore(model_uri: str) -> dict:
-        from pipelines.evaluate import rescore_registered
-
-        return rescore_registered(params, layout, model_uri)
-
-    return rescore
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.promote``: judge and promote; a refusal exits with status 1."""
     return stage_main(
         "promote",
         lambda params, layout: run(params, layout, actor=default_actor(), require_promotion=True,
-                                   rescore=_rescorer(params, layout)),
+                                   rescore=rescorer(params, layout)),
         PromotionResult.describe,
         argv,
     )

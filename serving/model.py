@@ -152,13 +152,12 @@ class ModelManager:
     # ---------------------------------------------------------------------------------------
 
     def _champion(self) -> tuple[str, dict[str, str]]:
-        from mlflow import MlflowClient
+        from pipelines.registry.client import CHAMPION, champion, connect
 
-        from pipelines.promote import CHAMPION
-        from pipelines.registry.tracking import configure
-
-        configure(self.params, self.layout)
-        version = MlflowClient().get_model_version_by_alias(self.params.model.name, CHAMPION)
+        version = champion(connect(self.params, self.layout), self.params.model.name)
+        if version is None:
+            raise MedloopError(f"model {self.params.model.name} has no {CHAMPION} in the registry: "
+                               "promote a model first")
         return str(version.version), dict(version.tags)
 
     def _download(self, version: str, tags: dict[str, str]) -> Path:
@@ -215,24 +214,18 @@ class ModelManager:
         return Candidate(reference, reference, rule.get("run_id"), served)
 
     def _version_tags(self, version: str) -> dict[str, str]:
-        from mlflow import MlflowClient
+        from pipelines.registry.client import connect
 
-        from pipelines.registry.tracking import configure
-
-        configure(self.params, self.layout)
-        return dict(MlflowClient().get_model_version(self.params.model.name, version).tags)
+        return dict(connect(self.params, self.layout).get_model_version(self.params.model.name, version).tags)
 
     def _fetch_run(self, run_id: str, reference: str, folder: Path) -> None:
         """A run's logged pyfunc (as promote would register it) and its decision rule."""
         import mlflow
-        from mlflow import MlflowClient
 
         from pipelines.evaluate import MLFLOW_ARTIFACT_PATH
-        from pipelines.promote import get_run, logged_model
-        from pipelines.registry.tracking import configure
+        from pipelines.registry.client import connect, get_run, logged_model
 
-        configure(self.params, self.layout)
-        client = MlflowClient()
+        client = connect(self.params, self.layout)
         mlflow_run = get_run(client, run_id, self.params, self.layout)
         tags = dict(mlflow_run.data.tags)
         metrics: dict[str, Any] = {}

@@ -19,6 +19,7 @@ from pipelines import deploy, promote
 from pipelines.registry import lineage
 from pipelines.ops import report
 from pipelines.config import load_params
+from pipelines.registry.client import rescorer
 from pipelines.registry.tracking import tracking_uri
 from pipelines.ops.versioning import changed, commit, head_commit, push, tag
 from pipelines.workspace import Layout, read_json
@@ -73,8 +74,7 @@ def promote_task(workspace: str) -> dict[str, Any]:
         result = {**earlier, "action": "unchanged", "passed": False,
                   "reason": f"run {run_id} was already judged ({earlier['action']}) on {earlier.get('at')}"}
     else:
-        result = promote.run(params, layout, actor="medloop-nightly",
-                             rescore=promote._rescorer(params, layout)).as_dict()
+        result = promote.run(params, layout, actor="medloop-nightly", rescore=rescorer(params, layout)).as_dict()
     progress.emit("promote", "done", action=result["action"])
     get_run_logger().info("promote: %s - %s", result["action"], result["reason"].splitlines()[0])
     return {**result, "seconds": round(time.perf_counter() - started, 3)}

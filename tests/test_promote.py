@@ -15,6 +15,7 @@ import pytest
 from pipelines import promote
 from pipelines.errors import GateError, MedloopError
 from pipelines.model.metrics import case_outcomes
+from pipelines.registry.client import HISTORY_PAGES_TAG, append_history
 from pipelines.registry.tracking import configure, dumps, lineage, tracking_uri
 from pipelines.workspace import Layout
 from conftest import load, make_workspace, tabular_params
@@ -316,10 +317,10 @@ def test_history_survives_more_entries_than_one_tag_holds(workspace):
     client = MlflowClient()
     client.create_registered_model(params.model.name)
     for number in range(60):
-        promote.append_history(client, params.model.name, {
+        append_history(client, params.model.name, {
             "version": str(number), "alias": "champion", "action": "rollback", "actor": "a",
             "reason": "r" * 40, "at": "2026-01-01T00:00:00+00:00", "replaced": None})
     tags = client.get_registered_model(params.model.name).tags
     assert all(len(value) <= 5000 for value in tags.values())
-    assert int(tags[promote.HISTORY_PAGES_TAG]) >= 2
+    assert int(tags[HISTORY_PAGES_TAG]) >= 2
     assert [e["version"] for e in promote.history(params, layout)] == [str(n) for n in range(60)]

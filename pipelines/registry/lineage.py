@@ -15,8 +15,8 @@ from typing import Any
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError
-from pipelines.promote import CHAMPION, DECISION_TAG, REASONS_TAG, TAG, version_with_alias, is_registered
-from pipelines.registry.tracking import configure
+from pipelines.promote import DECISION_TAG, REASONS_TAG, TAG
+from pipelines.registry.client import CHAMPION, champion as champion_of, connect, is_registered
 from pipelines.workspace import Layout
 
 COMMIT_TAG = "medloop.commit"          # the workspace commit holding the version's dvc.lock
@@ -37,10 +37,7 @@ def record_commit(params: Params, layout: Layout, run_id: str, version: str | No
                   git_tag: str | None, trigger: str | None = None) -> None:
     """Write the commit (and its tag) that holds a run's ``dvc.lock``, and what started the flow
     run (``trigger``), onto the run and the version."""
-    from mlflow import MlflowClient
-
-    configure(params, layout)
-    client = MlflowClient()
+    client = connect(params, layout)
     tags = {COMMIT_TAG: commit, GIT_TAG_TAG: git_tag, TRIGGER_TAG: trigger}
     for key, value in tags.items():
         if value:
@@ -65,16 +62,14 @@ def version_lineage(params: Params, layout: Layout, version: str | None = None) 
     Raises:
         LineageError: no such model or version, or no champion when no version is given.
     """
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    configure(params, layout)
-    client = MlflowClient()
+    client = connect(params, layout)
     name = params.model.name
     if not is_registered(client, name):
         raise LineageError(f"model {name} is not registered in {params.tracking.uri}")
     if version is None:
-        champion = version_with_alias(client, name, CHAMPION)
+        champion = champion_of(client, name)
         if champion is None:
             raise LineageError(f"model {name} has no {CHAMPION}; name a version")
         version = str(champion.version)
