@@ -21,13 +21,12 @@ from dataclasses import asdict, dataclass
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError
-from pipelines.registry.client import CHAMPION, append_history, champion as champion_of, connect, is_registered, now_iso
+from pipelines.registry.client import append_history, champion as champion_of, connect, is_registered, now_iso
+from pipelines.registry.tags import CHAMPION, DEPLOYED
 from pipelines.registry.tracking import FLOW_RUN_ENV
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.deploy")
-
-DEPLOYED_TAG = "medloop.deployed"
 
 
 class DeployError(MedloopError):
@@ -98,7 +97,7 @@ def run(params: Params, layout: Layout, version: str | None = None, *, actor: st
     _record_in_store(params, layout, version, actor, record["flow_run_id"])
     append_history(client, name, {"version": version, "alias": CHAMPION, "action": "deployed",
                                    "actor": actor, "reason": "in service", "at": at, "replaced": deployed})
-    client.set_registered_model_tag(name, DEPLOYED_TAG, json.dumps(record))
+    client.set_registered_model_tag(name, DEPLOYED, json.dumps(record))
     log.info("%s v%s deployed (replacing %s) by %s", name, version, deployed or "nothing", actor)
     result = DeployResult("deployed", name, version, deployed, actor, at)
     tell_service(params)
@@ -146,5 +145,5 @@ def _record_in_store(params: Params, layout: Layout, version: str, actor: str, f
 
 
 def _deployed(client, name: str) -> str | None:
-    recorded = client.get_registered_model(name).tags.get(DEPLOYED_TAG)
+    recorded = client.get_registered_model(name).tags.get(DEPLOYED)
     return json.loads(recorded)["version"] if recorded else None

@@ -37,10 +37,15 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pipelines.config import Params
 from pipelines.errors import GateError, MedloopError
-from pipelines.registry.client import (CHAMPION, history as client_history, PREVIOUS_CHAMPION, append_history, champion as champion_of,
-                                       connect, get_run, is_registered, load_json_list, logged_model, now_iso,
-                                       rescorer, version_of_run, version_with_alias)
+from pipelines.registry.client import (append_history, champion as champion_of, connect, get_run,
+                                       history as client_history, is_registered, load_json_list, logged_model,
+                                       now_iso, rescorer, version_of_run, version_with_alias)
 from pipelines.registry.gates import Decision, evaluate_gates
+from pipelines.registry.tags import (CHAMPION, CLASSES, DECISION, FROZEN_TEST_SET_SHA256, METRICS, MODALITY,
+                                     OPERATING_THRESHOLD, OVERRIDDEN_AT, POSITIVE_CLASS, PREFIX, PREVIOUS_CHAMPION,
+                                     PROMOTED_VERSION, PROMOTION_ACTOR, PROMOTION_AT, PROMOTION_PREFIX,
+                                     PROMOTION_REASON, ROLLED_BACK, RUN_ID, TEST_METRIC_PREFIX, VERDICTS,
+                                     WEIGHTS_SHA256)
 from pipelines.stage import stage_main
 from pipelines.registry.tracking import display_uri
 from pipelines.workspace import Layout, read_json
@@ -49,11 +54,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = logging.getLogger("medloop.promote")
-
-TAG = "medloop.promotion."
-DECISION_TAG = TAG + "decision"
-REASONS_TAG = TAG + "reasons"
-METRICS_TAG = "medloop.metrics"  # the full metrics.json on a version, JSON
 
 DECISION_ARTIFACT = "promotion/decision.json"
 METRICS_ARTIFACT = "promotion/metrics.json"
@@ -112,7 +112,7 @@ class PromotionResult:
             "action": self.action, "passed": self.passed, "model_name": self.model_name,
             "run_id": self.run_id, "version": self.version, "previous_version": self.previous_version,
             "actor": self.actor, "reason": self.reason, "at": self.at,
-            "gates": [verdict.to_dict() for verdict in self.decision.reasons] if self.decision else [],
+            "gates": [verdict.to_dict() for verdict in self.decision.verdicts] if self.decision else [],
             "champion_metrics": (self.champion_metrics or {}).get("test"),
         }
 
@@ -185,10 +185,10 @@ def run(
     _log_decision(client, run_id, candidate, decision, actor, at)
 
     if not decision.passed:
-        client.set_tag(run_id, DECISION_TAG, "refused")
-        client.set_tag(run_id, REASONS_TAG, _fit_json([f.to_dict() for f in decision.failures], RUN_TAG_LIMIT))
-        client.set_tag(run_id, TAG + "actor", actor)
-        client.set_tag(run_id, TAG + "at", at)
+        client.set_tag(run_id, DECISION, "refused")
+        client.set_tag(run_id, VERDICTS, _fit_json([f.to_dict() for f in decision.failures], RUN_TAG_LIMIT))
+        client.set_tag(run_id, PROMOTION_ACTOR, actor)
+        client.set_tag(run_id, PROMOTION_AT, at)
         log.warning("run %s refused: %d gate(s) failed\n%s", run_id, len(decision.failures), decision.summary())
         result = PromotionResult("refused", False, name, run_id, None, None, decision, actor,
                                  decision.summary(), at, champion_metrics)
@@ -202,7 +202,7 @@ def run(
         return result
 
     model_id, source = logged_model(client, mlflow_run, PromotionError)
-    reason = f"passed all {len(decision.reasons)} gates"
+    reason = f"passed all {len(decision.verdicts)} gates"
     tags = _version_tags(mlflow_run, candidate, decision, "promoted", actor, at, reason)
     result = _register_and_crown(client, params, layout, run_id, model_id, source, tags, champion,
                                  "promoted", actor, reason, at, decision)
@@ -238,24 +238,24 @@ def override(
     client = connect(params, layout)
     name = params.model.name
     mlflow_run = get_run(client, run_id, params, layout, PromotionError)
-    judged = mlflow_run.data.tags.get(DECISION_TAG)
+    judged = mlflow_run.data.tags.get(DECISION)
     if judged is None:
         raise PromotionError(
             f"run {run_id} was never judged by promote, so there is no refusal to override; "
             "run `medloop promote` first"
         )
     if judged != "refused":
-        version = mlflow_run.data.tags.get(TAG + "version", "?")
+        version = mlflow_run.data.tags.get(PROMOTED_VERSION, "?")
         raise PromotionError(f"run {run_id} was already registered ({judged}) as {name} v{version}; "
                              "nothing to override")
     model_id, source = logged_model(client, mlflow_run, PromotionError)
     candidate = _run_metrics(run_id)
-    refused = load_json_list(mlflow_run.data.tags.get(REASONS_TAG))
+    refused = load_json_list(mlflow_run.data.tags.get(VERDICTS))
     champion = champion_of(client, name)
     at = now_iso()
     tags = _version_tags(mlflow_run, candidate, None, "override", actor, at, reason)
-    tags[REASONS_TAG] = json.dumps(refused)  # the gates that were set aside
-    tags[TAG + "overridden_at"] = mlflow_run.data.tags.get(TAG + "at", "")
+    tags[VERDICTS] = json.dumps(refused)  # the gates that were set aside
+    tags[OVERRIDDEN_AT] = mlflow_run.data.tags.get(PROMOTION_AT, "")
     result = _register_and_crown(client, params, layout, run_id, model_id, source, tags, champion,
                                  "override", actor, reason, at, None)
     log.warning("%s v%s promoted by override of %s: %s", name, result.version, actor, reason)
@@ -294,7 +294,7 @@ def rollback(params: Params, layout: Layout, actor: str | None = None, reason: s
     at = now_iso()
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
-        client.set_model_version_tag(name, current.version, TAG + "rolled_back", json.dumps(
+        client.set_model_version_tag(name, current.version, ROLLED_BACK, json.dumps(
             {"at": at, "actor": actor, "reason": reason, "restored_version": str(previous.version)}))
     else:
         client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
@@ -363,7 +363,7 @@ def _champion_metrics(champion, candidate: dict, name: str, rescore) -> dict | N
     """
     if champion is None:
         return None
-    recorded = champion.tags.get(METRICS_TAG)
+    recorded = champion.tags.get(METRICS)
     metrics = json.loads(recorded) if recorded else {}
     same_set = metrics.get("frozen_test_set_sha256") == candidate.get("frozen_test_set_sha256")
     if same_set and "test_cases" not in metrics:
@@ -387,9 +387,9 @@ def _register_and_crown(
     if not is_registered(client, name):
         client.create_registered_model(
             name,
-            tags={"medloop.modality": params.model.modality,
-                  "medloop.positive_class": params.model.positive_class,
-                  "medloop.classes": json.dumps(params.model.classes)},
+            tags={MODALITY: params.model.modality,
+                  POSITIVE_CLASS: params.model.positive_class,
+                  CLASSES: json.dumps(params.model.classes)},
             description=f"medloop {params.model.modality} model screening for "
                         f"{params.model.positive_class}; served alias: {CHAMPION}",
         )
@@ -403,12 +403,12 @@ def _register_and_crown(
     client.set_registered_model_alias(name, CHAMPION, version)
     append_history(client, name, {"version": version, "alias": CHAMPION, "action": action,
                                    "actor": actor, "reason": reason, "at": at, "replaced": former})
-    client.set_tag(run_id, DECISION_TAG, action)
-    client.set_tag(run_id, TAG + "version", version)
-    client.set_tag(run_id, TAG + "actor", actor)
-    client.set_tag(run_id, TAG + "at", at)
+    client.set_tag(run_id, DECISION, action)
+    client.set_tag(run_id, PROMOTED_VERSION, version)
+    client.set_tag(run_id, PROMOTION_ACTOR, actor)
+    client.set_tag(run_id, PROMOTION_AT, at)
     if action != "override":
-        client.set_tag(run_id, REASONS_TAG, "[]")
+        client.set_tag(run_id, VERDICTS, "[]")
     log.info("%s v%s is champion (%s by %s)", name, version, action, actor)
     return PromotionResult(action, True, name, run_id, version, former, decision, actor, reason, at)
 
@@ -417,27 +417,27 @@ def _version_tags(mlflow_run, metrics: dict, decision: Decision | None, action: 
                   at: str, reason: str) -> dict[str, str]:
     """Everything a version carries: decision, lineage, threshold, metrics (all strings)."""
     tags = {key: value for key, value in mlflow_run.data.tags.items()
-            if key.startswith("medloop.") and not key.startswith(TAG)}
+            if key.startswith(PREFIX) and not key.startswith(PROMOTION_PREFIX)}
     test = metrics.get("test") or {}
     tags.update({
-        DECISION_TAG: action,
-        TAG + "actor": actor,
-        TAG + "at": at,
-        TAG + "reason": reason,
-        "medloop.run_id": mlflow_run.info.run_id,
-        "medloop.operating_threshold": str(metrics.get("operating_threshold")),
-        "medloop.positive_class": str(metrics.get("positive_class")),
-        "medloop.frozen_test_set_sha256": str(metrics.get("frozen_test_set_sha256")),
-        "medloop.weights_sha256": str(metrics.get("weights_sha256")),
+        DECISION: action,
+        PROMOTION_ACTOR: actor,
+        PROMOTION_AT: at,
+        PROMOTION_REASON: reason,
+        RUN_ID: mlflow_run.info.run_id,
+        OPERATING_THRESHOLD: str(metrics.get("operating_threshold")),
+        POSITIVE_CLASS: str(metrics.get("positive_class")),
+        FROZEN_TEST_SET_SHA256: str(metrics.get("frozen_test_set_sha256")),
+        WEIGHTS_SHA256: str(metrics.get("weights_sha256")),
         # Without the per-case results, which would outgrow a tag; they stay in the run's
         # promotion/metrics.json artifact, where promote reads them when this is champion.
-        METRICS_TAG: json.dumps({k: v for k, v in metrics.items() if k != "test_cases"}, sort_keys=True),
+        METRICS: json.dumps({k: v for k, v in metrics.items() if k != "test_cases"}, sort_keys=True),
     })
     for key in ("auroc", "sensitivity", "specificity", "ece", "n"):
         if test.get(key) is not None:
-            tags[f"medloop.metrics.test_{key}"] = str(test[key])
+            tags[TEST_METRIC_PREFIX + key] = str(test[key])
     if decision is not None:
-        tags[REASONS_TAG] = json.dumps([verdict.to_dict() for verdict in decision.reasons])
+        tags[VERDICTS] = json.dumps([verdict.to_dict() for verdict in decision.verdicts])
     return tags
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError
+from pipelines.registry.tags import CHAMPION, METRICS, OPERATING_THRESHOLD, POSITIVE_CLASS, RUN_ID
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.serving")
@@ -152,7 +153,7 @@ class ModelManager:
     # ---------------------------------------------------------------------------------------
 
     def _champion(self) -> tuple[str, dict[str, str]]:
-        from pipelines.registry.client import CHAMPION, champion, connect
+        from pipelines.registry.client import champion, connect
 
         version = champion(connect(self.params, self.layout), self.params.model.name)
         if version is None:
@@ -182,20 +183,20 @@ class ModelManager:
 
     def _rule(self, version: str, tags: dict[str, str], metrics: dict[str, Any], what: str) -> dict[str, Any]:
         """The decision rule recorded with a version or run: classes, positive class, threshold."""
-        recorded = json.loads(tags.get("medloop.metrics", "{}")) or metrics
-        threshold = tags.get("medloop.operating_threshold")
+        recorded = json.loads(tags.get(METRICS, "{}")) or metrics
+        threshold = tags.get(OPERATING_THRESHOLD)
         if threshold in (None, "", "None"):
             threshold = recorded.get("operating_threshold")
         if threshold in (None, "", "None"):
-            raise MedloopError(f"{what} has no operating threshold (tag medloop.operating_threshold): "
+            raise MedloopError(f"{what} has no operating threshold (tag {OPERATING_THRESHOLD}): "
                                "evaluate it before serving it")
         return {
             "name": self.params.model.name, "version": version,
             "classes": recorded.get("classes") or list(self.params.model.classes),
-            "positive_class": tags.get("medloop.positive_class") or recorded.get("positive_class")
+            "positive_class": tags.get(POSITIVE_CLASS) or recorded.get("positive_class")
             or self.params.model.positive_class,
             "operating_threshold": float(threshold),
-            "run_id": tags.get("medloop.run_id"),
+            "run_id": tags.get(RUN_ID),
         }
 
     def _load_candidate(self, reference: str) -> Candidate:
@@ -229,7 +230,7 @@ class ModelManager:
         mlflow_run = get_run(client, run_id, self.params, self.layout)
         tags = dict(mlflow_run.data.tags)
         metrics: dict[str, Any] = {}
-        if tags.get("medloop.operating_threshold") in (None, "", "None"):
+        if tags.get(OPERATING_THRESHOLD) in (None, "", "None"):
             try:
                 metrics = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{MLFLOW_ARTIFACT_PATH}/metrics.json"))
             except Exception:  # noqa: BLE001 - no evaluation: _rule says what is missing

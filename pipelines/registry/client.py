@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError
+from pipelines.registry.tags import CHAMPION, HISTORY, HISTORY_PAGES
 from pipelines.registry.tracking import configure, display_uri
 from pipelines.workspace import Layout
 
@@ -22,12 +23,8 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.entities.model_registry import ModelVersion
 
-CHAMPION = "champion"
-PREVIOUS_CHAMPION = "previous-champion"
 MODEL_ARTIFACT = "model"  # the artifact path (logged model name) train uses
 
-HISTORY_TAG = "medloop.promotion.history"
-HISTORY_PAGES_TAG = HISTORY_TAG + ".pages"
 HISTORY_REASON_LIMIT = 1000
 # Registered-model tags are VARCHAR(5000) on PostgreSQL: a history page must fit, or it would be
 # cut into invalid JSON.
@@ -158,13 +155,13 @@ def append_history(client: "MlflowClient", name: str, entry: dict[str, Any]) -> 
     if entry.get("reason") and len(entry["reason"]) > HISTORY_REASON_LIMIT:
         # One entry must fit a page; the full reason stays on the version's own tags.
         entry = {**entry, "reason": entry["reason"][:HISTORY_REASON_LIMIT] + "..."}
-    page = load_json_list(tags.get(HISTORY_TAG)) + [entry]
+    page = load_json_list(tags.get(HISTORY)) + [entry]
     if len(json.dumps(page)) > HISTORY_PAGE_LIMIT and len(page) > 1:
-        archived = int(tags.get(HISTORY_PAGES_TAG, "0")) + 1
-        client.set_registered_model_tag(name, f"{HISTORY_TAG}.{archived}", json.dumps(page[:-1]))
-        client.set_registered_model_tag(name, HISTORY_PAGES_TAG, str(archived))
+        archived = int(tags.get(HISTORY_PAGES, "0")) + 1
+        client.set_registered_model_tag(name, f"{HISTORY}.{archived}", json.dumps(page[:-1]))
+        client.set_registered_model_tag(name, HISTORY_PAGES, str(archived))
         page = [entry]
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(page))
+    client.set_registered_model_tag(name, HISTORY, json.dumps(page))
 
 
 def history(client: "MlflowClient", name: str) -> list[dict]:
@@ -173,9 +170,9 @@ def history(client: "MlflowClient", name: str) -> list[dict]:
         return []
     tags = client.get_registered_model(name).tags
     entries: list[dict] = []
-    for number in range(1, int(tags.get(HISTORY_PAGES_TAG, "0")) + 1):
-        entries += load_json_list(tags.get(f"{HISTORY_TAG}.{number}"))
-    return entries + load_json_list(tags.get(HISTORY_TAG))
+    for number in range(1, int(tags.get(HISTORY_PAGES, "0")) + 1):
+        entries += load_json_list(tags.get(f"{HISTORY}.{number}"))
+    return entries + load_json_list(tags.get(HISTORY))
 
 
 def load_json_list(value: str | None) -> list:
