@@ -159,11 +159,7 @@ def policy(
 
     layout = _layout(workspace)
     if check_only:
-        from pipelines.monitoring import drift
-
-        params = load_params(layout.params_file)
-        report = drift.champion_report(params, layout) if params.retrain_policy.on_drift else None
-        decision = retrain_policy.decide(params, layout, drift=report).as_dict()
+        decision = retrain_policy.check(load_params(layout.params_file), layout).as_dict()
     else:
         from flows.deployments import api_url
         from flows.policy import retrain_policy as policy_flow
@@ -444,8 +440,9 @@ def demo(
 def _has_champion(layout) -> bool:
     from pipelines import promote
     from pipelines.config import load_params
+    from pipelines.ops.runs import PROMOTED
 
-    return any(entry["action"] in ("promoted", "override") for entry in promote.history(load_params(layout.params_file), layout))
+    return any(entry["action"] in PROMOTED for entry in promote.history(load_params(layout.params_file), layout))
 
 
 def _demo_clinic(layout):

@@ -318,6 +318,31 @@ def history(params: Params, layout: Layout) -> list[dict]:
     return client_history(connect(params, layout), params.model.name)
 
 
+def earlier_decision(params: Params, layout: Layout, run_id: str | None) -> dict[str, Any] | None:
+    """The decision an earlier promote made on MLflow run ``run_id`` (promoted, override,
+    refused, or found it registered already), or None when it was never judged."""
+    from pipelines.ops import report
+
+    return report.earlier_decision(layout, run_id)
+
+
+def judge_once(params: Params, layout: Layout, *, actor: str) -> dict[str, Any]:
+    """The nightly promote: judge the trained model (`run`, the champion re-scored when needed)
+    unless an earlier run judged it already; then say so and judge nothing again.
+
+    Returns:
+        `PromotionResult.as_dict`, or for a model judged before its earlier decision with action
+        ``unchanged`` and ``passed`` False: an old verdict is no reason to deploy (the champion
+        may have been rolled back since).
+    """
+    run_id = read_json(layout.train_json, "run the train stage before promoting", PromotionError).get("run_id")
+    earlier = earlier_decision(params, layout, run_id)
+    if earlier is not None:
+        return {**earlier, "action": "unchanged", "passed": False,
+                "reason": f"run {run_id} was already judged ({earlier['action']}) on {earlier.get('at')}"}
+    return run(params, layout, actor=actor, rescore=rescorer(params, layout)).as_dict()
+
+
 def default_actor() -> str:
     """Who is acting: ``$MEDLOOP_ACTOR`` or the login name."""
     return os.environ.get("MEDLOOP_ACTOR") or getpass.getuser()

@@ -60,6 +60,25 @@ class PolicyDecision:
         return asdict(self)
 
 
+def check(params: Params, layout: Layout, *, next_nightly: datetime | None = None,
+          now: datetime | None = None) -> PolicyDecision:
+    """Check the policy now, as the ``retrain-policy`` flow and ``medloop policy --check-only`` do:
+    the champion's drift is measured when ``on_drift`` is set, then `decide`.
+
+    Args:
+        params: the workspace's params.
+        layout: the workspace.
+        next_nightly: when the next nightly run is due, if known (the flow asks the Prefect server).
+        now: the time of the check (default: now).
+    """
+    report = None
+    if params.retrain_policy.on_drift:
+        from pipelines.monitoring import drift
+
+        report = drift.champion_report(params, layout)
+    return decide(params, layout, drift=report, next_nightly=next_nightly, now=now)
+
+
 def decide(params: Params, layout: Layout, *, drift: Any = None, next_nightly: datetime | None = None,
            now: datetime | None = None) -> PolicyDecision:
     """Check the policy for the workspace.
