@@ -177,9 +177,9 @@ def policy(
 @app.command()
 def status(workspace: Path = WorkspaceOption) -> None:
     """The champion, the last runs, and the next scheduled run."""
-    from pipelines.ops import report
     from pipelines.config import load_params
     from pipelines.errors import MedloopError
+    from pipelines.ops import runs as recorded_runs
     from pipelines.registry.lineage import LineageError, version_lineage
 
     from medloop import views
@@ -198,7 +198,7 @@ def status(workspace: Path = WorkspaceOption) -> None:
             f"{(champion.get('commit') or '-')[:12]}", highlight=False)
     except LineageError as exc:
         console.print(f"champion: none ({exc})", highlight=False)
-    runs = report.recent_runs(layout, 5)
+    runs = recorded_runs.recent(params, layout, 5)
     if runs:
         console.print(views.runs_table(runs))
     else:

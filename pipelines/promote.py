@@ -319,11 +319,23 @@ def history(params: Params, layout: Layout) -> list[dict]:
 
 
 def earlier_decision(params: Params, layout: Layout, run_id: str | None) -> dict[str, Any] | None:
-    """The decision an earlier promote made on MLflow run ``run_id`` (promoted, override,
-    refused, or found it registered already), or None when it was never judged."""
-    from pipelines.ops import report
+    """The decision promote recorded on MLflow run ``run_id`` (its ``medloop.promotion.*`` tags:
+    promoted, override or refused, with the gates' verdicts), or None when it was never judged.
+    MLflow is the record, so a re-cloned workspace knows what was judged."""
+    from mlflow.exceptions import MlflowException
 
-    return report.earlier_decision(layout, run_id)
+    if not run_id:
+        return None
+    try:
+        judged = connect(params, layout).get_run(run_id).data.tags
+    except MlflowException:
+        return None
+    if judged.get(DECISION) is None:
+        return None
+    return {"action": judged[DECISION], "passed": judged[DECISION] in ("promoted", "override"),
+            "model_name": params.model.name, "run_id": run_id, "version": judged.get(PROMOTED_VERSION),
+            "actor": judged.get(PROMOTION_ACTOR), "at": judged.get(PROMOTION_AT),
+            "gates": load_json_list(judged.get(VERDICTS))}
 
 
 def judge_once(params: Params, layout: Layout, *, actor: str) -> dict[str, Any]:

@@ -114,14 +114,15 @@ def record_commit_task(workspace: str, run_id: str, version: str | None, commit_
 
 @task(name="report")
 def report_task(workspace: str, summary: dict[str, Any]) -> str:
-    """Publish the run as a Prefect artifact and add it to the workspace's run log."""
+    """Publish the run as a Prefect artifact and record it (`pipelines.ops.runs.record`: an MLflow
+    run of its own, and the run log cache)."""
     from prefect.artifacts import create_markdown_artifact
 
     layout = Layout.at(workspace)
     markdown = report.render_markdown(summary)
     key = "retrain-" + "".join(c if c.isalnum() else "-" for c in summary["model"].lower())
     create_markdown_artifact(markdown=markdown, key=key, description=report.headline(summary))
-    report.append_run(layout, summary)
+    runs.record(load_params(layout.params_file), layout, summary)
     get_run_logger().info(report.headline(summary))
     return markdown
 

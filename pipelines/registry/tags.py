@@ -63,3 +63,16 @@ HISTORY_PAGES = HISTORY + ".pages"              # how many full pages ``history.
 COMMIT = PREFIX + "commit"                      # the workspace commit holding the version's dvc.lock
 GIT_TAG = PREFIX + "commit_tag"                 # the git tag on that commit (``<model>-v<version>``)
 TRIGGER = PREFIX + "trigger"                    # what started the flow run (schedule, person, policy)
+
+# A retrain run's record (`pipelines.ops.runs.record`): one MLflow run per retrain flow run (or
+# failed or crashed one) in the experiment ``<tracking.experiment>-retrain-runs``, its summary the
+# artifact ``retrain/summary.json``. It also carries TRIGGER, FLOW_RUN_ID, COMMIT, PARAMS_HASH and
+# the DATA_* hashes. The "nothing changed" shortcut and the policy cooldown read these records.
+RETRAIN_PREFIX = PREFIX + "retrain."
+RETRAIN_OUTCOME = RETRAIN_PREFIX + "outcome"        # promoted | refused | data-only | nothing-changed | failed | crashed
+RETRAIN_REASON = RETRAIN_PREFIX + "reason"          # why it ended so (the promotion's reason, the failure)
+RETRAIN_STARTED_AT = RETRAIN_PREFIX + "started_at"  # ISO 8601, UTC
+RETRAIN_FINISHED_AT = RETRAIN_PREFIX + "finished_at"
+RETRAIN_JUDGED_RUN = RETRAIN_PREFIX + "judged_run"  # the training run promote judged
+RETRAIN_PROMOTION = RETRAIN_PREFIX + "promotion"    # promote's action on it
+RETRAIN_VERSION = RETRAIN_PREFIX + "version"        # the version it promoted or found registered

@@ -63,16 +63,24 @@ def lineage_tags(params: Params, layout: Layout) -> dict[str, str]:
     tags = {
         GIT_COMMIT: _git_commit(layout),
         PARAMS_HASH: params.digest(),
-        DATA_RAW: _dvc_file_hash(layout.root / "data" / "raw.dvc"),
-        DATA_FEEDBACK: _dvc_file_hash(layout.root / "data" / "feedback.dvc"),
-        DATA_PROCESSED: _lock_out_hash(layout, "preprocess", "data/processed"),
-        DATA_FROZEN_TEST_SET: _lock_out_hash(layout, "preprocess", "data/splits"),
+        **data_hashes(layout),
         **clinician_labels(layout),
     }
     flow_run = os.environ.get(FLOW_RUN_ENV)
     if flow_run:
         tags[FLOW_RUN_ID] = flow_run
     return tags
+
+
+def data_hashes(layout: Layout) -> dict[str, str]:
+    """The DVC hashes of the workspace's data now: raw and feedback (their ``.dvc`` files), the
+    processed data and the frozen test set (``dvc.lock``); ``none`` for what is not there."""
+    return {
+        DATA_RAW: _dvc_file_hash(layout.root / "data" / "raw.dvc"),
+        DATA_FEEDBACK: _dvc_file_hash(layout.root / "data" / "feedback.dvc"),
+        DATA_PROCESSED: _lock_out_hash(layout, "preprocess", "data/processed"),
+        DATA_FROZEN_TEST_SET: _lock_out_hash(layout, "preprocess", "data/splits"),
+    }
 
 
 MAX_NAMED_BATCHES = 50  # feedback exports named in a run tag (about 24 characters each)
