@@ -82,7 +82,7 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
 
         summary["stages"] = {}
         for stage in (*DATA_STAGES, *MODEL_STAGES):
-            outcome = stage_task(workspace, stage)
+            outcome = stage_task(workspace, stage, summary["flow_run_id"])
             summary["stages"][stage] = outcome["ran"]
             summary["seconds"][stage] = outcome["seconds"]
         summary["validation"] = read_json(layout.validation_json, "run validate")
@@ -96,7 +96,7 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
         version = runs.new_version(promotion)
         serving_version = runs.version_to_deploy(promotion)
         if serving_version:
-            summary["deploy"] = deploy_task(workspace, serving_version)
+            summary["deploy"] = deploy_task(workspace, serving_version, summary["flow_run_id"])
             summary["seconds"]["deploy"] = summary["deploy"]["seconds"]
         else:
             progress.emit("deploy", "skipped")

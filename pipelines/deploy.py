@@ -23,7 +23,6 @@ from pipelines.config import Params
 from pipelines.errors import MedloopError
 from pipelines.registry.client import append_history, champion as champion_of, connect, is_registered, now_iso
 from pipelines.registry.tags import CHAMPION, DEPLOYED
-from pipelines.registry.tracking import FLOW_RUN_ENV
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.deploy")
@@ -63,8 +62,10 @@ class DeployResult:
         return asdict(self)
 
 
-def run(params: Params, layout: Layout, version: str | None = None, *, actor: str = "medloop") -> DeployResult:
-    """Put ``version`` (default: the current champion) in service and record it.
+def run(params: Params, layout: Layout, version: str | None = None, *, actor: str = "medloop",
+        flow_run_id: str | None = None) -> DeployResult:
+    """Put ``version`` (default: the current champion) in service and record it, with the Prefect
+    flow run that deployed it (``flow_run_id``, when a flow did).
 
     Raises:
         DeployError: the model is not registered, has no champion, or has no such version.
@@ -91,7 +92,7 @@ def run(params: Params, layout: Layout, version: str | None = None, *, actor: st
     if champion is None or str(champion.version) != version:
         client.set_registered_model_alias(name, CHAMPION, version)
     at = now_iso()
-    record = {"version": version, "at": at, "actor": actor, "flow_run_id": os.environ.get(FLOW_RUN_ENV, "")}
+    record = {"version": version, "at": at, "actor": actor, "flow_run_id": flow_run_id or ""}
     # The store first and the registry tag last: the tag is what makes a retry say "unchanged",
     # so nothing before it can be skipped by a retry after a failure.
     _record_in_store(params, layout, version, actor, record["flow_run_id"])

@@ -65,12 +65,13 @@ def promote_task(workspace: str) -> dict[str, Any]:
 
 
 @task(name="deploy", **REGISTRY_RETRIES)
-def deploy_task(workspace: str, version: str) -> dict[str, Any]:
-    """Put the promoted version in service (idempotent) and record the deployment."""
+def deploy_task(workspace: str, version: str, flow_run_id: str | None = None) -> dict[str, Any]:
+    """Put the promoted version in service (idempotent) and record the deployment (with the flow run)."""
     started = time.perf_counter()
     layout = Layout.at(workspace)
     progress.emit("deploy", "running")
-    result = deploy.run(load_params(layout.params_file), layout, version, actor="medloop-nightly")
+    result = deploy.run(load_params(layout.params_file), layout, version, actor="medloop-nightly",
+                         flow_run_id=flow_run_id)
     progress.emit("deploy", "done")
     get_run_logger().info("deploy: %s", result.describe())
     return {**result.as_dict(), "seconds": round(time.perf_counter() - started, 3)}

@@ -20,7 +20,10 @@ from pipelines.registry.tags import (CLINICIAN_LABEL_BATCH_COUNT, CLINICIAN_LABE
                                      GIT_COMMIT, PARAMS_HASH)
 from pipelines.workspace import Layout, database_url
 
-FLOW_RUN_ENV = "MEDLOOP_FLOW_RUN_ID"  # set by the Prefect tasks; pipelines never import Prefect
+# How a stage process (``dvc repro`` -> ``python -m pipelines.train``) learns the Prefect flow run
+# that started it: a variable of that subprocess's environment only (`flow_run_env`); pipelines
+# never import Prefect.
+FLOW_RUN_ENV = "MEDLOOP_FLOW_RUN_ID"
 
 
 def tracking_uri(params: Params, layout: Layout) -> str:
@@ -57,6 +60,11 @@ def configure(params: Params, layout: Layout) -> str:
     return experiment.experiment_id
 
 
+def flow_run_env(flow_run_id: str | None) -> dict[str, str]:
+    """The environment variables that give a stage subprocess the flow run id (none without one)."""
+    return {FLOW_RUN_ENV: flow_run_id} if flow_run_id else {}
+
+
 def lineage_tags(params: Params, layout: Layout) -> dict[str, str]:
     """What a run or model version was made from: git commit, DVC data hashes, params hash,
     flow run id. Every value is a string (MLflow tags)."""
@@ -66,7 +74,7 @@ def lineage_tags(params: Params, layout: Layout) -> dict[str, str]:
         **data_hashes(layout),
         **clinician_labels(layout),
     }
-    flow_run = os.environ.get(FLOW_RUN_ENV)
+    flow_run = os.environ.get(FLOW_RUN_ENV)  # in a stage process: given by `flow_run_env`
     if flow_run:
         tags[FLOW_RUN_ID] = flow_run
     return tags
