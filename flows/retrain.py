@@ -37,6 +37,7 @@ from tasks.retrain import (
     workspace_of,
 )
 
+
 @flow(name="retrain", on_failure=[on_retrain_failure], on_crashed=[on_retrain_failure])
 def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") -> dict:
     """One night of the loop for the workspace that holds ``params_file``. It starts by exporting
@@ -48,8 +49,8 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
     command, promote, deploy, publish) and ``total``, the flow body's.
 
     Returns:
-        The run summary (also published as a Prefect artifact and kept in
-        ``.medloop/runs.jsonl``): ``outcome`` (promoted | refused | data-only |
+        The run summary (also published as a Prefect artifact and recorded as an MLflow run,
+        `pipelines.ops.runs.record`): ``outcome`` (promoted | refused | data-only |
         nothing-changed), what was collected, which stages ran, the gates, metrics against the
         champion, the promotion decision, the commit and tag, links, and ``seconds`` per step.
     """
