@@ -167,7 +167,8 @@ def rebuild_cache(params: Params, layout: Layout) -> int:
             tags = found.data.tags
             summaries.append({"outcome": tags.get(RETRAIN_OUTCOME), "started_at": tags.get(RETRAIN_STARTED_AT),
                               "finished_at": tags.get(RETRAIN_FINISHED_AT), "reason": tags.get(RETRAIN_REASON)})
-    report.write_runs(layout, summaries)
+    if summaries:  # no empty cache: the next look asks MLflow again
+        report.write_runs(layout, summaries)
     return len(summaries)
 
 
@@ -192,8 +193,8 @@ def _records(params: Params, layout: Layout, limit: int | None = None) -> list:
 
 
 def _reader(params: Params, layout: Layout) -> "MlflowClient | None":
-    """A client on the tracking store, or None when it is a local SQLite file not made yet (so
-    reading creates nothing)."""
+    """A client on the tracking store (MLflow pointed at it), or None when it is a local SQLite
+    file not made yet (so reading creates nothing)."""
     from pathlib import Path
 
     from pipelines.registry.tracking import tracking_uri
@@ -201,9 +202,10 @@ def _reader(params: Params, layout: Layout) -> "MlflowClient | None":
     uri = tracking_uri(params, layout)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return None  # and MLflow is not even imported
-    from mlflow import MlflowClient
+    import mlflow
 
-    return MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)  # for the runs:/ artifact URIs too
+    return mlflow.MlflowClient(uri)
 
 
 def _millis(moment: str) -> int:
