@@ -146,12 +146,12 @@ def champion(workspace: Path, env: dict[str, str]) -> dict[str, str]:
     that this client process stays free of MLflow and TensorFlow)."""
     code = (
         "import json, sys\n"
-        "from mlflow import MlflowClient\n"
         "from pipelines.config import load_params\n"
-        "from pipelines.registry.tracking import configure, tracking_uri\n"
+        "from pipelines.registry.client import champion, connect\n"
+        "from pipelines.registry.tracking import tracking_uri\n"
         "from pipelines.workspace import Layout\n"
-        "layout = Layout.at(sys.argv[1]); params = load_params(layout.params_file); configure(params, layout)\n"
-        "version = MlflowClient().get_model_version_by_alias(params.model.name, 'champion')\n"
+        "layout = Layout.at(sys.argv[1]); params = load_params(layout.params_file)\n"
+        "version = champion(connect(params, layout), params.model.name)\n"
         "print(json.dumps({'name': params.model.name, 'version': str(version.version),\n"
         "                  'tracking_uri': tracking_uri(params, layout)}))\n"
     )

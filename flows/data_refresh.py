@@ -15,8 +15,10 @@ def data_refresh(workspace: str, night: int | None = None) -> dict:
         ``collect`` (what arrived), ``stages`` (which ran), ``commit`` (the workspace commit
         recording the new data version, or None when nothing changed).
     """
+    from prefect.runtime import flow_run
+
     collected = collect_task(workspace, night)
-    ran = {stage: stage_task(workspace, stage)["ran"] for stage in DATA_STAGES}
+    ran = {stage: stage_task(workspace, stage, str(flow_run.id or ""))["ran"] for stage in DATA_STAGES}
     message = f"data: batch {collected['batch_id']}" if collected["batch_id"] else "data: stages refreshed"
     commit = commit_task(workspace, message)
     return {"collect": collected, "stages": ran, "commit": commit}

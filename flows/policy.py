@@ -10,7 +10,7 @@ from prefect import flow
 from pipelines.monitoring import policy
 from pipelines.config import load_params
 from pipelines.workspace import Layout
-from tasks.policy import decide_task, drift_task, start_retrain_task
+from tasks.policy import check_task, start_retrain_task
 from tasks.retrain import workspace_of
 
 
@@ -30,12 +30,11 @@ def retrain_policy(params_file: str = "params.yaml") -> dict:
     workspace = workspace_of(params_file)
     layout = Layout.at(workspace).require()
     params = load_params(layout.params_file)
-    drift = drift_task(workspace) if params.retrain_policy.on_drift else None
     try:
         next_nightly = next_scheduled_run(params)
     except ScheduleError:
         next_nightly = None  # no nightly deployment (yet): the policy alone decides
-    decision = decide_task(workspace, drift, next_nightly)
+    decision = check_task(workspace, next_nightly)
     if decision.retrain:
         decision.flow_run_id = start_retrain_task(workspace, decision.reason)
     policy.record(layout, decision)

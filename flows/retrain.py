@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 from prefect import flow
 
-from pipelines.ops import report
+from pipelines.ops import runs
 from pipelines.config import load_params
 from pipelines.registry.lineage import git_tag_name
 from pipelines.workspace import Layout, exclusive, read_json
@@ -37,8 +37,6 @@ from tasks.retrain import (
     workspace_of,
 )
 
-PROMOTED = ("promoted", "override")
-
 
 @flow(name="retrain", on_failure=[on_retrain_failure], on_crashed=[on_retrain_failure])
 def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") -> dict:
@@ -51,8 +49,8 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
     command, promote, deploy, publish) and ``total``, the flow body's.
 
     Returns:
-        The run summary (also published as a Prefect artifact and kept in
-        ``.medloop/runs.jsonl``): ``outcome`` (promoted | refused | data-only |
+        The run summary (also published as a Prefect artifact and recorded as an MLflow run,
+        `pipelines.ops.runs.record`): ``outcome`` (promoted | refused | data-only |
         nothing-changed), what was collected, which stages ran, the gates, metrics against the
         champion, the promotion decision, the commit and tag, links, and ``seconds`` per step.
     """
@@ -76,8 +74,7 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
                 progress.emit(step, "skipped")
             if exported["export_id"]:
                 # The feedback is versioned at once, even on a night with nothing to retrain.
-                published = commit_task(workspace, f"feedback: export {exported['export_id']} "
-                                                   f"({exported['exported']} confirmed labels)", None)
+                published = commit_task(workspace, runs.feedback_commit_message(exported), None)
                 if published["new_commit"]:
                     published["push_seconds"] = push_task(workspace)
                 summary["publish"] = published
@@ -86,7 +83,7 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
 
         summary["stages"] = {}
         for stage in (*DATA_STAGES, *MODEL_STAGES):
-            outcome = stage_task(workspace, stage)
+            outcome = stage_task(workspace, stage, summary["flow_run_id"])
             summary["stages"][stage] = outcome["ran"]
             summary["seconds"][stage] = outcome["seconds"]
         summary["validation"] = read_json(layout.validation_json, "run validate")
@@ -97,18 +94,16 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
         summary["promotion"] = promotion
         summary["champion_metrics"] = promotion.get("champion_metrics")
         summary["seconds"]["promote"] = promotion["seconds"]
-        version = promotion["version"] if promotion["action"] in PROMOTED else None
-        # Deploy is idempotent: it also runs for a run registered earlier as champion, so that a
-        # deploy that failed on an earlier night is completed now.
-        serving_version = version or (promotion["version"] if promotion.get("passed") else None)
+        version = runs.new_version(promotion)
+        serving_version = runs.version_to_deploy(promotion)
         if serving_version:
-            summary["deploy"] = deploy_task(workspace, serving_version)
+            summary["deploy"] = deploy_task(workspace, serving_version, summary["flow_run_id"])
             summary["seconds"]["deploy"] = summary["deploy"]["seconds"]
         else:
             progress.emit("deploy", "skipped")
 
-        outcome = _outcome(promotion)
-        message = _commit_message(params.model.name, outcome, promotion, collected)
+        outcome = runs.outcome(promotion)
+        message = runs.commit_message(params.model.name, outcome, promotion, collected)
         published = commit_task(workspace, message, git_tag_name(params.model.name, version) if version else None)
         publish_seconds = published["commit_seconds"]
         # Pushed on every run that got this far (a no-op when the remote is complete), so a push
@@ -135,24 +130,6 @@ def _finish(summary: dict, outcome: str, started: float) -> dict:
     summary["seconds"]["total"] = round(time.perf_counter() - started, 3)
     report_task(summary["workspace"], summary)
     return summary
-
-
-def _outcome(promotion: dict) -> str:
-    if promotion["action"] in PROMOTED:
-        return "promoted"
-    if promotion["action"] == "refused":
-        return "refused"
-    return "data-only"
-
-
-def _commit_message(model: str, outcome: str, promotion: dict, collected: dict) -> str:
-    batch = f"batch {collected['batch_id']}" if collected.get("batch_id") else "no new data"
-    run = (promotion.get("run_id") or "")[:12]
-    if outcome == "promoted":
-        return f"{model} v{promotion['version']}: promoted (run {run}; {batch})"
-    if outcome == "refused":
-        return f"{model}: run {run} refused, champion unchanged ({batch})"
-    return f"{model}: data updated ({batch})"
 
 
 def _now() -> str:

@@ -108,12 +108,10 @@ def promote(
     else:
         if reason:
             raise MedloopError("--reason goes with --run (a human override); a gated promotion records its gates")
-        from pipelines.evaluate import rescore_registered
+        from pipelines.registry.client import rescorer
 
-        result = promotion.run(
-            params, layout, actor=promotion.default_actor(), require_promotion=True,
-            rescore=lambda uri: rescore_registered(params, layout, uri),
-        )
+        result = promotion.run(params, layout, actor=promotion.default_actor(), require_promotion=True,
+                               rescore=rescorer(params, layout))
     _console().print(result.describe())
 
 
@@ -161,11 +159,7 @@ def policy(
 
     layout = _layout(workspace)
     if check_only:
-        from pipelines.monitoring import drift
-
-        params = load_params(layout.params_file)
-        report = drift.champion_report(params, layout) if params.retrain_policy.on_drift else None
-        decision = retrain_policy.decide(params, layout, drift=report).as_dict()
+        decision = retrain_policy.check(load_params(layout.params_file), layout).as_dict()
     else:
         from flows.deployments import api_url
         from flows.policy import retrain_policy as policy_flow
@@ -183,9 +177,9 @@ def policy(
 @app.command()
 def status(workspace: Path = WorkspaceOption) -> None:
     """The champion, the last runs, and the next scheduled run."""
-    from pipelines.ops import report
     from pipelines.config import load_params
     from pipelines.errors import MedloopError
+    from pipelines.ops import runs as recorded_runs
     from pipelines.registry.lineage import LineageError, version_lineage
 
     from medloop import views
@@ -204,7 +198,7 @@ def status(workspace: Path = WorkspaceOption) -> None:
             f"{(champion.get('commit') or '-')[:12]}", highlight=False)
     except LineageError as exc:
         console.print(f"champion: none ({exc})", highlight=False)
-    runs = report.recent_runs(layout, 5)
+    runs = recorded_runs.recent(params, layout, 5)
     if runs:
         console.print(views.runs_table(runs))
     else:
@@ -446,8 +440,9 @@ def demo(
 def _has_champion(layout) -> bool:
     from pipelines import promote
     from pipelines.config import load_params
+    from pipelines.ops.runs import PROMOTED
 
-    return any(entry["action"] in ("promoted", "override") for entry in promote.history(load_params(layout.params_file), layout))
+    return any(entry["action"] in PROMOTED for entry in promote.history(load_params(layout.params_file), layout))
 
 
 def _demo_clinic(layout):

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipelines.ops.report import fmt as _fmt
+from pipelines.ops.runs import PROMOTED
 
 STEPS = ("feedback", "collect", "clean", "validate", "preprocess", "train", "evaluate", "promote", "deploy", "publish")
 MARKS = {"waiting": "[dim]·[/]", "running": "[yellow]…[/]", "done": "[green]✓[/]",
@@ -84,7 +85,7 @@ def runs_table(runs: list[dict[str, Any]]) -> Table:
         table.add_column(column)
     for run in runs:
         promotion = run.get("promotion") or {}
-        version = promotion.get("version") if promotion.get("action") in ("promoted", "override") else ""
+        version = promotion.get("version") if promotion.get("action") in PROMOTED else ""
         outcome = run.get("outcome", "?")
         style = {"promoted": "green", "refused": "yellow", "failed": "red", "crashed": "red"}.get(outcome, "")
         table.add_row(str(run.get("finished_at", "")), f"[{style}]{outcome}[/]" if style else outcome,

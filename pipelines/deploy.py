@@ -21,13 +21,12 @@ from dataclasses import asdict, dataclass
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError
-from pipelines.promote import CHAMPION, version_with_alias, append_history, now_iso, is_registered
-from pipelines.registry.tracking import FLOW_RUN_ENV, configure
+from pipelines.registry.client import append_history, champion as champion_of, connect, is_registered
+from pipelines.registry.tags import CHAMPION, DEPLOYED
+from pipelines.values import now_iso
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.deploy")
-
-DEPLOYED_TAG = "medloop.deployed"
 
 
 class DeployError(MedloopError):
@@ -64,21 +63,21 @@ class DeployResult:
         return asdict(self)
 
 
-def run(params: Params, layout: Layout, version: str | None = None, *, actor: str = "medloop") -> DeployResult:
-    """Put ``version`` (default: the current champion) in service and record it.
+def run(params: Params, layout: Layout, version: str | None = None, *, actor: str = "medloop",
+        flow_run_id: str | None = None) -> DeployResult:
+    """Put ``version`` (default: the current champion) in service and record it, with the Prefect
+    flow run that deployed it (``flow_run_id``, when a flow did).
 
     Raises:
         DeployError: the model is not registered, has no champion, or has no such version.
     """
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    configure(params, layout)
-    client = MlflowClient()
+    client = connect(params, layout)
     name = params.model.name
     if not is_registered(client, name):
         raise DeployError(f"model {name} is not registered yet: nothing to deploy (promote a model first)")
-    champion = version_with_alias(client, name, CHAMPION)
+    champion = champion_of(client, name)
     if version is None:
         if champion is None:
             raise DeployError(f"model {name} has no {CHAMPION}: nothing to deploy")
@@ -94,13 +93,13 @@ def run(params: Params, layout: Layout, version: str | None = None, *, actor: st
     if champion is None or str(champion.version) != version:
         client.set_registered_model_alias(name, CHAMPION, version)
     at = now_iso()
-    record = {"version": version, "at": at, "actor": actor, "flow_run_id": os.environ.get(FLOW_RUN_ENV, "")}
+    record = {"version": version, "at": at, "actor": actor, "flow_run_id": flow_run_id or ""}
     # The store first and the registry tag last: the tag is what makes a retry say "unchanged",
     # so nothing before it can be skipped by a retry after a failure.
     _record_in_store(params, layout, version, actor, record["flow_run_id"])
     append_history(client, name, {"version": version, "alias": CHAMPION, "action": "deployed",
                                    "actor": actor, "reason": "in service", "at": at, "replaced": deployed})
-    client.set_registered_model_tag(name, DEPLOYED_TAG, json.dumps(record))
+    client.set_registered_model_tag(name, DEPLOYED, json.dumps(record))
     log.info("%s v%s deployed (replacing %s) by %s", name, version, deployed or "nothing", actor)
     result = DeployResult("deployed", name, version, deployed, actor, at)
     tell_service(params)
@@ -148,5 +147,5 @@ def _record_in_store(params: Params, layout: Layout, version: str, actor: str, f
 
 
 def _deployed(client, name: str) -> str | None:
-    recorded = client.get_registered_model(name).tags.get(DEPLOYED_TAG)
+    recorded = client.get_registered_model(name).tags.get(DEPLOYED)
     return json.loads(recorded)["version"] if recorded else None

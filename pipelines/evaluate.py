@@ -51,7 +51,9 @@ from pipelines.errors import MedloopError
 from pipelines.model.gradcam import gradcam, overlay
 from pipelines.stage import stage_main
 from pipelines.data.inputs import processed_summary
-from pipelines.registry.tracking import configure, display_uri, dumps, lineage
+from pipelines.registry.tags import (CALIBRATION, FROZEN_TEST_SET_SHA256, OPERATING_THRESHOLD, THRESHOLD_SOURCE,
+                                     WEIGHTS_SHA256)
+from pipelines.registry.tracking import configure, display_uri, dumps, lineage_tags
 from pipelines.values import json_ready, number
 from pipelines.workspace import Layout, read_json
 
@@ -142,7 +144,7 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
         explanations["permutation_importance"] = importance
 
     card = model_card.render(
-        params=params, report=report, lineage=lineage(params, layout), data=summary,
+        params=params, report=report, lineage=lineage_tags(params, layout), data=summary,
         explanations=explanations, trained=trained,
     )
     layout.model_card.write_text(card)
@@ -251,7 +253,6 @@ def rescore_registered(params: Params, layout: Layout, model_uri: str) -> dict:
     Promote uses it when the champion's recorded metrics were measured on a different test set
     (items quarantined since, say), so that champion and candidate meet on the same yardstick.
     """
-    import mlflow
     from mlflow import MlflowClient
 
     from pipelines.registry.tracking import configure
@@ -268,10 +269,10 @@ def rescore_registered(params: Params, layout: Layout, model_uri: str) -> dict:
     positive = params.model.classes.index(params.model.positive_class)
     uncalibrated = {split: predict_split(model, layout, summary, split, n_classes) for split in ("validation", "test")}
     validation, test = (calibrated(uncalibrated[split], calibrator) for split in ("validation", "test"))
-    stored = registered.tags.get("medloop.operating_threshold")
+    stored = registered.tags.get(OPERATING_THRESHOLD)
     if stored in (None, "", "None"):
-        raise MedloopError(f"{model_uri} has no stored operating threshold (tag medloop.operating_threshold)")
-    trained = {"run_id": registered.run_id, "weights_sha256": registered.tags.get("medloop.weights_sha256")}
+        raise MedloopError(f"{model_uri} has no stored operating threshold (tag {OPERATING_THRESHOLD})")
+    trained = {"run_id": registered.run_id, "weights_sha256": registered.tags.get(WEIGHTS_SHA256)}
     index = pd.read_parquet(layout.processed / "index.parquet")
     calibration = calibration_report(calibrator, uncalibrated, {"validation": validation, "test": test}, positive,
                                      params.evaluate.calibration_bins)
@@ -621,10 +622,10 @@ def log_to_mlflow(params: Params, layout: Layout, run_id: str, report: dict) -> 
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(values)
         mlflow.set_tags({
-            "medloop.calibration": str(calibration.get("method", "none")),
-            "medloop.operating_threshold": str(report["operating_threshold"]),
-            "medloop.threshold_source": report["threshold_source"],
-            "medloop.frozen_test_set_sha256": report["frozen_test_set_sha256"],
+            CALIBRATION: str(calibration.get("method", "none")),
+            OPERATING_THRESHOLD: str(report["operating_threshold"]),
+            THRESHOLD_SOURCE: report["threshold_source"],
+            FROZEN_TEST_SET_SHA256: report["frozen_test_set_sha256"],
         })
         mlflow.log_artifact(str(layout.metrics_json), MLFLOW_ARTIFACT_PATH)
         mlflow.log_artifact(str(layout.model_card), MLFLOW_ARTIFACT_PATH)

@@ -37,37 +37,31 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pipelines.config import Params
 from pipelines.errors import GateError, MedloopError
-from pipelines.registry.gates import Decision, evaluate_gates
-from pipelines.stage import stage_main
-from pipelines.registry.tracking import configure, display_uri
+from pipelines.registry.client import (append_history, champion as champion_of, connect, get_run,
+                                       history as client_history, is_registered, load_json_list, logged_model,
+                                       rescorer, version_of_run, version_with_alias)
 from pipelines.values import now_iso
+from pipelines.registry.gates import Decision, evaluate_gates
+from pipelines.registry.tags import (CHAMPION, CLASSES, DECISION, FROZEN_TEST_SET_SHA256, METRICS, MODALITY,
+                                     OPERATING_THRESHOLD, OVERRIDDEN_AT, POSITIVE_CLASS, PREFIX, PREVIOUS_CHAMPION,
+                                     PROMOTED_VERSION, PROMOTION_ACTOR, PROMOTION_AT, PROMOTION_PREFIX,
+                                     PROMOTION_REASON, ROLLED_BACK, RUN_ID, TEST_METRIC_PREFIX, VERDICTS,
+                                     WEIGHTS_SHA256)
+from pipelines.stage import stage_main
+from pipelines.registry.tracking import display_uri
 from pipelines.workspace import Layout, read_json
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities.model_registry import ModelVersion
 
 log = logging.getLogger("medloop.promote")
-
-CHAMPION = "champion"
-PREVIOUS_CHAMPION = "previous-champion"
-MODEL_ARTIFACT = "model"  # the artifact path (logged model name) train uses
-
-TAG = "medloop.promotion."
-DECISION_TAG = TAG + "decision"
-REASONS_TAG = TAG + "reasons"
-HISTORY_TAG = TAG + "history"
-HISTORY_PAGES_TAG = TAG + "history.pages"
-HISTORY_REASON_LIMIT = 1000
-METRICS_TAG = "medloop.metrics"  # the full metrics.json on a version, JSON
 
 DECISION_ARTIFACT = "promotion/decision.json"
 METRICS_ARTIFACT = "promotion/metrics.json"
 
-# Run tags are cut at 8000 characters by MLflow and registered-model tags are VARCHAR(5000) on
-# PostgreSQL: JSON kept in them must fit, or it would be cut into invalid JSON.
+# Run tags are cut at 8000 characters by MLflow: JSON kept in them must fit, or it would be cut
+# into invalid JSON.
 RUN_TAG_LIMIT = 8000
-HISTORY_PAGE_LIMIT = 4500
 
 
 class PromotionError(MedloopError):
@@ -119,7 +113,7 @@ class PromotionResult:
             "action": self.action, "passed": self.passed, "model_name": self.model_name,
             "run_id": self.run_id, "version": self.version, "previous_version": self.previous_version,
             "actor": self.actor, "reason": self.reason, "at": self.at,
-            "gates": [verdict.to_dict() for verdict in self.decision.reasons] if self.decision else [],
+            "gates": [verdict.to_dict() for verdict in self.decision.verdicts] if self.decision else [],
             "champion_metrics": (self.champion_metrics or {}).get("test"),
         }
 
@@ -163,8 +157,6 @@ def run(
             the tracking store, or (when the gates pass) it has no logged model.
         PromotionRefused: the gates failed and ``require_promotion`` is set.
     """
-    from mlflow import MlflowClient
-
     train_info = read_json(layout.train_json, "run the train stage before promoting", PromotionError)
     candidate = read_json(layout.metrics_json, "run the evaluate stage before promoting", PromotionError)
     run_id = train_info.get("run_id")
@@ -175,13 +167,12 @@ def run(
             f"{layout.metrics_json} is for run {candidate.get('run_id')} but {layout.train_json} "
             f"names run {run_id}: re-run evaluate before promoting"
         )
-    configure(params, layout)
-    client = MlflowClient()
+    client = connect(params, layout)
     name = params.model.name
-    mlflow_run = get_run(client, run_id, params, layout)
+    mlflow_run = get_run(client, run_id, params, layout, PromotionError)
 
-    champion = version_with_alias(client, name, CHAMPION)
-    registered = _version_of_run(client, name, run_id)
+    champion = champion_of(client, name)
+    registered = version_of_run(client, name, run_id)
     if registered is not None:
         # A retried task, or a night with nothing retrained: never register the same run twice.
         serving = champion is not None and str(champion.version) == registered
@@ -195,10 +186,10 @@ def run(
     _log_decision(client, run_id, candidate, decision, actor, at)
 
     if not decision.passed:
-        client.set_tag(run_id, DECISION_TAG, "refused")
-        client.set_tag(run_id, REASONS_TAG, _fit_json([f.to_dict() for f in decision.failures], RUN_TAG_LIMIT))
-        client.set_tag(run_id, TAG + "actor", actor)
-        client.set_tag(run_id, TAG + "at", at)
+        client.set_tag(run_id, DECISION, "refused")
+        client.set_tag(run_id, VERDICTS, _fit_json([f.to_dict() for f in decision.failures], RUN_TAG_LIMIT))
+        client.set_tag(run_id, PROMOTION_ACTOR, actor)
+        client.set_tag(run_id, PROMOTION_AT, at)
         log.warning("run %s refused: %d gate(s) failed\n%s", run_id, len(decision.failures), decision.summary())
         result = PromotionResult("refused", False, name, run_id, None, None, decision, actor,
                                  decision.summary(), at, champion_metrics)
@@ -211,8 +202,8 @@ def run(
             )
         return result
 
-    model_id, source = logged_model(client, mlflow_run)
-    reason = f"passed all {len(decision.reasons)} gates"
+    model_id, source = logged_model(client, mlflow_run, PromotionError)
+    reason = f"passed all {len(decision.verdicts)} gates"
     tags = _version_tags(mlflow_run, candidate, decision, "promoted", actor, at, reason)
     result = _register_and_crown(client, params, layout, run_id, model_id, source, tags, champion,
                                  "promoted", actor, reason, at, decision)
@@ -242,33 +233,30 @@ def override(
         PromotionError: no reason given; the run is unknown, was never judged by promote, was
             already promoted, or has no logged model.
     """
-    from mlflow import MlflowClient
-
     actor = actor or default_actor()
     if not reason or not reason.strip():
         raise PromotionError("an override needs a reason: say why the refused gates may be set aside")
-    configure(params, layout)
-    client = MlflowClient()
+    client = connect(params, layout)
     name = params.model.name
-    mlflow_run = get_run(client, run_id, params, layout)
-    judged = mlflow_run.data.tags.get(DECISION_TAG)
+    mlflow_run = get_run(client, run_id, params, layout, PromotionError)
+    judged = mlflow_run.data.tags.get(DECISION)
     if judged is None:
         raise PromotionError(
             f"run {run_id} was never judged by promote, so there is no refusal to override; "
             "run `medloop promote` first"
         )
     if judged != "refused":
-        version = mlflow_run.data.tags.get(TAG + "version", "?")
+        version = mlflow_run.data.tags.get(PROMOTED_VERSION, "?")
         raise PromotionError(f"run {run_id} was already registered ({judged}) as {name} v{version}; "
                              "nothing to override")
-    model_id, source = logged_model(client, mlflow_run)
+    model_id, source = logged_model(client, mlflow_run, PromotionError)
     candidate = _run_metrics(run_id)
-    refused = _load_json_list(mlflow_run.data.tags.get(REASONS_TAG))
-    champion = version_with_alias(client, name, CHAMPION)
+    refused = load_json_list(mlflow_run.data.tags.get(VERDICTS))
+    champion = champion_of(client, name)
     at = now_iso()
     tags = _version_tags(mlflow_run, candidate, None, "override", actor, at, reason)
-    tags[REASONS_TAG] = json.dumps(refused)  # the gates that were set aside
-    tags[TAG + "overridden_at"] = mlflow_run.data.tags.get(TAG + "at", "")
+    tags[VERDICTS] = json.dumps(refused)  # the gates that were set aside
+    tags[OVERRIDDEN_AT] = mlflow_run.data.tags.get(PROMOTION_AT, "")
     result = _register_and_crown(client, params, layout, run_id, model_id, source, tags, champion,
                                  "override", actor, reason, at, None)
     log.warning("%s v%s promoted by override of %s: %s", name, result.version, actor, reason)
@@ -293,11 +281,8 @@ def rollback(params: Params, layout: Layout, actor: str | None = None, reason: s
     Raises:
         PromotionError: the model is not registered or has no previous champion.
     """
-    from mlflow import MlflowClient
-
     actor = actor or default_actor()
-    configure(params, layout)
-    client = MlflowClient()
+    client = connect(params, layout)
     name = params.model.name
     if not is_registered(client, name):
         raise PromotionError(f"model {name} is not registered in {display_uri(params, layout)}: "
@@ -306,11 +291,11 @@ def rollback(params: Params, layout: Layout, actor: str | None = None, reason: s
     if previous is None:
         raise PromotionError(f"model {name} has no {PREVIOUS_CHAMPION} alias: there is no earlier "
                              "champion to roll back to")
-    current = version_with_alias(client, name, CHAMPION)
+    current = champion_of(client, name)
     at = now_iso()
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
-        client.set_model_version_tag(name, current.version, TAG + "rolled_back", json.dumps(
+        client.set_model_version_tag(name, current.version, ROLLED_BACK, json.dumps(
             {"at": at, "actor": actor, "reason": reason, "restored_version": str(previous.version)}))
     else:
         client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
@@ -331,13 +316,44 @@ def history(params: Params, layout: Layout) -> list[dict]:
     Each entry: ``version``, ``alias``, ``action`` (promoted | override | rollback), ``actor``,
     ``reason``, ``at`` (and ``replaced``: the champion it displaced). Empty before the first.
     """
-    from mlflow import MlflowClient
+    return client_history(connect(params, layout), params.model.name)
 
-    configure(params, layout)
-    client = MlflowClient()
-    if not is_registered(client, params.model.name):
-        return []
-    return _read_history(client.get_registered_model(params.model.name).tags)
+
+def earlier_decision(params: Params, layout: Layout, run_id: str | None) -> dict[str, Any] | None:
+    """The decision promote recorded on MLflow run ``run_id`` (its ``medloop.promotion.*`` tags:
+    promoted, override or refused, with the gates' verdicts), or None when it was never judged.
+    MLflow is the record, so a re-cloned workspace knows what was judged."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        judged = connect(params, layout).get_run(run_id).data.tags
+    except MlflowException:
+        return None
+    if judged.get(DECISION) is None:
+        return None
+    return {"action": judged[DECISION], "passed": judged[DECISION] in ("promoted", "override"),
+            "model_name": params.model.name, "run_id": run_id, "version": judged.get(PROMOTED_VERSION),
+            "actor": judged.get(PROMOTION_ACTOR), "at": judged.get(PROMOTION_AT),
+            "gates": load_json_list(judged.get(VERDICTS))}
+
+
+def judge_once(params: Params, layout: Layout, *, actor: str) -> dict[str, Any]:
+    """The nightly promote: judge the trained model (`run`, the champion re-scored when needed)
+    unless an earlier run judged it already; then say so and judge nothing again.
+
+    Returns:
+        `PromotionResult.as_dict`, or for a model judged before its earlier decision with action
+        ``unchanged`` and ``passed`` False: an old verdict is no reason to deploy (the champion
+        may have been rolled back since).
+    """
+    run_id = read_json(layout.train_json, "run the train stage before promoting", PromotionError).get("run_id")
+    earlier = earlier_decision(params, layout, run_id)
+    if earlier is not None:
+        return {**earlier, "action": "unchanged", "passed": False,
+                "reason": f"run {run_id} was already judged ({earlier['action']}) on {earlier.get('at')}"}
+    return run(params, layout, actor=actor, rescore=rescorer(params, layout)).as_dict()
 
 
 def default_actor() -> str:
@@ -348,36 +364,6 @@ def default_actor() -> str:
 # --------------------------------------------------------------------------------------------
 # reading inputs
 # --------------------------------------------------------------------------------------------
-
-
-def get_run(client: "MlflowClient", run_id: str, params: Params, layout: Layout):
-    """The MLflow run ``run_id`` (PromotionError naming the tracking store when it is not there)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(run_id)
-    except MlflowException:
-        raise PromotionError(
-            f"run {run_id} is not in the tracking store {display_uri(params, layout)}"
-        ) from None
-
-
-def logged_model(client: "MlflowClient", mlflow_run) -> tuple[str | None, str]:
-    """The run's logged model ``model``: (model id, source URI to register)."""
-    run_id = mlflow_run.info.run_id
-    outputs = mlflow_run.outputs.model_outputs if mlflow_run.outputs else []
-    # MLflow 3 logs a model as a LoggedModel linked to the run (the newest step wins).
-    for output in sorted(outputs, key=lambda o: o.step, reverse=True):
-        logged = client.get_logged_model(output.model_id)
-        if logged.name == MODEL_ARTIFACT:
-            return logged.model_id, f"models:/{logged.model_id}"
-    # A model saved among the run's own artifacts (MLflow 2 layout).
-    if any(item.path.endswith("MLmodel") for item in client.list_artifacts(run_id, MODEL_ARTIFACT)):
-        return None, f"runs:/{run_id}/{MODEL_ARTIFACT}"
-    raise PromotionError(
-        f"run {run_id} has no logged model {MODEL_ARTIFACT!r}, so there is nothing to register; "
-        "re-run train"
-    )
 
 
 def _run_metrics(run_id: str) -> dict:
@@ -404,39 +390,6 @@ def _logged_metrics(run_id: str | None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def is_registered(client: "MlflowClient", name: str) -> bool:
-    """Whether the registry holds a model named ``name``."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-        return True
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
-        raise
-
-
-def _version_of_run(client: "MlflowClient", name: str, run_id: str) -> str | None:
-    """The version already registered from this run, if any."""
-    if not is_registered(client, name):
-        return None
-    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    return str(max(int(v.version) for v in versions)) if versions else None
-
-
-def version_with_alias(client: "MlflowClient", name: str, alias: str) -> "ModelVersion | None":
-    """The version behind an alias; None when the model or the alias does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
-
-
 def _champion_metrics(champion, candidate: dict, name: str, rescore) -> dict | None:
     """The champion's metrics.json on the candidate's frozen test set, with its per-case results.
 
@@ -448,7 +401,7 @@ def _champion_metrics(champion, candidate: dict, name: str, rescore) -> dict | N
     """
     if champion is None:
         return None
-    recorded = champion.tags.get(METRICS_TAG)
+    recorded = champion.tags.get(METRICS)
     metrics = json.loads(recorded) if recorded else {}
     same_set = metrics.get("frozen_test_set_sha256") == candidate.get("frozen_test_set_sha256")
     if same_set and "test_cases" not in metrics:
@@ -472,9 +425,9 @@ def _register_and_crown(
     if not is_registered(client, name):
         client.create_registered_model(
             name,
-            tags={"medloop.modality": params.model.modality,
-                  "medloop.positive_class": params.model.positive_class,
-                  "medloop.classes": json.dumps(params.model.classes)},
+            tags={MODALITY: params.model.modality,
+                  POSITIVE_CLASS: params.model.positive_class,
+                  CLASSES: json.dumps(params.model.classes)},
             description=f"medloop {params.model.modality} model screening for "
                         f"{params.model.positive_class}; served alias: {CHAMPION}",
         )
@@ -488,12 +441,12 @@ def _register_and_crown(
     client.set_registered_model_alias(name, CHAMPION, version)
     append_history(client, name, {"version": version, "alias": CHAMPION, "action": action,
                                    "actor": actor, "reason": reason, "at": at, "replaced": former})
-    client.set_tag(run_id, DECISION_TAG, action)
-    client.set_tag(run_id, TAG + "version", version)
-    client.set_tag(run_id, TAG + "actor", actor)
-    client.set_tag(run_id, TAG + "at", at)
+    client.set_tag(run_id, DECISION, action)
+    client.set_tag(run_id, PROMOTED_VERSION, version)
+    client.set_tag(run_id, PROMOTION_ACTOR, actor)
+    client.set_tag(run_id, PROMOTION_AT, at)
     if action != "override":
-        client.set_tag(run_id, REASONS_TAG, "[]")
+        client.set_tag(run_id, VERDICTS, "[]")
     log.info("%s v%s is champion (%s by %s)", name, version, action, actor)
     return PromotionResult(action, True, name, run_id, version, former, decision, actor, reason, at)
 
@@ -502,27 +455,27 @@ def _version_tags(mlflow_run, metrics: dict, decision: Decision | None, action: 
                   at: str, reason: str) -> dict[str, str]:
     """Everything a version carries: decision, lineage, threshold, metrics (all strings)."""
     tags = {key: value for key, value in mlflow_run.data.tags.items()
-            if key.startswith("medloop.") and not key.startswith(TAG)}
+            if key.startswith(PREFIX) and not key.startswith(PROMOTION_PREFIX)}
     test = metrics.get("test") or {}
     tags.update({
-        DECISION_TAG: action,
-        TAG + "actor": actor,
-        TAG + "at": at,
-        TAG + "reason": reason,
-        "medloop.run_id": mlflow_run.info.run_id,
-        "medloop.operating_threshold": str(metrics.get("operating_threshold")),
-        "medloop.positive_class": str(metrics.get("positive_class")),
-        "medloop.frozen_test_set_sha256": str(metrics.get("frozen_test_set_sha256")),
-        "medloop.weights_sha256": str(metrics.get("weights_sha256")),
+        DECISION: action,
+        PROMOTION_ACTOR: actor,
+        PROMOTION_AT: at,
+        PROMOTION_REASON: reason,
+        RUN_ID: mlflow_run.info.run_id,
+        OPERATING_THRESHOLD: str(metrics.get("operating_threshold")),
+        POSITIVE_CLASS: str(metrics.get("positive_class")),
+        FROZEN_TEST_SET_SHA256: str(metrics.get("frozen_test_set_sha256")),
+        WEIGHTS_SHA256: str(metrics.get("weights_sha256")),
         # Without the per-case results, which would outgrow a tag; they stay in the run's
         # promotion/metrics.json artifact, where promote reads them when this is champion.
-        METRICS_TAG: json.dumps({k: v for k, v in metrics.items() if k != "test_cases"}, sort_keys=True),
+        METRICS: json.dumps({k: v for k, v in metrics.items() if k != "test_cases"}, sort_keys=True),
     })
     for key in ("auroc", "sensitivity", "specificity", "ece", "n"):
         if test.get(key) is not None:
-            tags[f"medloop.metrics.test_{key}"] = str(test[key])
+            tags[TEST_METRIC_PREFIX + key] = str(test[key])
     if decision is not None:
-        tags[REASONS_TAG] = json.dumps([verdict.to_dict() for verdict in decision.reasons])
+        tags[VERDICTS] = json.dumps([verdict.to_dict() for verdict in decision.verdicts])
     return tags
 
 
@@ -532,38 +485,6 @@ def _log_decision(client: "MlflowClient", run_id: str, metrics: dict, decision: 
     record = {"actor": actor, "at": at, **decision.to_dict()}
     client.log_text(run_id, json.dumps(record, indent=2), DECISION_ARTIFACT)
     client.log_text(run_id, json.dumps(metrics, indent=2, sort_keys=True), METRICS_ARTIFACT)
-
-
-# --------------------------------------------------------------------------------------------
-# promotion history: pages of a JSON list in registered-model tags
-# --------------------------------------------------------------------------------------------
-
-
-def append_history(client: "MlflowClient", name: str, entry: dict[str, Any]) -> None:
-    """Append one entry. The newest page is ``medloop.promotion.history``; a full page is moved
-    to ``medloop.promotion.history.<k>`` (k = 1, 2, ...) so that no tag outgrows its column."""
-    tags = client.get_registered_model(name).tags
-    if entry.get("reason") and len(entry["reason"]) > HISTORY_REASON_LIMIT:
-        # One entry must fit a page; the full reason stays on the version's own tags.
-        entry = {**entry, "reason": entry["reason"][:HISTORY_REASON_LIMIT] + "..."}
-    page = _load_json_list(tags.get(HISTORY_TAG)) + [entry]
-    if len(json.dumps(page)) > HISTORY_PAGE_LIMIT and len(page) > 1:
-        archived = int(tags.get(HISTORY_PAGES_TAG, "0")) + 1
-        client.set_registered_model_tag(name, f"{HISTORY_TAG}.{archived}", json.dumps(page[:-1]))
-        client.set_registered_model_tag(name, HISTORY_PAGES_TAG, str(archived))
-        page = [entry]
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(page))
-
-
-def _read_history(tags: dict[str, str]) -> list[dict]:
-    entries: list[dict] = []
-    for number in range(1, int(tags.get(HISTORY_PAGES_TAG, "0")) + 1):
-        entries += _load_json_list(tags.get(f"{HISTORY_TAG}.{number}"))
-    return entries + _load_json_list(tags.get(HISTORY_TAG))
-
-
-def _load_json_list(value: str | None) -> list:
-    return json.loads(value) if value else []
 
 
 def _fit_json(items: list[dict], limit: int) -> str:
@@ -581,21 +502,12 @@ def _fit_json(items: list[dict], limit: int) -> str:
     return "[]"
 
 
-def _rescorer(params, layout) -> Callable[[str], dict]:
-    def rescore(model_uri: str) -> dict:
-        from pipelines.evaluate import rescore_registered
-
-        return rescore_registered(params, layout, model_uri)
-
-    return rescore
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.promote``: judge and promote; a refusal exits with status 1."""
     return stage_main(
         "promote",
         lambda params, layout: run(params, layout, actor=default_actor(), require_promotion=True,
-                                   rescore=_rescorer(params, layout)),
+                                   rescore=rescorer(params, layout)),
         PromotionResult.describe,
         argv,
     )

@@ -221,14 +221,11 @@ def _resolve(layout: Layout, rev: str) -> str:
 
 def _version_at(params: Params, layout: Layout, commit: str, rev: str) -> str:
     """The registered version whose recorded commit is ``commit``."""
-    from mlflow import MlflowClient
+    from pipelines.registry.client import connect
+    from pipelines.registry.tags import COMMIT
 
-    from pipelines.registry.lineage import COMMIT_TAG
-    from pipelines.registry.tracking import configure
-
-    configure(params, layout)
-    versions = MlflowClient().search_model_versions(f"name = '{params.model.name}'")
-    made = [v for v in versions if v.tags.get(COMMIT_TAG) == commit]
+    versions = connect(params, layout).search_model_versions(f"name = '{params.model.name}'")
+    made = [v for v in versions if v.tags.get(COMMIT) == commit]
     if not made:
         raise ReproduceError(f"no registered version of {params.model.name} was made at {rev} ({commit[:12]}); "
                              f"name the version to compare with")
@@ -236,15 +233,12 @@ def _version_at(params: Params, layout: Layout, commit: str, rev: str) -> str:
 
 
 def _registered_metrics(params: Params, layout: Layout, version: str) -> dict:
-    from mlflow import MlflowClient
+    from pipelines.registry.client import connect
+    from pipelines.registry.tags import METRICS
 
-    from pipelines.promote import METRICS_TAG
-    from pipelines.registry.tracking import configure
-
-    configure(params, layout)
-    recorded = MlflowClient().get_model_version(params.model.name, version).tags.get(METRICS_TAG)
+    recorded = connect(params, layout).get_model_version(params.model.name, version).tags.get(METRICS)
     if not recorded:
-        raise ReproduceError(f"{params.model.name} v{version} carries no metrics ({METRICS_TAG}) to compare with")
+        raise ReproduceError(f"{params.model.name} v{version} carries no metrics ({METRICS}) to compare with")
     return json.loads(recorded)
 
 

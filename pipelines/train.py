@@ -40,6 +40,8 @@ import pandas as pd
 from pipelines.model import calibration
 from pipelines.data import inputs
 from pipelines.registry import tracking
+from pipelines.registry.tags import (ARCHITECTURE, CALIBRATION, DATA_PROCESSED, DEVICE_PREFIX, ENV_PREFIX, STAGE,
+                                     WEIGHTS_SHA256)
 from pipelines.config import Params
 from pipelines.errors import MedloopError, mask_credentials
 from pipelines.model.architectures import build_model, class_probabilities, parameter_count, weights_digest
@@ -90,9 +92,9 @@ def run(params: Params, layout: Layout) -> TrainResult:
         experiment_id = tracking.configure(params, layout)
         run_name = f"{params.train.architecture}-{params.digest()[:8]}"
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as active:
-            environment = {f"medloop.env.{key}": value for key, value in tracking.environment_facts().items()}
-            mlflow.set_tags({**tracking.lineage(params, layout), **_device_tags(device.facts), **environment,
-                             "medloop.stage": "train", "medloop.architecture": params.train.architecture})
+            environment = {ENV_PREFIX + key: value for key, value in tracking.environment_facts().items()}
+            mlflow.set_tags({**tracking.lineage_tags(params, layout), **_device_tags(device.facts), **environment,
+                             STAGE: "train", ARCHITECTURE: params.train.architecture})
             mlflow.log_params(flatten_params(params))
             _log_dataset_inputs(params, layout)
             validation_auroc = validation_auroc_callback(validation_data, classes, positive)
@@ -118,10 +120,10 @@ def run(params: Params, layout: Layout) -> TrainResult:
             count = parameter_count(model)
             mlflow.log_metrics({"best_val_auroc": best_val_auroc, "best_epoch": best_epoch,
                                 "epochs_run": epochs_run, "parameters": count})
-            mlflow.set_tag("medloop.weights_sha256", digest)
+            mlflow.set_tag(WEIGHTS_SHA256, digest)
             calibrator = calibration.fit(params.train.calibration, class_probabilities(model, validation_data),
                                          dataset_labels(validation_data))
-            mlflow.set_tag("medloop.calibration", calibrator.method)
+            mlflow.set_tag(CALIBRATION, calibrator.method)
             if calibrator.method == "temperature":
                 mlflow.log_metric("calibration_temperature", calibrator.temperature)
             log.info("train: calibration %s, fitted on %d validation items", calibrator.describe(),
@@ -222,7 +224,7 @@ def _gpu_name(gpu: Any) -> str:
 
 
 def _device_tags(facts: dict) -> dict[str, str]:
-    return {f"medloop.device.{key}": json.dumps(value) if isinstance(value, list) else str(value)
+    return {DEVICE_PREFIX + key: json.dumps(value) if isinstance(value, list) else str(value)
             for key, value in facts.items()}
 
 
@@ -286,7 +288,7 @@ def _log_dataset_inputs(params: Params, layout: Layout) -> None:
     """The training and validation sets as MLflow dataset inputs, keyed by the data version."""
     import mlflow
 
-    digest = tracking.lineage(params, layout)["medloop.data.processed"]
+    digest = tracking.lineage_tags(params, layout)[DATA_PROCESSED]
     if digest == "none":  # not produced by `dvc repro` (no dvc.lock): hash the index itself
         digest = tracking.file_sha256(layout.processed / "index.parquet")[:32]
     for split, context in (("train", "training"), ("validation", "validation")):

@@ -26,6 +26,7 @@ from typing import Any
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError
+from pipelines.registry.tags import CHAMPION, METRICS, OPERATING_THRESHOLD, POSITIVE_CLASS, RUN_ID
 from pipelines.values import now_iso
 from pipelines.workspace import Layout
 
@@ -152,13 +153,12 @@ class ModelManager:
     # ---------------------------------------------------------------------------------------
 
     def _champion(self) -> tuple[str, dict[str, str]]:
-        from mlflow import MlflowClient
+        from pipelines.registry.client import champion, connect
 
-        from pipelines.promote import CHAMPION
-        from pipelines.registry.tracking import configure
-
-        configure(self.params, self.layout)
-        version = MlflowClient().get_model_version_by_alias(self.params.model.name, CHAMPION)
+        version = champion(connect(self.params, self.layout), self.params.model.name)
+        if version is None:
+            raise MedloopError(f"model {self.params.model.name} has no {CHAMPION} in the registry: "
+                               "promote a model first")
         return str(version.version), dict(version.tags)
 
     def _download(self, version: str, tags: dict[str, str]) -> Path:
@@ -183,20 +183,20 @@ class ModelManager:
 
     def _rule(self, version: str, tags: dict[str, str], metrics: dict[str, Any], what: str) -> dict[str, Any]:
         """The decision rule recorded with a version or run: classes, positive class, threshold."""
-        recorded = json.loads(tags.get("medloop.metrics", "{}")) or metrics
-        threshold = tags.get("medloop.operating_threshold")
+        recorded = json.loads(tags.get(METRICS, "{}")) or metrics
+        threshold = tags.get(OPERATING_THRESHOLD)
         if threshold in (None, "", "None"):
             threshold = recorded.get("operating_threshold")
         if threshold in (None, "", "None"):
-            raise MedloopError(f"{what} has no operating threshold (tag medloop.operating_threshold): "
+            raise MedloopError(f"{what} has no operating threshold (tag {OPERATING_THRESHOLD}): "
                                "evaluate it before serving it")
         return {
             "name": self.params.model.name, "version": version,
             "classes": recorded.get("classes") or list(self.params.model.classes),
-            "positive_class": tags.get("medloop.positive_class") or recorded.get("positive_class")
+            "positive_class": tags.get(POSITIVE_CLASS) or recorded.get("positive_class")
             or self.params.model.positive_class,
             "operating_threshold": float(threshold),
-            "run_id": tags.get("medloop.run_id"),
+            "run_id": tags.get(RUN_ID),
         }
 
     def _load_candidate(self, reference: str) -> Candidate:
@@ -215,28 +215,22 @@ class ModelManager:
         return Candidate(reference, reference, rule.get("run_id"), served)
 
     def _version_tags(self, version: str) -> dict[str, str]:
-        from mlflow import MlflowClient
+        from pipelines.registry.client import connect
 
-        from pipelines.registry.tracking import configure
-
-        configure(self.params, self.layout)
-        return dict(MlflowClient().get_model_version(self.params.model.name, version).tags)
+        return dict(connect(self.params, self.layout).get_model_version(self.params.model.name, version).tags)
 
     def _fetch_run(self, run_id: str, reference: str, folder: Path) -> None:
         """A run's logged pyfunc (as promote would register it) and its decision rule."""
         import mlflow
-        from mlflow import MlflowClient
 
         from pipelines.evaluate import MLFLOW_ARTIFACT_PATH
-        from pipelines.promote import get_run, logged_model
-        from pipelines.registry.tracking import configure
+        from pipelines.registry.client import connect, get_run, logged_model
 
-        configure(self.params, self.layout)
-        client = MlflowClient()
+        client = connect(self.params, self.layout)
         mlflow_run = get_run(client, run_id, self.params, self.layout)
         tags = dict(mlflow_run.data.tags)
         metrics: dict[str, Any] = {}
-        if tags.get("medloop.operating_threshold") in (None, "", "None"):
+        if tags.get(OPERATING_THRESHOLD) in (None, "", "None"):
             try:
                 metrics = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{MLFLOW_ARTIFACT_PATH}/metrics.json"))
             except Exception:  # noqa: BLE001 - no evaluation: _rule says what is missing

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 from prefect import task
@@ -10,7 +9,7 @@ from prefect.logging import get_run_logger
 
 from pipelines import collect
 from pipelines.config import load_params
-from pipelines.registry.tracking import FLOW_RUN_ENV
+from pipelines.registry.tracking import flow_run_env
 from pipelines.ops.versioning import commit, repro
 from pipelines.workspace import Layout
 from tasks import progress
@@ -55,18 +54,15 @@ def collect_once(workspace: str, night: int | None) -> dict:
 
 
 @task(name="dvc-stage", task_run_name="dvc repro {stage}")
-def stage_task(workspace: str, stage: str) -> dict:
+def stage_task(workspace: str, stage: str, flow_run_id: str | None = None) -> dict:
     """``dvc repro <stage>``: ``ran`` (False when DVC found its inputs unchanged and skipped it)
-    and ``seconds`` (wall time of the DVC command)."""
-    from prefect.runtime import flow_run
-
-    # Stage processes tag their MLflow runs with it (pipelines never import Prefect).
-    if flow_run.id:
-        os.environ[FLOW_RUN_ENV] = str(flow_run.id)
+    and ``seconds`` (wall time of the DVC command). The stage processes get ``flow_run_id`` in
+    their environment and tag their MLflow runs with it."""
     progress.emit(stage, "running")
     started = time.perf_counter()
     try:
-        ran = repro(Layout.at(workspace), stage, on_line=progress.stage_line(stage))
+        ran = repro(Layout.at(workspace), stage, on_line=progress.stage_line(stage),
+                    extra_env=flow_run_env(flow_run_id))
     except Exception:
         progress.emit(stage, "failed")
         raise

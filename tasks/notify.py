@@ -48,9 +48,9 @@ def notify(params_file: str, title: str, body: str, *, failure: bool = True) -> 
 
 
 def on_retrain_failure(flow: Any, flow_run: Any, state: Any) -> None:
-    """Prefect hook (failed or crashed retrain run): log the reason, notify, record it in the
-    workspace's run log so ``medloop status`` shows it."""
-    from pipelines.ops import report
+    """Prefect hook (failed or crashed retrain run): log the reason, notify, record it (an MLflow
+    record and the run log, `pipelines.ops.runs.record`) so ``medloop status`` shows it."""
+    from pipelines.ops import report, runs
 
     params_file = str((flow_run.parameters or {}).get("params_file", "params.yaml"))
     reason = _reason(state)
@@ -59,13 +59,21 @@ def on_retrain_failure(flow: Any, flow_run: Any, state: Any) -> None:
     try:
         layout = Layout.at(os.path.dirname(os.path.abspath(params_file)))
         params = load_params(params_file)
-        report.append_run(layout, {
+        summary = {
             "model": params.model.name, "outcome": state.name.lower(), "reason": reason,
             "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name,
             "finished_at": _now(),
-        })
+        }
+        if getattr(flow_run, "start_time", None):  # a failed run started too: the cooldown counts it
+            summary["started_at"] = flow_run.start_time.isoformat(timespec="seconds")
     except Exception as exc:  # noqa: BLE001 - a hook must not raise
         log.error("could not record the failed run: %s", exc)
+        return
+    try:
+        runs.record(params, layout, summary)
+    except Exception as exc:  # noqa: BLE001 - MLflow may be what failed: the run log still says so
+        log.error("could not record the failed run in MLflow: %s", exc)
+        report.append_run(layout, summary)
 
 
 def _reason(state: Any) -> str:

@@ -1,5 +1,5 @@
-"""Tasks of the retraining policy check: the champion's drift, the decision, and starting the
-retrain deployment with the reason."""
+"""Tasks of the retraining policy check: the check (the champion's drift and the decision), and
+starting the retrain deployment with the reason."""
 
 from __future__ import annotations
 
@@ -12,19 +12,11 @@ from pipelines.config import load_params
 from pipelines.workspace import Layout
 
 
-@task(name="drift")
-def drift_task(workspace: str) -> Any:
-    """The champion's drift report, or None when there is no champion or nothing served yet."""
-    from pipelines.monitoring import drift
-
+@task(name="check-policy")
+def check_task(workspace: str, next_nightly: Any) -> policy.PolicyDecision:
+    """`pipelines.monitoring.policy.check`: the champion's drift (with ``on_drift``) and the decision."""
     layout = Layout.at(workspace)
-    return drift.champion_report(load_params(layout.params_file), layout)
-
-
-@task(name="decide")
-def decide_task(workspace: str, drift: Any, next_nightly: Any) -> policy.PolicyDecision:
-    layout = Layout.at(workspace)
-    decision = policy.decide(load_params(layout.params_file), layout, drift=drift, next_nightly=next_nightly)
+    decision = policy.check(load_params(layout.params_file), layout, next_nightly=next_nightly)
     logger = get_run_logger()
     if decision.retrain:
         logger.info("retrain: %s", decision.reason)

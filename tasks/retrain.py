@@ -17,11 +17,11 @@ from prefect.logging import get_run_logger
 
 from pipelines import deploy, promote
 from pipelines.registry import lineage
-from pipelines.ops import report
+from pipelines.ops import report, runs
 from pipelines.config import load_params
 from pipelines.registry.tracking import tracking_uri
-from pipelines.ops.versioning import changed, commit, head_commit, push, tag
-from pipelines.workspace import Layout, read_json
+from pipelines.ops.versioning import commit, head_commit, push, tag
+from pipelines.workspace import Layout
 from tasks import progress
 
 MODEL_STAGES = ("train", "evaluate")
@@ -44,49 +44,34 @@ def feedback_export_task(workspace: str) -> dict[str, Any]:
 
 @task(name="plan")
 def nothing_changed_task(workspace: str) -> bool:
-    """True when there is nothing to do: ``dvc status`` finds every stage up to date and the model
-    of the last training was already judged by an earlier run."""
+    """`pipelines.ops.runs.nothing_changed`: every stage up to date and the last model judged."""
     layout = Layout.at(workspace)
-    out_of_date = changed(layout)
-    if out_of_date:
-        get_run_logger().info("out of date: %s", ", ".join(out_of_date))
-        return False
-    if not layout.train_json.is_file():
-        return False
-    run_id = read_json(layout.train_json, "run the train stage").get("run_id")
-    return report.earlier_decision(layout, run_id) is not None
+    return runs.nothing_changed(load_params(layout.params_file), layout)
 
 
 @task(name="promote", **REGISTRY_RETRIES)
 def promote_task(workspace: str) -> dict[str, Any]:
     """Judge the evaluated model against the clinical gates and the champion; promote it if it
-    passes. A refusal is a result, not an error: the registry is untouched and the report says why."""
+    passes, unless an earlier run judged it (`pipelines.promote.judge_once`). A refusal is a result,
+    not an error: the registry is untouched and the report says why."""
     started = time.perf_counter()
     layout = Layout.at(workspace)
     params = load_params(layout.params_file)
     progress.emit("promote", "running")
-    run_id = read_json(layout.train_json, "run the train stage before promoting").get("run_id")
-    earlier = report.earlier_decision(layout, run_id)
-    if earlier is not None:
-        # The model did not change since an earlier run judged it: say so, judge nothing again.
-        # passed=False: an old verdict is no reason to deploy (the champion may have been rolled back since).
-        result = {**earlier, "action": "unchanged", "passed": False,
-                  "reason": f"run {run_id} was already judged ({earlier['action']}) on {earlier.get('at')}"}
-    else:
-        result = promote.run(params, layout, actor="medloop-nightly",
-                             rescore=promote._rescorer(params, layout)).as_dict()
+    result = promote.judge_once(params, layout, actor="medloop-nightly")
     progress.emit("promote", "done", action=result["action"])
     get_run_logger().info("promote: %s - %s", result["action"], result["reason"].splitlines()[0])
     return {**result, "seconds": round(time.perf_counter() - started, 3)}
 
 
 @task(name="deploy", **REGISTRY_RETRIES)
-def deploy_task(workspace: str, version: str) -> dict[str, Any]:
-    """Put the promoted version in service (idempotent) and record the deployment."""
+def deploy_task(workspace: str, version: str, flow_run_id: str | None = None) -> dict[str, Any]:
+    """Put the promoted version in service (idempotent) and record the deployment (with the flow run)."""
     started = time.perf_counter()
     layout = Layout.at(workspace)
     progress.emit("deploy", "running")
-    result = deploy.run(load_params(layout.params_file), layout, version, actor="medloop-nightly")
+    result = deploy.run(load_params(layout.params_file), layout, version, actor="medloop-nightly",
+                         flow_run_id=flow_run_id)
     progress.emit("deploy", "done")
     get_run_logger().info("deploy: %s", result.describe())
     return {**result.as_dict(), "seconds": round(time.perf_counter() - started, 3)}
@@ -130,14 +115,15 @@ def record_commit_task(workspace: str, run_id: str, version: str | None, commit_
 
 @task(name="report")
 def report_task(workspace: str, summary: dict[str, Any]) -> str:
-    """Publish the run as a Prefect artifact and add it to the workspace's run log."""
+    """Publish the run as a Prefect artifact and record it (`pipelines.ops.runs.record`: an MLflow
+    run of its own, and the run log cache)."""
     from prefect.artifacts import create_markdown_artifact
 
     layout = Layout.at(workspace)
     markdown = report.render_markdown(summary)
     key = "retrain-" + "".join(c if c.isalnum() else "-" for c in summary["model"].lower())
     create_markdown_artifact(markdown=markdown, key=key, description=report.headline(summary))
-    report.append_run(layout, summary)
+    runs.record(load_params(layout.params_file), layout, summary)
     get_run_logger().info(report.headline(summary))
     return markdown
 

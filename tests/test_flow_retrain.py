@@ -189,11 +189,19 @@ def test_a_refused_model_leaves_the_registry_alone_and_is_reported(tmp_path, pre
     assert again["collect"]["stored"] > 0  # the builtin source releases a second night
     assert again["outcome"] == "refused"
     assert again["promotion"]["run_id"] != summary["promotion"]["run_id"]
-    # Nothing new the night after: the refused model is not judged again.
+    # Nothing new the night after: the refused model is not judged again, even without the run
+    # log (a re-cloned workspace): MLflow is the record of what was judged.
+    from datetime import datetime
+
+    from pipelines.ops import runs
+
+    (layout.state / "runs.jsonl").unlink()
     receiver.clear()
     quiet = retrain(str(layout.params_file))
     assert quiet["outcome"] == "nothing-changed" and "promotion" not in quiet
     assert receiver == []
+    # Each run is an MLflow record; the newest is the one the policy cooldown counts from.
+    assert runs.last_started(load(layout), layout) == datetime.fromisoformat(quiet["started_at"])
 
 
 @pytest.mark.slow

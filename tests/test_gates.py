@@ -60,7 +60,7 @@ def with_subgroup(base: dict, column: str, value: str, **group) -> dict:
 
 
 def gate(decision, name):
-    (found,) = [reason for reason in decision.reasons if reason.gate == name]
+    (found,) = [reason for reason in decision.verdicts if reason.gate == name]
     return found
 
 
@@ -68,7 +68,7 @@ def test_first_model_is_judged_on_the_floors_alone():
     decision = evaluate_gates(metrics(), None, SPEC)
     assert decision.passed and not decision.failures
     assert gate(decision, "non_inferiority").detail == "no champion: not applicable"
-    assert not any(r.gate.startswith("non_inferiority.") for r in decision.reasons)
+    assert not any(r.gate.startswith("non_inferiority.") for r in decision.verdicts)
     assert gate(decision, "min_auroc").observed == 0.90
     assert gate(decision, "min_auroc").required == 0.80
 

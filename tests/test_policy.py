@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 from conftest import load, make_workspace, tabular_params
 from pipelines.monitoring import policy
-from pipelines.ops import report
+from pipelines.ops import report, runs
 from pipelines.store.feedback import FeedbackStore
 from pipelines.workspace import database_url
 
@@ -47,11 +47,18 @@ def test_the_cooldown_and_a_nightly_run_due_soon_hold_a_retrain_back(tmp_path):
     layout = _workspace(tmp_path)
     _confirm(layout, 3)
     now = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
-    report.append_run(layout, {"model": "m", "outcome": "promoted",
-                               "started_at": (now - timedelta(hours=2)).isoformat()})
+    last = {"model": "m", "outcome": "promoted", "started_at": (now - timedelta(hours=2)).isoformat()}
+    runs.record(load(layout), layout, last)
     held = policy.decide(load(layout), layout, now=now)
     assert not held.retrain and held.reasons
     assert held.held_back_by.startswith("cooldown: the last retrain started 2 h 00 min ago")
+    # MLflow is the record: without the run log (a re-cloned workspace) the cooldown still holds,
+    # and the run log is rebuilt from MLflow.
+    (layout.state / report.RUNS_FILE).unlink()
+    again = policy.decide(load(layout), layout, now=now)
+    assert again.held_back_by == held.held_back_by and again.last_run_started == held.last_run_started
+    assert runs.recent(load(layout), layout) == [last]
+    assert (layout.state / report.RUNS_FILE).is_file()
     later = now + timedelta(hours=5)
     nightly_soon = policy.decide(load(layout), layout, now=later, next_nightly=later + timedelta(minutes=30))
     assert not nightly_soon.retrain

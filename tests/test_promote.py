@@ -15,7 +15,9 @@ import pytest
 from pipelines import promote
 from pipelines.errors import GateError, MedloopError
 from pipelines.model.metrics import case_outcomes
-from pipelines.registry.tracking import configure, dumps, lineage, tracking_uri
+from pipelines.registry.client import append_history
+from pipelines.registry.tags import HISTORY_PAGES
+from pipelines.registry.tracking import configure, dumps, lineage_tags, tracking_uri
 from pipelines.workspace import Layout
 from conftest import load, make_workspace, tabular_params
 
@@ -59,7 +61,7 @@ def candidate(params, layout, *, log_model=True, subgroup_auroc=0.90, **test):
     experiment_id = configure(params, layout)
     with mlflow.start_run(experiment_id=experiment_id) as run, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mlflow.set_tags(lineage(params, layout))
+        mlflow.set_tags(lineage_tags(params, layout))
         if log_model:
             mlflow.pyfunc.log_model(name="model", python_model=FixedProbabilities(), pip_requirements=["mlflow"])
     run_id = run.info.run_id
@@ -132,7 +134,7 @@ def test_promotion_story_promote_refuse_override_rollback(workspace):
     # The version's metrics tag leaves out the per-case results; the champion's were read from
     # its run and paired with the candidate's case by case.
     assert "test_cases" not in json.loads(v1.tags["medloop.metrics"])
-    paired = {r.gate: r for r in second.decision.reasons}["non_inferiority.sensitivity"]
+    paired = {r.gate: r for r in second.decision.verdicts}["non_inferiority.sensitivity"]
     assert paired.passed and paired.detail.startswith(
         "sensitivity 368/400 against the champion's 368/400 on the same positive cases: the same number "
         "of missed cases (32 of 400)")
@@ -316,10 +318,10 @@ def test_history_survives_more_entries_than_one_tag_holds(workspace):
     client = MlflowClient()
     client.create_registered_model(params.model.name)
     for number in range(60):
-        promote.append_history(client, params.model.name, {
+        append_history(client, params.model.name, {
             "version": str(number), "alias": "champion", "action": "rollback", "actor": "a",
             "reason": "r" * 40, "at": "2026-01-01T00:00:00+00:00", "replaced": None})
     tags = client.get_registered_model(params.model.name).tags
     assert all(len(value) <= 5000 for value in tags.values())
-    assert int(tags[promote.HISTORY_PAGES_TAG]) >= 2
+    assert int(tags[HISTORY_PAGES]) >= 2
     assert [e["version"] for e in promote.history(params, layout)] == [str(n) for n in range(60)]

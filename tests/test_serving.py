@@ -73,7 +73,7 @@ def instance(layout, shift: float = 0.0) -> dict:
 def champion_version(layout) -> str:
     from mlflow import MlflowClient
 
-    from pipelines.promote import CHAMPION
+    from pipelines.registry.tags import CHAMPION
     from pipelines.registry.tracking import configure
 
     params = load(layout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pipelines.config import Params
 from pipelines.model.metrics import PROPORTION_INTERVAL_METHOD
+from pipelines.registry.tags import PREFIX
 from pipelines.values import number
 
 # Rows of the performance table: (key in metrics.json, label).
@@ -51,7 +52,7 @@ def render(
     Args:
         params: the resolved params.
         report: the content of reports/metrics.json.
-        lineage: `pipelines.registry.tracking.lineage` tags (git commit, DVC data hashes, params hash).
+        lineage: `pipelines.registry.tracking.lineage_tags` (git commit, DVC data hashes, params hash).
         data: data/processed/preprocess.json (split sizes and class counts).
         explanations: ``{"gradcam": [paths]}`` or ``{"permutation_importance": [rows]}``.
         trained: models/train.json.
@@ -87,7 +88,7 @@ def render(
         "## Data versions", "",
         "| what | version |", "| --- | --- |",
     ]
-    lines += [f"| {key.removeprefix('medloop.')} | `{value}` |" for key, value in sorted(lineage.items())]
+    lines += [f"| {key.removeprefix(PREFIX)} | `{value}` |" for key, value in sorted(lineage.items())]
     lines += [f"| frozen test set (sha256 of record ids) | `{report['frozen_test_set_sha256']}` |", ""]
     counts, class_counts = data.get("counts", {}), data.get("class_counts", {})
     if counts:

@@ -74,26 +74,49 @@ def binary_metrics(y_true: Sequence, score: Sequence, threshold: float, bins: in
         ``specificity``, ``ppv``, ``npv``, ``f1``, ``accuracy``, ``brier``, ``ece``; ``None``
         where undefined (one class only, nothing flagged, no items).
     """
-    from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score
+    from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
     y, s = _arrays(y_true, score)
     n, n_positive = len(y), int(y.sum())
     both_classes = 0 < n_positive < n
-    flagged = s >= threshold
-    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, flagged.astype(int), labels=[0, 1]).ravel()) if n else (0,) * 4
+    point = operating_point(y, s >= threshold)
     return {
         "n": n,
         "n_positive": n_positive,
         "auroc": float(roc_auc_score(y, s)) if both_classes else None,
         "auprc": float(average_precision_score(y, s)) if both_classes else None,
+        **{key: point[key] for key in ("sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")},
+        "brier": float(brier_score_loss(y, s, pos_label=1)) if n else None,
+        "ece": expected_calibration_error(y, s, bins),
+    }
+
+
+def operating_point(y_true: Sequence, flagged: Sequence) -> dict:
+    """The confusion counts and rates of decisions already made (a model's, or a served
+    version's against clinicians' confirmed labels).
+
+    Args:
+        y_true: 1 for the positive class, 0 otherwise.
+        flagged: True (or 1) where the decision was the positive class.
+
+    Returns:
+        ``confusion`` (``tp``, ``fn``, ``tn``, ``fp``), ``sensitivity``, ``specificity``, ``ppv``,
+        ``npv``, ``f1``, ``accuracy``; ``None`` where undefined (no positives, nothing flagged,
+        no items).
+    """
+    from sklearn.metrics import confusion_matrix
+
+    y, said = np.asarray(y_true, dtype=int), np.asarray(flagged, dtype=int)
+    n = len(y)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, said, labels=[0, 1]).ravel()) if n else (0,) * 4
+    return {
+        "confusion": {"tp": tp, "fn": fn, "tn": tn, "fp": fp},
         "sensitivity": _ratio(tp, tp + fn),
         "specificity": _ratio(tn, tn + fp),
         "ppv": _ratio(tp, tp + fp),
         "npv": _ratio(tn, tn + fn),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         "accuracy": _ratio(tp + tn, n),
-        "brier": float(brier_score_loss(y, s, pos_label=1)) if n else None,
-        "ece": expected_calibration_error(y, s, bins),
     }
 
 

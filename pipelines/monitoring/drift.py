@@ -296,18 +296,13 @@ def champion_report(params: Params, layout: Any, *, now: datetime | None = None)
     """
     import tempfile
 
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.monitoring.reference import load_reference
-    from pipelines.registry.tracking import configure
+    from pipelines.registry.client import champion, connect
     from pipelines.workspace import database_url
 
-    configure(params, layout)
-    try:
-        version = str(MlflowClient().get_model_version_by_alias(params.model.name, "champion").version)
-    except MlflowException:
+    found = champion(connect(params, layout), params.model.name)
+    if found is None:
         return None
+    version = str(found.version)
     cached = layout.state / "serving" / params.model.name / f"v{version}" / "model"
     try:
         if (cached / "MLmodel").is_file():

@@ -8,7 +8,8 @@ on ``check_cron``) starts one when either
 - ``on_drift`` is set and the champion's live inputs or predictions drift from its training
   reference (``monitoring`` thresholds; see ``pipelines.monitoring.drift``),
 
-unless the last retrain (nightly or triggered) started less than ``cooldown_hours`` ago, or the
+unless the last retrain (nightly or triggered; from its MLflow record, `pipelines.ops.runs`)
+started less than ``cooldown_hours`` ago, or the
 next nightly run is due within the cooldown anyway. Every check gives a `PolicyDecision` that
 says which rules fired and which one held it back, and is kept in ``.medloop/policy.jsonl``.
 """
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from pipelines.ops import report
+from pipelines.ops import runs
 from pipelines.config import Params
 from pipelines.workspace import Layout, database_url
 
@@ -60,6 +61,25 @@ class PolicyDecision:
         return asdict(self)
 
 
+def check(params: Params, layout: Layout, *, next_nightly: datetime | None = None,
+          now: datetime | None = None) -> PolicyDecision:
+    """Check the policy now, as the ``retrain-policy`` flow and ``medloop policy --check-only`` do:
+    the champion's drift is measured when ``on_drift`` is set, then `decide`.
+
+    Args:
+        params: the workspace's params.
+        layout: the workspace.
+        next_nightly: when the next nightly run is due, if known (the flow asks the Prefect server).
+        now: the time of the check (default: now).
+    """
+    report = None
+    if params.retrain_policy.on_drift:
+        from pipelines.monitoring import drift
+
+        report = drift.champion_report(params, layout)
+    return decide(params, layout, drift=report, next_nightly=next_nightly, now=now)
+
+
 def decide(params: Params, layout: Layout, *, drift: Any = None, next_nightly: datetime | None = None,
            now: datetime | None = None) -> PolicyDecision:
     """Check the policy for the workspace.
@@ -80,7 +100,7 @@ def decide(params: Params, layout: Layout, *, drift: Any = None, next_nightly: d
         reasons.append(f"{labels} new confirmed labels >= {policy.min_new_labels}")
     if policy.on_drift and drift is not None and drift.judged and drift.drifted:
         reasons.append("drift: " + "; ".join(drift.reasons))
-    last = last_run_started(layout)
+    last = runs.last_started(params, layout)
     cooldown = timedelta(hours=policy.cooldown_hours)
     held = None
     if reasons and last is not None and now - last < cooldown:
@@ -106,15 +126,6 @@ def pending_labels(params: Params, layout: Layout) -> int:
         return len(pending(store, layout))
     finally:
         store.close()
-
-
-def last_run_started(layout: Layout) -> datetime | None:
-    """When the last retrain run of the workspace started (from its run log)."""
-    runs = report.recent_runs(layout, limit=1)
-    if not runs or not runs[0].get("started_at"):
-        return None
-    started = datetime.fromisoformat(runs[0]["started_at"])
-    return started if started.tzinfo else started.replace(tzinfo=timezone.utc)
 
 
 def record(layout: Layout, decision: PolicyDecision) -> None:

@@ -3,7 +3,9 @@ the promotion decision and why, and where to look (MLflow run, Data Docs).
 
 `render_markdown` turns the run summary the retrain flow builds into the Markdown the flow
 publishes as a Prefect artifact; `append_run` keeps the same summaries, one JSON line per run, in
-``.medloop/runs.jsonl`` so that ``medloop status`` can list the last runs without a server.
+``.medloop/runs.jsonl`` so that ``medloop status`` can list the last runs without a server. That
+file is a cache: the record of each run is in MLflow (`pipelines.ops.runs.record`), from which
+`pipelines.ops.runs.rebuild_cache` writes it anew.
 """
 
 from __future__ import annotations
@@ -94,6 +96,14 @@ def append_run(layout: Layout, summary: dict[str, Any]) -> Path:
     return path
 
 
+def write_runs(layout: Layout, summaries: list[dict[str, Any]]) -> Path:
+    """Write the run log anew with ``summaries`` (oldest first): the cache rebuilt from MLflow."""
+    layout.state.mkdir(parents=True, exist_ok=True)
+    path = layout.state / RUNS_FILE
+    path.write_text("".join(json.dumps(summary, sort_keys=True, default=str) + "\n" for summary in summaries))
+    return path
+
+
 def recent_runs(layout: Layout, limit: int = 5) -> list[dict[str, Any]]:
     """The last ``limit`` run summaries, newest first (a damaged line is skipped, never fatal)."""
     path = layout.state / RUNS_FILE
@@ -106,18 +116,6 @@ def recent_runs(layout: Layout, limit: int = 5) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return list(reversed(runs[-limit:]))
-
-
-def earlier_decision(layout: Layout, run_id: str | None) -> dict[str, Any] | None:
-    """The promotion decision an earlier run made on MLflow run ``run_id`` (promoted, override,
-    refused, or found it registered already), or None when no earlier run judged it."""
-    if not run_id:
-        return None
-    for summary in recent_runs(layout, limit=10_000):
-        promotion = summary.get("promotion") or {}
-        if promotion.get("run_id") == run_id and promotion.get("action") in ("promoted", "override", "refused", "unchanged"):
-            return promotion
-    return None
 
 
 def fmt(value: Any) -> str:

@@ -80,7 +80,8 @@ def _run(command: list[str], cwd: Path, *, check: bool, tool: str) -> subprocess
     return done
 
 
-def repro(layout: Layout, stage: str, on_line: Callable[[str], None] | None = None, *, force: bool = False) -> bool:
+def repro(layout: Layout, stage: str, on_line: Callable[[str], None] | None = None, *, force: bool = False,
+          extra_env: dict[str, str] | None = None) -> bool:
     """``dvc repro <stage>`` (and what it depends on); True when something was rerun.
 
     Args:
@@ -88,13 +89,16 @@ def repro(layout: Layout, stage: str, on_line: Callable[[str], None] | None = No
         stage: the stage to bring up to date.
         on_line: called with each line the stage prints, as it prints it (progress displays).
         force: rerun the stage and every stage upstream of it even when nothing changed.
+        extra_env: variables given to the DVC process (and so to the stage commands) on top of
+            `tool_env`, e.g. the flow run id (`pipelines.registry.tracking.flow_run_env`); this
+            process's own environment is never changed.
 
     Raises:
         StageFailed: the stage command failed; the message carries its own error output.
     """
     command = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), stage]
     try:
-        process = subprocess.Popen(command, cwd=layout.root, env=tool_env(), stdout=subprocess.PIPE,
+        process = subprocess.Popen(command, cwd=layout.root, env={**tool_env(), **(extra_env or {})}, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
     except FileNotFoundError:
         raise WorkspaceError(f"dvc is not installed (needed in {layout.root})") from None

@@ -61,19 +61,20 @@ class Decision:
     """All gates' verdicts; ``passed`` only when every gate passed."""
 
     passed: bool
-    reasons: list[GateResult] = field(default_factory=list)
+    verdicts: list[GateResult] = field(default_factory=list)
 
     @property
     def failures(self) -> list[GateResult]:
-        return [reason for reason in self.reasons if not reason.passed]
+        return [verdict for verdict in self.verdicts if not verdict.passed]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "reasons": [reason.to_dict() for reason in self.reasons]}
+        # "reasons": the key promotion/decision.json artifacts have always carried.
+        return {"passed": self.passed, "reasons": [verdict.to_dict() for verdict in self.verdicts]}
 
     def summary(self) -> str:
         """One line per failed gate (observed vs required), or a line saying all passed."""
         if self.passed:
-            return f"all {len(self.reasons)} gates passed"
+            return f"all {len(self.verdicts)} gates passed"
         return "\n".join(
             f"  - {failure.gate}: {failure.detail} (observed {_fmt(failure.observed)}, "
             f"required {_fmt(failure.required)})"
@@ -95,28 +96,28 @@ def evaluate_gates(candidate: dict, champion: dict | None, spec: PromoteSpec) ->
         subgroups, same frozen test set, non-inferiority.
     """
     test = candidate.get("test") or {}
-    reasons = [
+    verdicts = [
         test_set_size(candidate.get("test_set"), candidate.get("positive_class")),
         _floor("min_auroc", "auroc", test.get("auroc"), spec.min_auroc),
         _floor("min_sensitivity", "sensitivity", test.get("sensitivity"), spec.min_sensitivity),
         _floor("min_specificity", "specificity", test.get("specificity"), spec.min_specificity),
         _ceiling("max_ece", "ece", test.get("ece"), spec.max_ece),
     ]
-    reasons += _subgroup_floors(candidate.get("subgroups") or {}, spec)
+    verdicts += _subgroup_floors(candidate.get("subgroups") or {}, spec)
     if champion is None:
-        reasons.append(GateResult("non_inferiority", None, None, True, "no champion: not applicable"))
+        verdicts.append(GateResult("non_inferiority", None, None, True, "no champion: not applicable"))
     else:
         same_set = _same_frozen_test_set(candidate, champion)
-        reasons.append(same_set)
+        verdicts.append(same_set)
         if same_set.passed:
-            reasons += _non_inferiority(candidate, champion, spec)
+            verdicts += _non_inferiority(candidate, champion, spec)
         else:
-            reasons.append(GateResult(
+            verdicts.append(GateResult(
                 "non_inferiority", None, None, True,
                 "not compared: the candidate and the champion were scored on different frozen "
                 "test sets",
             ))
-    return Decision(passed=all(reason.passed for reason in reasons), reasons=reasons)
+    return Decision(passed=all(verdict.passed for verdict in verdicts), verdicts=verdicts)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Lineage of registered model versions: what a version was made from, and the commit that holds it.
 
 Train tags its MLflow run with the git commit it started from, the DVC hashes of its inputs, the
-params hash and the Prefect flow run (`pipelines.registry.tracking.lineage`); promote copies those tags onto
+params hash and the Prefect flow run (`pipelines.registry.tracking.lineage_tags`); promote copies those tags onto
 the registered version with the gate results and who promoted it and why. After the run the flow
 commits ``dvc.lock`` and the ``.dvc`` files and tags that commit; `record_commit` then writes the
 commit and tag onto the run and the version, so a version names the exact commit to reproduce it
@@ -15,13 +15,13 @@ from typing import Any
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError
-from pipelines.promote import CHAMPION, DECISION_TAG, REASONS_TAG, TAG, version_with_alias, is_registered
-from pipelines.registry.tracking import configure
+from pipelines.registry.client import champion as champion_of, connect, is_registered
+from pipelines.registry.tags import (CHAMPION, CLINICIAN_LABEL_BATCH_COUNT, CLINICIAN_LABEL_BATCHES, CLINICIAN_LABELS,
+                                     COMMIT, DATA_FEEDBACK, DATA_FROZEN_TEST_SET, DATA_PROCESSED, DATA_RAW, DECISION,
+                                     DEVICE_PREFIX, ENV_PREFIX, FLOW_RUN_ID, GIT_COMMIT, GIT_TAG, METRICS,
+                                     OPERATING_THRESHOLD, PARAMS_HASH, PROMOTION_ACTOR, PROMOTION_AT,
+                                     PROMOTION_REASON, TRIGGER, VERDICTS, WEIGHTS_SHA256)
 from pipelines.workspace import Layout
-
-COMMIT_TAG = "medloop.commit"          # the workspace commit holding the version's dvc.lock
-GIT_TAG_TAG = "medloop.commit_tag"     # the git tag on that commit (``<model>-v<version>``)
-TRIGGER_TAG = "medloop.trigger"        # what started the flow run (schedule, person, retrain policy)
 
 
 class LineageError(MedloopError):
@@ -37,11 +37,8 @@ def record_commit(params: Params, layout: Layout, run_id: str, version: str | No
                   git_tag: str | None, trigger: str | None = None) -> None:
     """Write the commit (and its tag) that holds a run's ``dvc.lock``, and what started the flow
     run (``trigger``), onto the run and the version."""
-    from mlflow import MlflowClient
-
-    configure(params, layout)
-    client = MlflowClient()
-    tags = {COMMIT_TAG: commit, GIT_TAG_TAG: git_tag, TRIGGER_TAG: trigger}
+    client = connect(params, layout)
+    tags = {COMMIT: commit, GIT_TAG: git_tag, TRIGGER: trigger}
     for key, value in tags.items():
         if value:
             client.set_tag(run_id, key, value)
@@ -65,16 +62,14 @@ def version_lineage(params: Params, layout: Layout, version: str | None = None) 
     Raises:
         LineageError: no such model or version, or no champion when no version is given.
     """
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    configure(params, layout)
-    client = MlflowClient()
+    client = connect(params, layout)
     name = params.model.name
     if not is_registered(client, name):
         raise LineageError(f"model {name} is not registered in {params.tracking.uri}")
     if version is None:
-        champion = version_with_alias(client, name, CHAMPION)
+        champion = champion_of(client, name)
         if champion is None:
             raise LineageError(f"model {name} has no {CHAMPION}; name a version")
         version = str(champion.version)
@@ -85,45 +80,45 @@ def version_lineage(params: Params, layout: Layout, version: str | None = None) 
     tags = model_version.tags
     run = client.get_run(model_version.run_id) if model_version.run_id else None
     run_tags = run.data.tags if run else {}
-    metrics = json.loads(tags.get("medloop.metrics", "{}"))
+    metrics = json.loads(tags.get(METRICS, "{}"))
     return {
         "model": name,
         "version": str(model_version.version),
         "aliases": sorted(model_version.aliases),
-        "commit": tags.get(COMMIT_TAG) or run_tags.get(COMMIT_TAG),
-        "git_tag": tags.get(GIT_TAG_TAG) or run_tags.get(GIT_TAG_TAG),
-        "trigger": tags.get(TRIGGER_TAG) or run_tags.get(TRIGGER_TAG),
-        "trained_from_commit": tags.get("medloop.git_commit"),
+        "commit": tags.get(COMMIT) or run_tags.get(COMMIT),
+        "git_tag": tags.get(GIT_TAG) or run_tags.get(GIT_TAG),
+        "trigger": tags.get(TRIGGER) or run_tags.get(TRIGGER),
+        "trained_from_commit": tags.get(GIT_COMMIT),
         "data": {
-            "raw": tags.get("medloop.data.raw"),
-            "feedback": tags.get("medloop.data.feedback"),
-            "processed": tags.get("medloop.data.processed"),
-            "frozen_test_set": tags.get("medloop.data.frozen_test_set"),
+            "raw": tags.get(DATA_RAW),
+            "feedback": tags.get(DATA_FEEDBACK),
+            "processed": tags.get(DATA_PROCESSED),
+            "frozen_test_set": tags.get(DATA_FROZEN_TEST_SET),
         },
         "learned_from": {
-            "clinician_labels": int(tags["medloop.data.clinician_labels"])
-            if tags.get("medloop.data.clinician_labels") else None,
-            "clinician_label_batches": [b for b in tags.get("medloop.data.clinician_label_batches", "").split(",") if b],
-            "clinician_label_batch_count": int(tags["medloop.data.clinician_label_batch_count"])
-            if tags.get("medloop.data.clinician_label_batch_count") else None,
+            "clinician_labels": int(tags[CLINICIAN_LABELS])
+            if tags.get(CLINICIAN_LABELS) else None,
+            "clinician_label_batches": [b for b in tags.get(CLINICIAN_LABEL_BATCHES, "").split(",") if b],
+            "clinician_label_batch_count": int(tags[CLINICIAN_LABEL_BATCH_COUNT])
+            if tags.get(CLINICIAN_LABEL_BATCH_COUNT) else None,
         },
-        "params_hash": tags.get("medloop.params_hash"),
+        "params_hash": tags.get(PARAMS_HASH),
         "params": dict(sorted(run.data.params.items())) if run else {},
-        "gates": json.loads(tags.get(REASONS_TAG, "[]")),
-        "operating_threshold": tags.get("medloop.operating_threshold"),
-        "weights_sha256": tags.get("medloop.weights_sha256"),
+        "gates": json.loads(tags.get(VERDICTS, "[]")),
+        "operating_threshold": tags.get(OPERATING_THRESHOLD),
+        "weights_sha256": tags.get(WEIGHTS_SHA256),
         "metrics": metrics.get("test", {}),
         "mlflow_run_id": model_version.run_id,
         "experiment_id": run.info.experiment_id if run else None,
-        "flow_run_id": tags.get("medloop.flow_run_id"),
+        "flow_run_id": tags.get(FLOW_RUN_ID),
         "promotion": {
-            "decision": tags.get(DECISION_TAG),
-            "actor": tags.get(TAG + "actor"),
-            "reason": tags.get(TAG + "reason"),
-            "at": tags.get(TAG + "at"),
+            "decision": tags.get(DECISION),
+            "actor": tags.get(PROMOTION_ACTOR),
+            "reason": tags.get(PROMOTION_REASON),
+            "at": tags.get(PROMOTION_AT),
         },
-        "device": _tags_under(run_tags, "medloop.device."),
-        "environment": _tags_under(run_tags, "medloop.env."),
+        "device": _tags_under(run_tags, DEVICE_PREFIX),
+        "environment": _tags_under(run_tags, ENV_PREFIX),
     }
 
 

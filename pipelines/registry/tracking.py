@@ -15,9 +15,15 @@ from pathlib import Path
 import yaml
 
 from pipelines.config import Params
+from pipelines.registry.tags import (CLINICIAN_LABEL_BATCH_COUNT, CLINICIAN_LABEL_BATCHES, CLINICIAN_LABELS,
+                                     DATA_FEEDBACK, DATA_FROZEN_TEST_SET, DATA_PROCESSED, DATA_RAW, FLOW_RUN_ID,
+                                     GIT_COMMIT, PARAMS_HASH)
 from pipelines.workspace import Layout, database_url
 
-FLOW_RUN_ENV = "MEDLOOP_FLOW_RUN_ID"  # set by the Prefect tasks; pipelines never import Prefect
+# How a stage process (``dvc repro`` -> ``python -m pipelines.train``) learns the Prefect flow run
+# that started it: a variable of that subprocess's environment only (`flow_run_env`); pipelines
+# never import Prefect.
+FLOW_RUN_ENV = "MEDLOOP_FLOW_RUN_ID"
 
 
 def tracking_uri(params: Params, layout: Layout) -> str:
@@ -54,22 +60,35 @@ def configure(params: Params, layout: Layout) -> str:
     return experiment.experiment_id
 
 
-def lineage(params: Params, layout: Layout) -> dict[str, str]:
+def flow_run_env(flow_run_id: str | None) -> dict[str, str]:
+    """The environment variables that give a stage subprocess the flow run id (none without one)."""
+    return {FLOW_RUN_ENV: flow_run_id} if flow_run_id else {}
+
+
+def lineage_tags(params: Params, layout: Layout) -> dict[str, str]:
     """What a run or model version was made from: git commit, DVC data hashes, params hash,
     flow run id. Every value is a string (MLflow tags)."""
     tags = {
-        "medloop.git_commit": _git_commit(layout),
-        "medloop.params_hash": params.digest(),
-        "medloop.data.raw": _dvc_file_hash(layout.root / "data" / "raw.dvc"),
-        "medloop.data.feedback": _dvc_file_hash(layout.root / "data" / "feedback.dvc"),
-        "medloop.data.processed": _lock_out_hash(layout, "preprocess", "data/processed"),
-        "medloop.data.frozen_test_set": _lock_out_hash(layout, "preprocess", "data/splits"),
+        GIT_COMMIT: _git_commit(layout),
+        PARAMS_HASH: params.digest(),
+        **data_hashes(layout),
         **clinician_labels(layout),
     }
-    flow_run = os.environ.get(FLOW_RUN_ENV)
+    flow_run = os.environ.get(FLOW_RUN_ENV)  # in a stage process: given by `flow_run_env`
     if flow_run:
-        tags["medloop.flow_run_id"] = flow_run
+        tags[FLOW_RUN_ID] = flow_run
     return tags
+
+
+def data_hashes(layout: Layout) -> dict[str, str]:
+    """The DVC hashes of the workspace's data now: raw and feedback (their ``.dvc`` files), the
+    processed data and the frozen test set (``dvc.lock``); ``none`` for what is not there."""
+    return {
+        DATA_RAW: _dvc_file_hash(layout.root / "data" / "raw.dvc"),
+        DATA_FEEDBACK: _dvc_file_hash(layout.root / "data" / "feedback.dvc"),
+        DATA_PROCESSED: _lock_out_hash(layout, "preprocess", "data/processed"),
+        DATA_FROZEN_TEST_SET: _lock_out_hash(layout, "preprocess", "data/splits"),
+    }
 
 
 MAX_NAMED_BATCHES = 50  # feedback exports named in a run tag (about 24 characters each)
@@ -88,16 +107,16 @@ def clinician_labels(layout: Layout) -> dict[str, str]:
     columns = pd.read_parquet(index_file).columns
     wanted = [c for c in ("split", "label_provenance", "label_batch_id") if c in columns]
     if "label_provenance" not in wanted:
-        return {"medloop.data.clinician_labels": "0", "medloop.data.clinician_label_batches": "",
-                "medloop.data.clinician_label_batch_count": "0"}
+        return {CLINICIAN_LABELS: "0", CLINICIAN_LABEL_BATCHES: "",
+                CLINICIAN_LABEL_BATCH_COUNT: "0"}
     index = pd.read_parquet(index_file, columns=wanted)
     learned = index[(index["label_provenance"] == "clinician") & index["split"].isin(["train", "validation"])]
     batches = sorted({str(b) for b in learned.get("label_batch_id", pd.Series(dtype=str)).dropna()})
     # A tag holds at most 8,000 characters: the newest exports by name, all of them by count (the
     # data/feedback version in medloop.data.feedback names every one).
-    return {"medloop.data.clinician_labels": str(len(learned)),
-            "medloop.data.clinician_label_batches": ",".join(batches[-MAX_NAMED_BATCHES:]),
-            "medloop.data.clinician_label_batch_count": str(len(batches))}
+    return {CLINICIAN_LABELS: str(len(learned)),
+            CLINICIAN_LABEL_BATCHES: ",".join(batches[-MAX_NAMED_BATCHES:]),
+            CLINICIAN_LABEL_BATCH_COUNT: str(len(batches))}
 
 
 ENVIRONMENT_PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "pandas", "scikit-learn", "pillow",

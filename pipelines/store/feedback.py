@@ -390,23 +390,18 @@ def _figures(cases: list[tuple[str, str | None]], positive_class: str) -> dict[s
     """Live figures of (decision, confirmed label or None) pairs: ``predictions``,
     ``confirmed``, ``agreement``, ``sensitivity``, ``specificity`` (None when there are no cases
     to compute them on), ``positive_rate`` (over all predictions) and ``confusion``."""
-    confusion = {"tp": 0, "fn": 0, "tn": 0, "fp": 0}
-    confirmed = agreed = positive_decisions = 0
-    for decision, truth in cases:
-        said = decision == positive_class
-        positive_decisions += said
-        if truth is None:
-            continue
-        confirmed += 1
-        agreed += decision == truth
-        is_positive = truth == positive_class
-        confusion["tp" if said and is_positive else "fn" if is_positive else "fp" if said else "tn"] += 1
-    positives, negatives = confusion["tp"] + confusion["fn"], confusion["tn"] + confusion["fp"]
+    from pipelines.model.metrics import operating_point
+
+    judged = [(decision, truth) for decision, truth in cases if truth is not None]
+    point = operating_point([truth == positive_class for _, truth in judged],
+                            [decision == positive_class for decision, _ in judged])
+    positive_decisions = sum(decision == positive_class for decision, _ in cases)
     return {
-        "predictions": len(cases), "confirmed": confirmed,
-        "agreement": agreed / confirmed if confirmed else None,
-        "sensitivity": confusion["tp"] / positives if positives else None,
-        "specificity": confusion["tn"] / negatives if negatives else None,
+        "predictions": len(cases), "confirmed": len(judged),
+        # Agreement is over every class (the decision is the confirmed label), not only positive/negative.
+        "agreement": sum(decision == truth for decision, truth in judged) / len(judged) if judged else None,
+        "sensitivity": point["sensitivity"],
+        "specificity": point["specificity"],
         "positive_rate": positive_decisions / len(cases) if cases else None,
-        "confusion": confusion,
+        "confusion": point["confusion"],
     }
