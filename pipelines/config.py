@@ -398,6 +398,13 @@ class TrainSpec(Strict):
     ``mixed_precision``: ``auto`` uses float16 compute on a GPU and float32 on a CPU.
     ``calibration``: the post-hoc calibration fitted on the validation split after training
     (`pipelines.model.calibration`): ``temperature``, ``platt``, ``isotonic`` or ``none``.
+    ``distribution``: ``mirrored`` (every GPU of this host, one replica each; the default
+    device alone without a GPU), ``none`` (the default device alone) or ``multi_worker``
+    (``MultiWorkerMirroredStrategy``: one process per host or per slot, all started with the
+    same params; the cluster comes from ``TF_CONFIG`` if set, else from ``workers``, with this
+    process's place in it from the environment variable ``MEDLOOP_WORKER_INDEX``; worker 0 is
+    the chief, the only one that logs to MLflow and saves the model).
+    ``workers``: ``host:port`` of every worker, the chief first (``multi_worker`` only).
     """
 
     architecture: Literal["seed_cnn", "cxr_small", "mlp"]
@@ -411,6 +418,17 @@ class TrainSpec(Strict):
     mixed_precision: Literal["auto", "on", "off"]
     deterministic: bool
     calibration: Literal["temperature", "platt", "isotonic", "none"]
+    distribution: Literal["none", "mirrored", "multi_worker"]
+    workers: list[str]
+
+    @field_validator("workers")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"train.workers: {address!r} is not host:port (e.g. 10.0.0.5:12345)")
+        return value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
