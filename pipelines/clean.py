@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +33,9 @@ import numpy as np
 import pandas as pd
 
 from pipelines.data import manifest
-from pipelines.config import ImageCleanSpec, Params
+from pipelines.config import Params
 from pipelines.errors import MedloopError
+from pipelines.ops.compute import item_map, staged_directory
 from pipelines.stage import stage_main
 from pipelines.workspace import Layout
 
@@ -53,7 +51,6 @@ IMAGE_COLUMNS = [
     "image_path", "width", "height", "channels", "mean_intensity", "std_intensity",
     "min_intensity", "max_intensity", "conversion",
 ]
-PARALLEL_FROM = 200  # below this many images a process pool costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -69,20 +66,18 @@ def run(params: Params, layout: Layout) -> CleanResult:
     raw = manifest.read(layout)
     if raw.empty:
         raise MedloopError(f"{layout.raw}: nothing collected yet; run `medloop collect` first")
-    if layout.clean.exists():
-        shutil.rmtree(layout.clean)
-    layout.clean.mkdir(parents=True)
     layout.reports.mkdir(parents=True, exist_ok=True)
 
     verdicts = Verdicts(raw)
     verdicts.quarantine_unstored()
     verdicts.normalise_labels(params.model.classes, params.clean.label_aliases)
-    if params.model.modality == "image":
-        records = _clean_images(params.clean.image, layout, verdicts)
-    else:
-        records = _clean_rows(params, layout, verdicts)
-    records.to_parquet(layout.clean_records, index=False)
-    verdicts.intake().to_parquet(layout.clean_intake, index=False)
+    with staged_directory(layout.clean) as out:
+        if params.model.modality == "image":
+            records = _clean_images(params, layout, out, verdicts)
+        else:
+            records = _clean_rows(params, layout, verdicts)
+        records.to_parquet(out / layout.clean_records.name, index=False)
+        verdicts.intake().to_parquet(out / layout.clean_intake.name, index=False)
     quarantine = verdicts.quarantine()
     quarantine.to_csv(layout.quarantine_csv, index=False)
     log.info("clean: %d accepted, %d quarantined (%s)", len(records), len(quarantine), layout.quarantine_csv)
@@ -188,8 +183,9 @@ class Verdicts:
 # ---------------------------------------------------------------------------------------------
 
 
-def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> pd.DataFrame:
-    images_dir = layout.clean / "images"
+def _clean_images(params: Params, layout: Layout, out: Path, verdicts: Verdicts) -> pd.DataFrame:
+    spec = params.clean.image
+    images_dir = out / "images"
     images_dir.mkdir()
     todo = verdicts.raw.index[verdicts.accepted]
     jobs = [
@@ -197,11 +193,8 @@ def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> p
          spec.channels, spec.min_side, spec.max_pixels, spec.dicom)
         for i in todo
     ]
-    if len(jobs) >= PARALLEL_FROM and (os.cpu_count() or 1) > 1:
-        with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-            outcomes = list(pool.map(_clean_one_image, jobs, chunksize=32))
-    else:
-        outcomes = [_clean_one_image(job) for job in jobs]
+    with item_map(params.compute, "clean") as items:
+        outcomes = items.map(clean_one_image, jobs, chunksize=32)
 
     metadata: dict[int, dict] = {}
     first_with_pixels: dict[str, int] = {}  # pixel hash -> index of the item kept
@@ -224,7 +217,7 @@ def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> p
             else:
                 verdicts.reject(index, f"duplicate image: same pixels as {verdicts.raw.at[keeper, 'source_ref']}")
             if outcome["image_path"] not in kept_paths:
-                Path(layout.clean / outcome["image_path"]).unlink(missing_ok=True)
+                Path(out / outcome["image_path"]).unlink(missing_ok=True)
             continue
         first_with_pixels[pixel_hash] = index
         kept_paths.add(outcome["image_path"])
@@ -236,7 +229,7 @@ def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> p
     return records
 
 
-def _clean_one_image(job: tuple) -> dict:
+def clean_one_image(job: tuple) -> dict:
     """Decode, check and convert one stored image (runs in a worker process)."""
     from pipelines.data.images import ImageProblem, decode_image, encode_png, intensity_stats
 

@@ -437,6 +437,26 @@ class TrainSpec(Strict):
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
+class ComputeSpec(Strict):
+    """Where the data stages' per-item work runs (`pipelines.ops.compute`); the outputs are the
+    same whichever, so this is no DVC param.
+
+    ``workers``: 1 works in this process (with its cores for large batches); more starts a Dask
+    ``LocalCluster`` of that many worker processes for each stage.
+    ``scheduler``: a Dask scheduler's address (``tcp://host:8786``) to use its cluster instead.
+    """
+
+    workers: int = Field(ge=1)
+    scheduler: str | None
+
+    @field_validator("scheduler")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(f"compute.scheduler {value!r} is not an address like tcp://host:8786")
+        return value
+
+
 class TrackingSpec(Strict):
     """MLflow: where runs and registered models live.
 
@@ -612,6 +632,7 @@ class Params(Strict):
     validate_: ValidateSpec = Field(alias="validate")
     preprocess: PreprocessSpec
     train: TrainSpec
+    compute: ComputeSpec
     tracking: TrackingSpec
     evaluate: EvaluateSpec
     promote: PromoteSpec
