@@ -92,6 +92,27 @@ def test_a_local_dask_cluster_writes_what_the_serial_path_writes(collected, seri
     assert not list(layout.root.glob("data/.*.partial"))
 
 
+def collected_files(layout) -> tuple[list, dict[str, str]]:
+    """The manifest (batch ids and arrival times aside) and the stored files' hashes by name."""
+    from pipelines.data import manifest
+
+    frame = manifest.read(layout).drop(columns=["batch_id", "arrival_time"])
+    frame["record_id"] = frame["record_id"].str.replace(r"^batches/[^/]+/", "", regex=True)
+    files = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in layout.batches.rglob("images/*")}
+    return frame.astype(str).values.tolist(), files
+
+
+@pytest.mark.slow
+def test_collect_on_a_local_dask_cluster_stores_what_the_serial_path_stores(collected, tmp_path):
+    raw = yaml.safe_load(collected.params_file.read_text())
+    raw["compute"]["workers"] = 2
+    layout = make_workspace(tmp_path, raw)
+    for _ in range(2):
+        collect.run(load(layout), layout)
+    assert collected_files(layout) == collected_files(collected)
+    assert len(collected_files(layout)[1]) >= 30
+
+
 class DieOnce(WorkerPlugin):
     """A Dask worker plugin: the first task a worker starts kills that worker's process
     (once in the whole cluster, a marker file says so), as an out-of-memory kill would."""
