@@ -36,6 +36,7 @@ from pipelines.data import manifest
 from pipelines.config import Params
 from pipelines.errors import MedloopError
 from pipelines.ops.compute import item_map, staged_directory
+from pipelines.ops.item_cache import ItemCache
 from pipelines.stage import stage_main
 from pipelines.workspace import Layout
 
@@ -193,9 +194,7 @@ def _clean_images(params: Params, layout: Layout, out: Path, verdicts: Verdicts)
          spec.channels, spec.min_side, spec.max_pixels, spec.dicom)
         for i in todo
     ]
-    with item_map(params.compute, "clean") as items:
-        outcomes = items.map(clean_one_image, jobs, chunksize=32)
-
+    outcomes = _reuse_or_clean(params, layout, images_dir, jobs)
     metadata: dict[int, dict] = {}
     first_with_pixels: dict[str, int] = {}  # pixel hash -> index of the item kept
     kept_paths: set[str] = set()
@@ -227,6 +226,34 @@ def _clean_images(params: Params, layout: Layout, out: Path, verdicts: Verdicts)
     for column in ("width", "height", "channels"):
         records[column] = records[column].astype("int64")
     return records
+
+
+def _reuse_or_clean(params: Params, layout: Layout, images_dir: Path, jobs: list[tuple]) -> list[dict]:
+    """`clean_one_image` for every job, reusing earlier nights' results of the same stored
+    content, settings and code (`pipelines.ops.item_cache`); new results go on ``compute``'s
+    engine and into the cache. A problem is never cached (an unreadable file may be readable
+    tomorrow); it is cheap to find again."""
+    from pipelines.data import images
+    from pipelines.deid import image_metadata
+
+    cache = ItemCache.open(layout.state, "clean", [sys.modules[__name__], images, image_metadata],
+                           params.clean.image.model_dump(mode="json"))
+    outcomes: list[dict | None] = []
+    for job in jobs:
+        hit = cache.get(job[2])  # the stored file's content hash
+        if hit is not None:
+            header, png = hit
+            Path(images_dir, f"{job[2]}.png").write_bytes(png)
+        outcomes.append(None if hit is None else header)
+    missing = [position for position, outcome in enumerate(outcomes) if outcome is None]
+    with item_map(params.compute, "clean") as items:
+        computed = items.map(clean_one_image, [jobs[position] for position in missing], chunksize=32)
+    for position, outcome in zip(missing, computed):
+        outcomes[position] = outcome
+        if "problem" not in outcome:
+            cache.put(jobs[position][2], outcome, Path(images_dir, f"{jobs[position][2]}.png").read_bytes())
+    log.info("clean: images %s", cache.describe())
+    return outcomes  # type: ignore[return-value]
 
 
 def clean_one_image(job: tuple) -> dict:

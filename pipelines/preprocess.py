@@ -28,6 +28,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ import pandas as pd
 from pipelines.config import Params, PreprocessSpec
 from pipelines.errors import MedloopError
 from pipelines.ops.compute import item_map, staged_directory
+from pipelines.ops.item_cache import ItemCache
 from pipelines.stage import stage_main
 from pipelines.workspace import Layout
 
@@ -323,7 +325,8 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
     shard_size = params.preprocess.shard_size
     shards: dict[str, list[str]] = {}
     shard_of = np.empty(len(usable), dtype=object)
-    with item_map(params.compute, "preprocess") as prepared:
+    cache = ItemCache.open(layout.state, "preprocess", [sys.modules[__name__]], {"image_size": [height, width]})
+    with item_map(params.compute, "preprocess") as engine:
         for split in SPLITS:
             positions = np.flatnonzero(usable["split"].to_numpy() == split)
             count = max(1, -(-len(positions) // shard_size))
@@ -334,11 +337,12 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
                 chosen = positions[shard * shard_size : (shard + 1) * shard_size]
                 # One shard's pixels in memory at a time, however large the data set.
                 shard_jobs = [jobs[position] for position in chosen]
-                pixels = prepared.map(prepare_image, shard_jobs, chunksize=16)
+                pixels = _reuse_or_prepare(shard_jobs, engine, cache)
                 with tf.io.TFRecordWriter(str(out / name)) as writer:
                     for position, image in zip(chosen, pixels):
                         writer.write(_example(image, usable, position).SerializeToString())
                 shard_of[chosen] = name
+    log.info("preprocess: images %s", cache.describe())
     usable["shard"] = shard_of
     index = items.merge(usable[["record_id", "shard"]], on="record_id", how="left")
     index.to_parquet(out / "index.parquet", index=False)
@@ -349,6 +353,21 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
         "tfrecord_features": {"image": "bytes (raw uint8, row-major HxWxC)", "label": "int64",
                               "record_id": "bytes"},
     }
+
+
+def _reuse_or_prepare(jobs: list[tuple], engine: Any, cache: ItemCache) -> list[bytes]:
+    """`prepare_image` for every job, reusing earlier nights' pixels of the same cleaned file
+    (keyed by its bytes' hash), the same size and the same code; the rest on the engine."""
+    keys = [hashlib.sha256(Path(job[0]).read_bytes()).hexdigest() for job in jobs]
+    pixels: list[bytes | None] = []
+    for key in keys:
+        hit = cache.get(key)
+        pixels.append(None if hit is None else hit[1])
+    missing = [position for position, value in enumerate(pixels) if value is None]
+    for position, value in zip(missing, engine.map(prepare_image, [jobs[p] for p in missing], chunksize=16)):
+        pixels[position] = value
+        cache.put(keys[position], {}, value)
+    return pixels  # type: ignore[return-value]
 
 
 def prepare_image(job: tuple) -> bytes:

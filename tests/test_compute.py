@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -183,3 +184,43 @@ def test_compute_settings_are_checked():
     raw["compute"]["workers"] = 0
     with pytest.raises(Exception, match="compute.workers"):
         parse_params(raw)
+
+
+@pytest.mark.slow
+def test_a_night_reuses_earlier_nights_work_and_writes_what_a_full_recompute_writes(tmp_path, caplog):
+    raw = image_params()
+    raw["source"].update(nights=3, images_per_night=12, image_size=64, jpeg_fraction=0.0)
+    raw["preprocess"]["image_size"] = [32, 32]
+    layout = make_workspace(tmp_path, raw)
+    for _ in range(2):
+        collect.run(load(layout), layout)
+    clean_and_preprocess(layout)  # nights 1 and 2: everything computed, and kept
+    collect.run(load(layout), layout)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="medloop"):
+        incremental = clean_and_preprocess(layout)
+    messages = [record.getMessage() for record in caplog.records]
+    new_items = int((manifest_of(layout)["batch_id"] == manifest_of(layout)["batch_id"].max()).sum())
+    clean_line = next(m for m in messages if m.startswith("clean: images "))
+    computed, reused = (int(word) for word in re.findall(r"(\d+) (?:computed|reused)", clean_line))
+    assert 0 < computed <= new_items and reused >= 20  # only what the third night brought
+    assert any(m.startswith("preprocess: images ") and " reused" in m for m in messages)
+
+    shutil.rmtree(layout.state / "cache")  # a full recompute, as a fresh clone does
+    assert clean_and_preprocess(layout) == incremental
+
+    # A changed setting is a new cache version: nothing stale is read.
+    with_settings = yaml.safe_load(layout.params_file.read_text())
+    with_settings["preprocess"]["image_size"] = [24, 24]
+    layout.params_file.write_text(yaml.safe_dump(with_settings, sort_keys=False))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="medloop"):
+        clean_and_preprocess(layout)
+    preprocess_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("preprocess: images"))
+    assert preprocess_line.endswith(" 0 reused from earlier nights")
+
+
+def manifest_of(layout):
+    from pipelines.data import manifest
+
+    return manifest.read(layout)
