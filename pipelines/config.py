@@ -511,6 +511,10 @@ class ScheduleSpec(Strict):
         notify_url_env: the environment variable that holds an Apprise URL (``mailto://...``,
             ``slack://...``, ``json://host/path``) to notify on failure; the URL is a secret, so it
             is never written in params. Nothing is sent while the variable is unset.
+        train_work_pool: a Prefect work pool that runs the train stage as its own job (a
+            Kubernetes pool whose base job template requests ``gpu_count`` NVIDIA GPUs, see
+            infra/k8s/), while the other stages stay on ``work_pool``; null trains where the flow runs.
+        train_gpus: the GPUs that job asks for (the pool's ``gpu_count`` job variable).
     """
 
     cron: str
@@ -518,6 +522,8 @@ class ScheduleSpec(Strict):
     work_pool: str = Field(min_length=1)
     deployment: str = Field(min_length=1)
     notify_url_env: str | None = None
+    train_work_pool: str | None
+    train_gpus: int = Field(ge=0)
 
     @field_validator("cron")
     @classmethod
