@@ -69,7 +69,8 @@ def serial_outputs(collected):
 
 def copy_of(layout, tmp_path) -> Layout:
     copy = Layout.at(shutil.copytree(layout.root, tmp_path / "ws", symlinks=True))
-    for folder in (copy.clean, copy.processed, copy.splits):
+    # Nothing of the serial run's: its outputs, and its per-item cache (the work must be redone).
+    for folder in (copy.clean, copy.processed, copy.splits, copy.state / "cache"):
         shutil.rmtree(folder, ignore_errors=True)
     return copy
 
