@@ -1,6 +1,11 @@
 """Clean (DVC stage): from everything collected to the items fit for the quality gate.
 
-Reads the whole of ``data/raw`` (all batches) and writes:
+Reads the whole of ``data/raw``'s manifest (all batches) and writes the outputs below from it.
+The per-image work (decode, checks, PNG) is done only for content no earlier night cleaned with
+the same settings and code (`pipelines.ops.item_cache`), on the engine ``compute`` names
+(`pipelines.ops.compute`: this machine, or a Dask cluster); everything that spans batches
+(duplicates, clinician labels) is decided on the manifest every night, so the outputs are the
+same bytes as a full recompute. The outputs are published only when complete:
 
 - ``data/clean/records.parquet``: one row per usable item, labels normalised to
   ``model.classes``; for images the decoded metadata (size, channels, intensity statistics) and

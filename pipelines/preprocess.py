@@ -12,7 +12,10 @@
   refuses to judge on it). Once big enough it is frozen as version N; raising the minimum in
   params (``medloop testset extend``) grows it again, deliberately, into version N+1.
 - Images are resized and contrast-normalised once and written as TFRecord shards of raw uint8
-  pixels, which tf.data reads without decoding. Tabular features are imputed and scaled with
+  pixels, which tf.data reads without decoding. An image an earlier night prepared with the same
+  size and code is reused (`pipelines.ops.item_cache`); new ones are prepared on the engine
+  ``compute`` names (`pipelines.ops.compute`). The shards are written every night in the
+  split's order, so they are the same bytes as a full recompute, and published only when complete. Tabular features are imputed and scaled with
   statistics fitted on the training split only; the statistics are saved for serving.
 
 Outputs: ``data/processed/`` (``index.parquet``, ``preprocess.json``, ``images/*.tfrecord`` or

@@ -1,14 +1,15 @@
 """Where a data stage's per-item work runs: this process, its cores, or a Dask cluster.
 
-Clean (decode, check, convert) and preprocess (resize, normalise) do the same pure work on every
-item, so the work can run anywhere and be gathered back in the items' order; what is written,
+Collect (de-identify, hash), clean (decode, check, convert) and preprocess (resize, normalise)
+do the same pure work on every item, so the work can run anywhere and be gathered back in the items' order; what is written,
 and in which order, stays with the stage, so the outputs are byte-identical whichever ran
 (``compute`` is not a DVC param for that reason: changing it reruns nothing).
 
 ``compute`` in params.yaml:
 
 - ``workers: 1`` and no ``scheduler`` (the default): this process, with a pool of its cores for
-  batches of ``PARALLEL_FROM`` items or more (below that a pool costs more than it saves).
+  batches of ``PARALLEL_FROM`` items or more in clean and preprocess (below that a pool costs
+  more than it saves; collect stays in this process).
 - ``workers: N`` (N > 1): a Dask ``LocalCluster`` of N worker processes, one thread each, made
   for the stage and closed after it.
 - ``scheduler: tcp://host:8786``: the Dask cluster behind that scheduler (its workers need
@@ -78,12 +79,14 @@ def staged_directory(final: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def item_map(spec: Any, stage: str) -> Iterator[ItemMap]:
+def item_map(spec: Any, stage: str, *, local_pool: bool = True) -> Iterator[ItemMap]:
     """The engine that ``compute`` asks for, open for one stage.
 
     Args:
         spec: ``params.compute``.
         stage: the stage's name, for messages.
+        local_pool: with ``workers: 1``, use this machine's cores for large batches (False:
+            this process only, where a pool was measured to gain little).
 
     Raises:
         ComputeError: the scheduler cannot be reached, or the cluster cannot start.
@@ -93,7 +96,7 @@ def item_map(spec: Any, stage: str) -> Iterator[ItemMap]:
             yield ItemMap(f"{stage} on {_describe(spec)}", client=client)
         return
     cores = os.cpu_count() or 1
-    if cores == 1:
+    if cores == 1 or not local_pool:
         yield ItemMap(f"{stage} in this process")
         return
     pool = _LazyPool(cores)
