@@ -54,7 +54,7 @@ class ItemMap:
 
     def map(self, function: Callable[[Job], Outcome], jobs: Sequence[Job], *, chunksize: int = 16) -> list[Outcome]:
         if self._client is not None:
-            return _dask_map(self._client, function, list(jobs), self.description)
+            return _dask_map(self._client, function, list(jobs), self.description, chunksize)
         if self._pool is not None and len(jobs) >= PARALLEL_FROM:
             return list(self._pool.map(function, jobs, chunksize=chunksize))
         return [function(job) for job in jobs]
@@ -148,16 +148,22 @@ def _dask_client(spec: Any, stage: str) -> Iterator[Any]:
         yield client
 
 
-def _dask_map(client: Any, function: Callable, jobs: list, description: str) -> list:
+def run_chunk(function: Callable, jobs: list) -> list:
+    """One Dask task: several items, so the scheduler's cost per task is shared."""
+    return [function(job) for job in jobs]
+
+
+def _dask_map(client: Any, function: Callable, jobs: list, description: str, chunksize: int) -> list:
     from distributed import KilledWorker
 
     if not jobs:
         return []
-    # pure=False: every job is its own task even when two jobs are equal (duplicates are the
+    chunks = [jobs[start:start + chunksize] for start in range(0, len(jobs), chunksize)]
+    # pure=False: every chunk is its own task even when two are equal (duplicates are the
     # stage's to judge, not the cache's).
-    futures = client.map(function, jobs, pure=False)
+    futures = client.map(run_chunk, [function] * len(chunks), chunks, pure=False)
     try:
-        return client.gather(futures)
+        return [outcome for chunk in client.gather(futures) for outcome in chunk]
     except KilledWorker as exc:
         raise ComputeError(
             f"{description}: an item's work killed every worker it ran on ({exc}); nothing was "
