@@ -20,6 +20,7 @@ from pipelines.errors import MedloopError
 from pipelines.ops.scaffold import project_root
 from pipelines.ops.versioning import tool_env
 from pipelines.workspace import Layout
+from tasks.train_job import train_deployment_name
 
 FLOW_NAME = "retrain"
 POLICY_FLOW_NAME = "retrain-policy"
@@ -59,6 +60,10 @@ def deployment_values(params: Params, layout: Layout) -> dict[str, str]:
         "MEDLOOP_MODEL": params.model.name,
         "MEDLOOP_POLICY_DEPLOYMENT": params.retrain_policy.deployment,
         "MEDLOOP_POLICY_CRON": params.retrain_policy.check_cron,
+        # The train job's deployment (flows/train_job.py). Without a train pool it is declared on
+        # the nightly pool and never started: the retrain flow trains in its own process then.
+        "MEDLOOP_TRAIN_DEPLOYMENT": train_deployment_name(params),
+        "MEDLOOP_TRAIN_WORK_POOL": schedule.train_work_pool or schedule.work_pool,
     }
 
 

@@ -23,6 +23,7 @@ from pipelines.workspace import Layout, exclusive, read_json
 from tasks import progress
 from tasks.data import DATA_STAGES, collect_task, stage_task
 from tasks.notify import notify, on_retrain_failure
+from tasks.train_job import train_job_task
 from tasks.retrain import (
     MODEL_STAGES,
     commit_task,
@@ -83,7 +84,9 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
 
         summary["stages"] = {}
         for stage in (*DATA_STAGES, *MODEL_STAGES):
-            outcome = stage_task(workspace, stage, summary["flow_run_id"])
+            # schedule.train_work_pool: training runs as its own job (on a GPU node)
+            on_its_own = stage == "train" and params.schedule.train_work_pool
+            outcome = train_job_task(workspace) if on_its_own else stage_task(workspace, stage, summary["flow_run_id"])
             summary["stages"][stage] = outcome["ran"]
             summary["seconds"][stage] = outcome["seconds"]
         summary["validation"] = read_json(layout.validation_json, "run validate")

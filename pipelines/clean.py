@@ -1,6 +1,11 @@
 """Clean (DVC stage): from everything collected to the items fit for the quality gate.
 
-Reads the whole of ``data/raw`` (all batches) and writes:
+Reads the whole of ``data/raw``'s manifest (all batches) and writes the outputs below from it.
+The per-image work (decode, checks, PNG) is done only for content no earlier night cleaned with
+the same settings and code (`pipelines.ops.item_cache`), on the engine ``compute`` names
+(`pipelines.ops.compute`: this machine, or a Dask cluster); everything that spans batches
+(duplicates, clinician labels) is decided on the manifest every night, so the outputs are the
+same bytes as a full recompute. The outputs are published only when complete:
 
 - ``data/clean/records.parquet``: one row per usable item, labels normalised to
   ``model.classes``; for images the decoded metadata (size, channels, intensity statistics) and
@@ -25,10 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +38,10 @@ import numpy as np
 import pandas as pd
 
 from pipelines.data import manifest
-from pipelines.config import ImageCleanSpec, Params
+from pipelines.config import Params
 from pipelines.errors import MedloopError
+from pipelines.ops.compute import item_map, staged_directory
+from pipelines.ops.item_cache import ItemCache
 from pipelines.stage import stage_main
 from pipelines.workspace import Layout
 
@@ -53,7 +57,6 @@ IMAGE_COLUMNS = [
     "image_path", "width", "height", "channels", "mean_intensity", "std_intensity",
     "min_intensity", "max_intensity", "conversion",
 ]
-PARALLEL_FROM = 200  # below this many images a process pool costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -69,20 +72,18 @@ def run(params: Params, layout: Layout) -> CleanResult:
     raw = manifest.read(layout)
     if raw.empty:
         raise MedloopError(f"{layout.raw}: nothing collected yet; run `medloop collect` first")
-    if layout.clean.exists():
-        shutil.rmtree(layout.clean)
-    layout.clean.mkdir(parents=True)
     layout.reports.mkdir(parents=True, exist_ok=True)
 
     verdicts = Verdicts(raw)
     verdicts.quarantine_unstored()
     verdicts.normalise_labels(params.model.classes, params.clean.label_aliases)
-    if params.model.modality == "image":
-        records = _clean_images(params.clean.image, layout, verdicts)
-    else:
-        records = _clean_rows(params, layout, verdicts)
-    records.to_parquet(layout.clean_records, index=False)
-    verdicts.intake().to_parquet(layout.clean_intake, index=False)
+    with staged_directory(layout.clean) as out:
+        if params.model.modality == "image":
+            records = _clean_images(params, layout, out, verdicts)
+        else:
+            records = _clean_rows(params, layout, verdicts)
+        records.to_parquet(out / layout.clean_records.name, index=False)
+        verdicts.intake().to_parquet(out / layout.clean_intake.name, index=False)
     quarantine = verdicts.quarantine()
     quarantine.to_csv(layout.quarantine_csv, index=False)
     log.info("clean: %d accepted, %d quarantined (%s)", len(records), len(quarantine), layout.quarantine_csv)
@@ -188,8 +189,9 @@ class Verdicts:
 # ---------------------------------------------------------------------------------------------
 
 
-def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> pd.DataFrame:
-    images_dir = layout.clean / "images"
+def _clean_images(params: Params, layout: Layout, out: Path, verdicts: Verdicts) -> pd.DataFrame:
+    spec = params.clean.image
+    images_dir = out / "images"
     images_dir.mkdir()
     todo = verdicts.raw.index[verdicts.accepted]
     jobs = [
@@ -197,12 +199,7 @@ def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> p
          spec.channels, spec.min_side, spec.max_pixels, spec.dicom)
         for i in todo
     ]
-    if len(jobs) >= PARALLEL_FROM and (os.cpu_count() or 1) > 1:
-        with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-            outcomes = list(pool.map(_clean_one_image, jobs, chunksize=32))
-    else:
-        outcomes = [_clean_one_image(job) for job in jobs]
-
+    outcomes = _reuse_or_clean(params, layout, images_dir, jobs)
     metadata: dict[int, dict] = {}
     first_with_pixels: dict[str, int] = {}  # pixel hash -> index of the item kept
     kept_paths: set[str] = set()
@@ -224,7 +221,7 @@ def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> p
             else:
                 verdicts.reject(index, f"duplicate image: same pixels as {verdicts.raw.at[keeper, 'source_ref']}")
             if outcome["image_path"] not in kept_paths:
-                Path(layout.clean / outcome["image_path"]).unlink(missing_ok=True)
+                Path(out / outcome["image_path"]).unlink(missing_ok=True)
             continue
         first_with_pixels[pixel_hash] = index
         kept_paths.add(outcome["image_path"])
@@ -236,7 +233,35 @@ def _clean_images(spec: ImageCleanSpec, layout: Layout, verdicts: Verdicts) -> p
     return records
 
 
-def _clean_one_image(job: tuple) -> dict:
+def _reuse_or_clean(params: Params, layout: Layout, images_dir: Path, jobs: list[tuple]) -> list[dict]:
+    """`clean_one_image` for every job, reusing earlier nights' results of the same stored
+    content, settings and code (`pipelines.ops.item_cache`); new results go on ``compute``'s
+    engine and into the cache. A problem is never cached (an unreadable file may be readable
+    tomorrow); it is cheap to find again."""
+    from pipelines.data import images
+    from pipelines.deid import image_metadata
+
+    cache = ItemCache.open(layout.state, "clean", [sys.modules[__name__], images, image_metadata],
+                           params.clean.image.model_dump(mode="json"))
+    outcomes: list[dict | None] = []
+    for job in jobs:
+        hit = cache.get(job[2])  # the stored file's content hash
+        if hit is not None:
+            header, png = hit
+            Path(images_dir, f"{job[2]}.png").write_bytes(png)
+        outcomes.append(None if hit is None else header)
+    missing = [position for position, outcome in enumerate(outcomes) if outcome is None]
+    with item_map(params.compute, "clean") as items:
+        computed = items.map(clean_one_image, [jobs[position] for position in missing], chunksize=32)
+    for position, outcome in zip(missing, computed):
+        outcomes[position] = outcome
+        if "problem" not in outcome:
+            cache.put(jobs[position][2], outcome, Path(images_dir, f"{jobs[position][2]}.png").read_bytes())
+    log.info("clean: images %s", cache.describe())
+    return outcomes  # type: ignore[return-value]
+
+
+def clean_one_image(job: tuple) -> dict:
     """Decode, check and convert one stored image (runs in a worker process)."""
     from pipelines.data.images import ImageProblem, decode_image, encode_png, intensity_stats
 

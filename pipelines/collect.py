@@ -36,6 +36,7 @@ from pipelines.deid.keys import content_hash, keyed_hash, load_salt, pseudonym
 from pipelines.errors import DeidentificationError, MedloopError
 from pipelines.data.sources import open_source
 from pipelines.data.sources.base import ItemUnavailable, SourceState
+from pipelines.ops.compute import item_map
 from pipelines.ops.versioning import track
 from pipelines.values import utc_now
 from pipelines.workspace import Layout
@@ -98,7 +99,7 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
     try:
         seen = set(known["item_id"].dropna())
         if params.model.modality == "image":
-            rows = _collect_images(source, state, salt, seen, staging, batch_id)
+            rows = _collect_images(source, state, salt, seen, staging, batch_id, params.compute)
         else:
             rows = _collect_tables(params, source, state, salt, seen, staging, batch_id)
         feedback = _collect_feedback(params, layout, salt, seen, staging, batch_id)
@@ -146,71 +147,116 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
 # ---------------------------------------------------------------------------------------------
 
 
-def _collect_images(source, state: SourceState, salt: bytes, seen: set[str], staging: Path, batch_id: str) -> dict:
-    from pipelines.deid.image_metadata import sniff_format
-
+def _collect_images(source, state: SourceState, salt: bytes, seen: set[str], staging: Path, batch_id: str,
+                    compute) -> dict:
+    """Read, de-identify and hash the source's new images, ``CHUNK`` at a time: reading and the
+    bookkeeping (what was seen, what repeats) run here in the source's order; de-identifying
+    and hashing run on ``compute``'s engine, and their outcomes come back in that order, so
+    the batch is the same whichever engine ran."""
     rows: list[dict] = []
     already = 0
     stored_hashes: dict[str, str] = {}
     batch_refs: dict[str, str] = {}  # item_id -> source_ref of its first copy in this batch
     images = staging / "images"
     images.mkdir()
-    for item in source.items(state):
-        base = {"source_ref": item.source_ref, "label": item.label, "label_provenance": "dataset"}
-        if item.problem:
-            # Known-bad without reading it; keyed on the reference so it is recorded once.
-            ref_id = keyed_hash(salt, item.source_ref.encode(), "ref")
-            if ref_id in seen:
-                already += 1
-            else:
-                seen.add(ref_id)
-                rows.append({**base, **_rejected(ref_id, item.problem)})
-            continue
-        try:
-            data = item.read()
-        except ItemUnavailable as exc:
-            # Keyed on reference *and* batch: if the item comes back, it is collected then.
-            attempt = keyed_hash(salt, f"{item.source_ref}@{batch_id}".encode(), "ref")
-            rows.append({**base, **_rejected(attempt, str(exc))})
-            continue
-        item_id = keyed_hash(salt, data)
-        if item_id in batch_refs:
-            rows.append({**base, "item_id": item_id, "status": DUPLICATE,
-                         "reason": f"same file content as {batch_refs[item_id]} in this batch"})
-            continue
-        if item_id in seen:
-            already += 1
-            continue
-        batch_refs[item_id] = item.source_ref
-        file_format = sniff_format(data)
-        try:
-            file_format, stored, meta = deidentify_image(data, salt)
-        except DeidentificationError as exc:
-            rows.append({**base, **_rejected(item_id, str(exc)), "file_format": file_format})
-            continue
-        digest = content_hash(stored)
-        if digest in stored_hashes:
-            rows.append({**base, "item_id": item_id, "content_hash": digest, "status": DUPLICATE,
-                         "file_format": file_format,
-                         "reason": f"same de-identified content as {stored_hashes[digest]} in this batch"})
-            continue
-        name = f"{digest}.{EXTENSIONS[file_format]}"
-        (images / name).write_bytes(stored)
-        stored_hashes[digest] = item.source_ref
-        if not meta.get("patient_id"):
-            # No patient in the header: the file name's hint, else the image is its own patient.
-            hint = item.patient_hint or f"item:{item_id}"
-            meta["patient_id"] = pseudonym(salt, hint)
-        rows.append({
-            **base, **meta,
-            "record_id": f"batches/{batch_id}/images/{name}",
-            "item_id": item_id,
-            "content_hash": digest,
-            "file_format": file_format,
-            "status": STORED,
-            "reason": "",
-        })
+    # One machine: this process (a local pool gained ~10% on de-identification, README); a Dask
+    # cluster when compute asks for one.
+    with item_map(compute, "collect", local_pool=False) as engine:
+        for chunk in _chunks(source.items(state), CHUNK):
+            planned: list[dict] = []  # a finished row, or an item waiting for its de-identification
+            jobs: list[tuple[bytes, bytes]] = []
+            for item in chunk:
+                base = {"source_ref": item.source_ref, "label": item.label, "label_provenance": "dataset"}
+                if item.problem:
+                    # Known-bad without reading it; keyed on the reference so it is recorded once.
+                    ref_id = keyed_hash(salt, item.source_ref.encode(), "ref")
+                    if ref_id in seen:
+                        already += 1
+                    else:
+                        seen.add(ref_id)
+                        planned.append({**base, **_rejected(ref_id, item.problem)})
+                    continue
+                try:
+                    data = item.read()
+                except ItemUnavailable as exc:
+                    # Keyed on reference *and* batch: if the item comes back, it is collected then.
+                    attempt = keyed_hash(salt, f"{item.source_ref}@{batch_id}".encode(), "ref")
+                    planned.append({**base, **_rejected(attempt, str(exc))})
+                    continue
+                item_id = keyed_hash(salt, data)
+                if item_id in batch_refs:
+                    planned.append({**base, "item_id": item_id, "status": DUPLICATE,
+                                    "reason": f"same file content as {batch_refs[item_id]} in this batch"})
+                    continue
+                if item_id in seen:
+                    already += 1
+                    continue
+                batch_refs[item_id] = item.source_ref
+                planned.append({"waiting": len(jobs), "base": base, "item_id": item_id,
+                                "patient_hint": item.patient_hint})
+                jobs.append((data, salt))
+            outcomes = engine.map(deidentify_job, jobs, chunksize=8)
+            for plan in planned:
+                if "waiting" not in plan:
+                    rows.append(plan)
+                    continue
+                rows.append(_stored_row(plan, outcomes[plan["waiting"]], salt, images, stored_hashes, batch_id))
     return {"manifest": rows, "already": already}
+
+
+CHUNK = 256  # items read, then de-identified together (bounds the memory a batch holds)
+
+
+def _chunks(iterable, size: int):
+    chunk = []
+    for element in iterable:
+        chunk.append(element)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def deidentify_job(job: tuple[bytes, bytes]) -> dict:
+    """`deidentify_image` and the content hash of its output, for one file (runs on any engine);
+    a file that cannot be de-identified gives its reason instead."""
+    from pipelines.deid.image_metadata import sniff_format
+
+    data, salt = job
+    try:
+        file_format, stored, meta = deidentify_image(data, salt)
+    except DeidentificationError as exc:
+        return {"problem": str(exc), "file_format": sniff_format(data)}
+    return {"file_format": file_format, "stored": stored, "meta": meta, "content_hash": content_hash(stored)}
+
+
+def _stored_row(plan: dict, outcome: dict, salt: bytes, images: Path, stored_hashes: dict[str, str],
+                batch_id: str) -> dict:
+    base, item_id = plan["base"], plan["item_id"]
+    file_format = outcome["file_format"]
+    if "problem" in outcome:
+        return {**base, **_rejected(item_id, outcome["problem"]), "file_format": file_format}
+    digest = outcome["content_hash"]
+    if digest in stored_hashes:
+        return {**base, "item_id": item_id, "content_hash": digest, "status": DUPLICATE, "file_format": file_format,
+                "reason": f"same de-identified content as {stored_hashes[digest]} in this batch"}
+    name = f"{digest}.{EXTENSIONS[file_format]}"
+    (images / name).write_bytes(outcome["stored"])
+    stored_hashes[digest] = base["source_ref"]
+    meta = dict(outcome["meta"])
+    if not meta.get("patient_id"):
+        # No patient in the header: the file name's hint, else the image is its own patient.
+        meta["patient_id"] = pseudonym(salt, plan["patient_hint"] or f"item:{item_id}")
+    return {
+        **base, **meta,
+        "record_id": f"batches/{batch_id}/images/{name}",
+        "item_id": item_id,
+        "content_hash": digest,
+        "file_format": file_format,
+        "status": STORED,
+        "reason": "",
+    }
 
 
 def deidentify_image(data: bytes, salt: bytes) -> tuple[str, bytes, dict]:

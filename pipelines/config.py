@@ -398,6 +398,13 @@ class TrainSpec(Strict):
     ``mixed_precision``: ``auto`` uses float16 compute on a GPU and float32 on a CPU.
     ``calibration``: the post-hoc calibration fitted on the validation split after training
     (`pipelines.model.calibration`): ``temperature``, ``platt``, ``isotonic`` or ``none``.
+    ``distribution``: ``mirrored`` (every GPU of this host, one replica each; the default
+    device alone without a GPU), ``none`` (the default device alone) or ``multi_worker``
+    (``MultiWorkerMirroredStrategy``: one process per host or per slot, all started with the
+    same params; the cluster comes from ``TF_CONFIG`` if set, else from ``workers``, with this
+    process's place in it from the environment variable ``MEDLOOP_WORKER_INDEX``; worker 0 is
+    the chief, the only one that logs to MLflow and saves the model).
+    ``workers``: ``host:port`` of every worker, the chief first (``multi_worker`` only).
     """
 
     architecture: Literal["seed_cnn", "cxr_small", "mlp"]
@@ -411,12 +418,43 @@ class TrainSpec(Strict):
     mixed_precision: Literal["auto", "on", "off"]
     deterministic: bool
     calibration: Literal["temperature", "platt", "isotonic", "none"]
+    distribution: Literal["none", "mirrored", "multi_worker"]
+    workers: list[str]
+
+    @field_validator("workers")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"train.workers: {address!r} is not host:port (e.g. 10.0.0.5:12345)")
+        return value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:
         # YAML 1.1 reads an unquoted on/off as a boolean.
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+class ComputeSpec(Strict):
+    """Where the data stages' per-item work runs (`pipelines.ops.compute`); the outputs are the
+    same whichever, so this is no DVC param.
+
+    ``workers``: 1 works in this process (with its cores for large batches); more starts a Dask
+    ``LocalCluster`` of that many worker processes for each stage.
+    ``scheduler``: a Dask scheduler's address (``tcp://host:8786``) to use its cluster instead.
+    """
+
+    workers: int = Field(ge=1)
+    scheduler: str | None
+
+    @field_validator("scheduler")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(f"compute.scheduler {value!r} is not an address like tcp://host:8786")
+        return value
 
 
 class TrackingSpec(Strict):
@@ -473,6 +511,10 @@ class ScheduleSpec(Strict):
         notify_url_env: the environment variable that holds an Apprise URL (``mailto://...``,
             ``slack://...``, ``json://host/path``) to notify on failure; the URL is a secret, so it
             is never written in params. Nothing is sent while the variable is unset.
+        train_work_pool: a Prefect work pool that runs the train stage as its own job (a
+            Kubernetes pool whose base job template requests ``gpu_count`` NVIDIA GPUs, see
+            infra/k8s/), while the other stages stay on ``work_pool``; null trains where the flow runs.
+        train_gpus: the GPUs that job asks for (the pool's ``gpu_count`` job variable).
     """
 
     cron: str
@@ -480,6 +522,8 @@ class ScheduleSpec(Strict):
     work_pool: str = Field(min_length=1)
     deployment: str = Field(min_length=1)
     notify_url_env: str | None = None
+    train_work_pool: str | None
+    train_gpus: int = Field(ge=0)
 
     @field_validator("cron")
     @classmethod
@@ -594,6 +638,7 @@ class Params(Strict):
     validate_: ValidateSpec = Field(alias="validate")
     preprocess: PreprocessSpec
     train: TrainSpec
+    compute: ComputeSpec
     tracking: TrackingSpec
     evaluate: EvaluateSpec
     promote: PromoteSpec

@@ -12,7 +12,10 @@
   refuses to judge on it). Once big enough it is frozen as version N; raising the minimum in
   params (``medloop testset extend``) grows it again, deliberately, into version N+1.
 - Images are resized and contrast-normalised once and written as TFRecord shards of raw uint8
-  pixels, which tf.data reads without decoding. Tabular features are imputed and scaled with
+  pixels, which tf.data reads without decoding. An image an earlier night prepared with the same
+  size and code is reused (`pipelines.ops.item_cache`); new ones are prepared on the engine
+  ``compute`` names (`pipelines.ops.compute`). The shards are written every night in the
+  split's order, so they are the same bytes as a full recompute, and published only when complete. Tabular features are imputed and scaled with
   statistics fitted on the training split only; the statistics are saved for serving.
 
 Outputs: ``data/processed/`` (``index.parquet``, ``preprocess.json``, ``images/*.tfrecord`` or
@@ -26,17 +29,18 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipelines.config import Params, PreprocessSpec
 from pipelines.errors import MedloopError
+from pipelines.ops.compute import item_map, staged_directory
+from pipelines.ops.item_cache import ItemCache
 from pipelines.stage import stage_main
 from pipelines.workspace import Layout
 
@@ -48,7 +52,6 @@ PATIENTS_FILE = "patients.parquet"
 FROZEN_TEST_FILE = "frozen_test_set.parquet"
 TEST_SET_FILE = "test_set.json"
 GROWING, FROZEN = "growing", "frozen"
-PARALLEL_FROM = 200
 
 
 @dataclass(frozen=True)
@@ -94,30 +97,28 @@ def run(params: Params, layout: Layout) -> PreprocessResult:
     test_set = test_set_state(frozen, present_cases(frozen, records, params.model.classes), minimum, state)
     state_path.write_text(json.dumps(test_set, indent=2, sort_keys=True) + "\n")
 
-    if layout.processed.exists():
-        shutil.rmtree(layout.processed)
-    layout.processed.mkdir(parents=True)
     classes = params.model.classes
     items["label_index"] = items["label"].map({name: i for i, name in enumerate(classes)}).astype("int64")
-    if params.model.modality == "image":
-        details = _write_image_shards(items, layout, params)
-    else:
-        details = _write_tables(items, layout, params)
-    counts = {name: int((items["split"] == name).sum()) for name in (*SPLITS, HELD_OUT)}
-    summary = {
-        "modality": params.model.modality,
-        "classes": classes,
-        "counts": counts,
-        "class_counts": {
-            split: {c: int(((items["split"] == split) & (items["label"] == c)).sum()) for c in classes}
-            for split in SPLITS
-        },
-        "patients": {name: int((patients["split"] == name).sum()) for name in SPLITS},
-        "frozen_test_set": {"items": len(frozen), "missing_from_clean": len(missing)},
-        "test_set": test_set,
-        **details,
-    }
-    (layout.processed / "preprocess.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    with staged_directory(layout.processed) as out:
+        if params.model.modality == "image":
+            details = _write_image_shards(items, layout, out, params)
+        else:
+            details = _write_tables(items, out, params)
+        counts = {name: int((items["split"] == name).sum()) for name in (*SPLITS, HELD_OUT)}
+        summary = {
+            "modality": params.model.modality,
+            "classes": classes,
+            "counts": counts,
+            "class_counts": {
+                split: {c: int(((items["split"] == split) & (items["label"] == c)).sum()) for c in classes}
+                for split in SPLITS
+            },
+            "patients": {name: int((patients["split"] == name).sum()) for name in SPLITS},
+            "frozen_test_set": {"items": len(frozen), "missing_from_clean": len(missing)},
+            "test_set": test_set,
+            **details,
+        }
+        (out / "preprocess.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     log.info("preprocess: %s (test set: %s)", counts, describe_test_set(test_set))
     return PreprocessResult(counts, len(frozen), created, str(layout.processed))
 
@@ -314,22 +315,21 @@ def _order_key(seed: int, patient_id: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_image_shards(items: pd.DataFrame, layout: Layout, params: Params) -> dict:
+def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: Params) -> dict:
     import tensorflow as tf
 
     height, width = params.preprocess.image_size
     channels = params.clean.image.channels
-    out_dir = layout.processed / "images"
+    out_dir = out / "images"
     out_dir.mkdir()
     usable = items[items["split"].isin(SPLITS)].reset_index(drop=True)
     jobs = [(str(layout.clean / p), height, width) for p in usable["image_path"]]
-    parallel = len(jobs) >= PARALLEL_FROM and (os.cpu_count() or 1) > 1
-    pool = ProcessPoolExecutor(max_workers=os.cpu_count()) if parallel else None
 
     shard_size = params.preprocess.shard_size
     shards: dict[str, list[str]] = {}
     shard_of = np.empty(len(usable), dtype=object)
-    try:
+    cache = ItemCache.open(layout.state, "preprocess", [sys.modules[__name__]], {"image_size": [height, width]})
+    with item_map(params.compute, "preprocess") as engine:
         for split in SPLITS:
             positions = np.flatnonzero(usable["split"].to_numpy() == split)
             count = max(1, -(-len(positions) // shard_size))
@@ -340,19 +340,15 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, params: Params) -> 
                 chosen = positions[shard * shard_size : (shard + 1) * shard_size]
                 # One shard's pixels in memory at a time, however large the data set.
                 shard_jobs = [jobs[position] for position in chosen]
-                pixels = list(pool.map(_prepare_image, shard_jobs, chunksize=16)) if pool else [
-                    _prepare_image(job) for job in shard_jobs
-                ]
-                with tf.io.TFRecordWriter(str(layout.processed / name)) as writer:
+                pixels = _reuse_or_prepare(shard_jobs, engine, cache)
+                with tf.io.TFRecordWriter(str(out / name)) as writer:
                     for position, image in zip(chosen, pixels):
                         writer.write(_example(image, usable, position).SerializeToString())
                 shard_of[chosen] = name
-    finally:
-        if pool:
-            pool.shutdown()
+    log.info("preprocess: images %s", cache.describe())
     usable["shard"] = shard_of
     index = items.merge(usable[["record_id", "shard"]], on="record_id", how="left")
-    index.to_parquet(layout.processed / "index.parquet", index=False)
+    index.to_parquet(out / "index.parquet", index=False)
     return {
         "image": {"height": height, "width": width, "channels": channels, "dtype": "uint8",
                   "normalisation": "per-image contrast stretch of the 0.5-99.5 percentile range to 0-255"},
@@ -362,7 +358,22 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, params: Params) -> 
     }
 
 
-def _prepare_image(job: tuple) -> bytes:
+def _reuse_or_prepare(jobs: list[tuple], engine: Any, cache: ItemCache) -> list[bytes]:
+    """`prepare_image` for every job, reusing earlier nights' pixels of the same cleaned file
+    (keyed by its bytes' hash), the same size and the same code; the rest on the engine."""
+    keys = [hashlib.sha256(Path(job[0]).read_bytes()).hexdigest() for job in jobs]
+    pixels: list[bytes | None] = []
+    for key in keys:
+        hit = cache.get(key)
+        pixels.append(None if hit is None else hit[1])
+    missing = [position for position, value in enumerate(pixels) if value is None]
+    for position, value in zip(missing, engine.map(prepare_image, [jobs[p] for p in missing], chunksize=16)):
+        pixels[position] = value
+        cache.put(keys[position], {}, value)
+    return pixels  # type: ignore[return-value]
+
+
+def prepare_image(job: tuple) -> bytes:
     """Resize and contrast-normalise one cleaned PNG; returns raw uint8 bytes (H x W x C)."""
     from PIL import Image
 
@@ -398,7 +409,7 @@ def _example(pixels: bytes, usable: pd.DataFrame, position: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_tables(items: pd.DataFrame, layout: Layout, params: Params) -> dict:
+def _write_tables(items: pd.DataFrame, out: Path, params: Params) -> dict:
     features = list(params.tabular.features)
     train = items.loc[items["split"] == TRAIN, features]
     if train.empty:
@@ -414,8 +425,8 @@ def _write_tables(items: pd.DataFrame, layout: Layout, params: Params) -> dict:
         "fitted_on": "train",
         "fitted_rows": int(len(train)),
     }
-    (layout.processed / "scaler.json").write_text(json.dumps(scaler, indent=2) + "\n")
-    out_dir = layout.processed / "tabular"
+    (out / "scaler.json").write_text(json.dumps(scaler, indent=2) + "\n")
+    out_dir = out / "tabular"
     out_dir.mkdir()
     scaled = ((items[features].fillna(median) - mean) / std).astype("float32")
     keep = ["record_id", "patient_id", "label", "label_index", *params.tabular.subgroups]
@@ -423,9 +434,9 @@ def _write_tables(items: pd.DataFrame, layout: Layout, params: Params) -> dict:
     files = {}
     for split in SPLITS:
         name = f"tabular/{split}.parquet"
-        table[items["split"] == split].to_parquet(layout.processed / name, index=False)
+        table[items["split"] == split].to_parquet(out / name, index=False)
         files[split] = name
-    items.drop(columns=features).to_parquet(layout.processed / "index.parquet", index=False)
+    items.drop(columns=features).to_parquet(out / "index.parquet", index=False)
     return {"tables": files, "scaler": "scaler.json", "features": features}
 
 

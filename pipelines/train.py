@@ -5,6 +5,12 @@
   ``weights_sha256``). The input pipeline's augmentation is seeded per batch (`pipelines.data.inputs`).
 - Fast where it can be: float16 compute (``mixed_float16``) when a GPU is visible and
   ``train.mixed_precision`` allows it, and a ``MirroredStrategy`` over every visible GPU.
+- Across processes or hosts (``train.distribution: multi_worker``): a
+  ``MultiWorkerMirroredStrategy`` over the workers of ``TF_CONFIG`` or ``train.workers``, every
+  worker running this stage with the same params and data; the chief (worker 0) alone opens the
+  MLflow run and saves the model. Keras 3's ``model.fit`` fails under that strategy (tensorflow
+  issue 72388), so the workers train with a custom loop over ``strategy.run``
+  (`fit_across_workers`) that drives the same callbacks; one process keeps ``model.fit``.
 - Clinically judged: early stopping on the validation AUROC of the positive class (computed
   with scikit-learn, one-vs-rest), keeping the best epoch's weights; balanced class weights
   from the training split, so the rarer finding is not ignored.
@@ -84,10 +90,17 @@ def run(params: Params, layout: Layout) -> TrainResult:
     try:
         with device.strategy.scope():
             model = build_model(params, _model_input(summary))
-        train_data, validation_data = _datasets(params, layout)
+        train_data, validation_data = _datasets(params, layout, device)
         weights = inputs.class_weights(train_labels, len(classes))
         log.info("train: %s, %d parameters, class weights %s, device %s", params.train.architecture,
                  parameter_count(model), weights, device.facts)
+        if not device.chief:  # a worker trains in step with the chief, which alone logs and saves
+            fitted = _fit(model, params, device, train_data, validation_data, weights, log_epochs=False)
+            log.info("train: worker %d of %d done (best validation AUROC %.4f at epoch %d); the chief "
+                     "saves the model and logs the run", device.worker_index, device.workers,
+                     fitted.best_val_auroc, fitted.best_epoch)
+            return TrainResult("", params.train.architecture, weights_digest(model), fitted.best_epoch,
+                               fitted.epochs_run, fitted.best_val_auroc, parameter_count(model), "")
 
         experiment_id = tracking.configure(params, layout)
         run_name = f"{params.train.architecture}-{params.digest()[:8]}"
@@ -97,22 +110,12 @@ def run(params: Params, layout: Layout) -> TrainResult:
                              STAGE: "train", ARCHITECTURE: params.train.architecture})
             mlflow.log_params(flatten_params(params))
             _log_dataset_inputs(params, layout)
-            validation_auroc = validation_auroc_callback(validation_data, classes, positive)
-            early_stopping = keras.callbacks.EarlyStopping(
-                monitor="val_auroc", mode="max", patience=params.train.early_stopping_patience,
-                restore_best_weights=True,
-            )
-            history = model.fit(
-                train_data,
-                epochs=params.train.epochs,
-                class_weight=weights,
-                callbacks=[validation_auroc, early_stopping, epoch_metrics_callback(params.train.epochs)],
-                shuffle=False,  # the training dataset shuffles itself (seeded)
-                verbose=0,
-            )
-            epochs_run = len(history.epoch)
-            best_epoch = int(early_stopping.best_epoch) + 1
-            best_val_auroc = float(early_stopping.best)
+            fitted = _fit(model, params, device, train_data, validation_data, weights, log_epochs=True)
+            epochs_run, best_epoch, best_val_auroc = fitted.epochs_run, fitted.best_epoch, fitted.best_val_auroc
+            if device.workers > 1:
+                # Everything after training runs on the chief alone: a copy outside the
+                # multi-worker strategy, so no step waits for workers that have finished.
+                model = _local_copy(params, summary, model)
 
             layout.models.mkdir(parents=True, exist_ok=True)
             model.save(layout.model_file)
@@ -176,19 +179,31 @@ class Device:
     strategy: Any
     mixed_precision: bool
     facts: dict
+    workers: int = 1
+    worker_index: int = 0
+
+    @property
+    def chief(self) -> bool:
+        """Worker 0 (or the only process): the one that logs to MLflow and saves the model."""
+        return self.worker_index == 0
 
 
 def configure_device(params: Params) -> Device:
     """Seeds and op determinism, the mixed-precision policy and the distribution strategy.
 
     Float16 compute is used only with a GPU: on a CPU it is slower and gains nothing, so
-    ``mixed_precision: on`` falls back to float32 there (and says so). Every visible GPU is used
-    through a ``MirroredStrategy`` (one GPU included, so one code path serves one or many).
+    ``mixed_precision: on`` falls back to float32 there (and says so). ``train.distribution``
+    picks the strategy: ``mirrored`` uses every visible GPU through a ``MirroredStrategy`` (one
+    GPU included, so one code path serves one or many), ``none`` the default device, and
+    ``multi_worker`` a ``MultiWorkerMirroredStrategy`` over the processes of `worker_cluster`.
     """
     import keras
     import tensorflow as tf
 
     spec = params.train
+    # TensorFlow requires a multi-worker strategy to exist before any other op runs.
+    strategy, workers, index = (multi_worker_strategy(spec) if spec.distribution == "multi_worker"
+                                else (None, 1, 0))
     keras.backend.clear_session()
     if spec.deterministic:
         keras.utils.set_random_seed(spec.seed)
@@ -199,19 +214,77 @@ def configure_device(params: Params) -> Device:
         log.warning("train.mixed_precision is on, but no GPU is visible: training in float32 "
                     "(float16 on a CPU is slower and gains nothing)")
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
-    strategy = tf.distribute.MirroredStrategy() if gpus else tf.distribute.get_strategy()
+    if strategy is None:
+        strategy = (tf.distribute.MirroredStrategy() if gpus and spec.distribution == "mirrored"
+                    else tf.distribute.get_strategy())
     facts = {
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "gpus": [_gpu_name(gpu) for gpu in gpus],
         "gpu_count": len(gpus),
         "cpu_count": os.cpu_count() or 1,
-        "strategy": type(strategy).__name__,
+        # (TensorFlow's class behind MultiWorkerMirroredStrategy is CollectiveAllReduceStrategy)
+        "strategy": "MultiWorkerMirroredStrategy" if spec.distribution == "multi_worker" else type(strategy).__name__,
         "replicas": int(strategy.num_replicas_in_sync),
+        "workers": workers,
         "mixed_precision": mixed,
         "deterministic": spec.deterministic,
     }
-    return Device(strategy, mixed, facts)
+    return Device(strategy, mixed, facts, workers, index)
+
+
+WORKER_INDEX_VARIABLE = "MEDLOOP_WORKER_INDEX"
+
+
+def worker_cluster(spec: Any) -> tuple[list[str], int]:
+    """The workers of a ``multi_worker`` training and this process's place among them.
+
+    ``TF_CONFIG`` (what Kubernetes operators and TensorFlow's own tools set) wins; otherwise
+    ``train.workers`` with the index from ``MEDLOOP_WORKER_INDEX`` (0, the chief, if unset).
+
+    Raises:
+        MedloopError: no cluster is given, or this process's index is not in it.
+    """
+    config = os.environ.get("TF_CONFIG")
+    if config:
+        try:
+            parsed = json.loads(config)
+            workers = list(parsed["cluster"]["worker"])
+            index = int(parsed["task"]["index"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MedloopError(
+                f"TF_CONFIG is not a worker cluster ({exc}): it needs "
+                '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": N}}'
+            ) from None
+    else:
+        workers = list(spec.workers)
+        raw_index = os.environ.get(WORKER_INDEX_VARIABLE, "0")
+        if not raw_index.isdigit():
+            raise MedloopError(f"{WORKER_INDEX_VARIABLE}={raw_index!r} is not a worker index (0 is the chief)")
+        index = int(raw_index)
+    if not workers:
+        raise MedloopError("train.distribution is multi_worker, but neither TF_CONFIG nor train.workers "
+                           "names the workers: list their host:port in train.workers, the chief first")
+    if not 0 <= index < len(workers):
+        raise MedloopError(f"worker index {index} is not among the {len(workers)} workers of train.workers "
+                           f"(or TF_CONFIG); set {WORKER_INDEX_VARIABLE} to 0..{len(workers) - 1}")
+    return workers, index
+
+
+def multi_worker_strategy(spec: Any) -> tuple[Any, int, int]:
+    """A ``MultiWorkerMirroredStrategy`` over `worker_cluster`, with ring all-reduce (which works
+    on CPUs and GPUs alike; NCCL would need GPUs on every worker). Returns the strategy, the
+    number of workers and this process's index."""
+    import tensorflow as tf
+
+    workers, index = worker_cluster(spec)
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": workers}), task_type="worker", task_id=index)
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=tf.distribute.experimental.CommunicationImplementation.RING)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
+                                                         communication_options=options)
+    return strategy, len(workers), index
 
 
 def _gpu_name(gpu: Any) -> str:
@@ -253,12 +326,18 @@ def _check_validation(labels: np.ndarray, classes: list[str], positive: int) -> 
         )
 
 
-def _datasets(params: Params, layout: Layout) -> tuple[Any, Any]:
-    if params.model.modality == "image":
-        return (inputs.image_dataset(layout, "train", params, training=True),
-                inputs.image_dataset(layout, "validation", params, training=False))
-    return (inputs.tabular_dataset(layout, "train", params, training=True),
-            inputs.tabular_dataset(layout, "validation", params, training=False))
+def _datasets(params: Params, layout: Layout, device: Device) -> tuple[Any, Any]:
+    make = inputs.image_dataset if params.model.modality == "image" else inputs.tabular_dataset
+    datasets = (make(layout, "train", params, training=True), make(layout, "validation", params, training=False))
+    if device.workers == 1:
+        return datasets
+    import tensorflow as tf
+
+    # Every worker reads the same (seeded) stream and keeps its share of each batch: sharding
+    # by file would fail with fewer shards than workers, and would change the batches.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return tuple(dataset.with_options(options) for dataset in datasets)
 
 
 def _model_input(summary: dict) -> Any:
@@ -300,6 +379,117 @@ def _log_dataset_inputs(params: Params, layout: Layout) -> None:
                 name=f"{params.model.name}-{split}", digest=digest[:36],
             )
             mlflow.log_input(dataset, context=context)
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fitted:
+    epochs_run: int
+    best_epoch: int  # counted from 1
+    best_val_auroc: float
+
+
+def _fit(model: Any, params: Params, device: Device, train_data: Any, validation_data: Any,
+         weights: dict[int, float], *, log_epochs: bool) -> Fitted:
+    """Fit with early stopping on the validation AUROC, keeping the best epoch's weights.
+
+    One process: Keras' ``model.fit``. Several workers: `fit_across_workers`, the same
+    callbacks driven by a custom loop, because Keras 3's ``fit`` under a
+    ``MultiWorkerMirroredStrategy`` fails ("Invalid reduction dimension 0": tensorflow issue
+    72388, keras issue 20585).
+    """
+    import keras
+
+    classes = params.model.classes
+    positive = classes.index(params.model.positive_class)
+    early_stopping = keras.callbacks.EarlyStopping(
+        monitor="val_auroc", mode="max", patience=params.train.early_stopping_patience,
+        restore_best_weights=True,
+    )
+    callbacks = [validation_auroc_callback(validation_data, classes, positive), early_stopping]
+    if log_epochs:
+        callbacks.append(epoch_metrics_callback(params.train.epochs))
+    if device.workers > 1:
+        epochs_run = fit_across_workers(model, device.strategy, train_data, params.train.epochs, weights, callbacks)
+    else:
+        history = model.fit(train_data, epochs=params.train.epochs, class_weight=weights, callbacks=callbacks,
+                            shuffle=False,  # the training dataset shuffles itself (seeded)
+                            verbose=0)
+        epochs_run = len(history.epoch)
+    return Fitted(epochs_run, int(early_stopping.best_epoch) + 1, float(early_stopping.best))
+
+
+def fit_across_workers(model: Any, strategy: Any, dataset: Any, epochs: int, class_weight: dict[int, float],
+                       callbacks: list) -> int:
+    """Keras' ``fit`` as a loop over ``strategy.run``: what ``fit`` does for one process, for a
+    ``MultiWorkerMirroredStrategy``.
+
+    Each global batch is split among the replicas; each replica's loss is the class-weighted
+    cross-entropy averaged over the global batch (``tf.nn.compute_average_loss``), so the
+    all-reduced gradient is the one-process gradient. The callbacks run on every worker with
+    identical weights and validation data, so every worker makes the same early-stopping
+    decision and no worker waits for a step the others skipped.
+
+    Args:
+        model: a compiled model built under ``strategy.scope()``.
+        strategy: the distribution strategy.
+        dataset: the training ``tf.data.Dataset`` of global batches ``(x, encoded labels)``.
+        epochs: the most epochs to run.
+        class_weight: weight per class index.
+        callbacks: Keras callbacks (early stopping, validation AUROC, metric logging).
+
+    Returns:
+        The number of epochs run.
+    """
+    import keras
+    import tensorflow as tf
+
+    binary = int(model.outputs[0].shape[-1]) == 1
+    per_item_loss = keras.losses.binary_crossentropy if binary else keras.losses.categorical_crossentropy
+    weight_of_class = tf.constant([class_weight[index] for index in sorted(class_weight)], tf.float32)
+    batches = strategy.experimental_distribute_dataset(dataset)
+
+    def replica_step(x, y):
+        label_index = tf.cast(y[:, 0], tf.int32) if binary else tf.argmax(y, axis=1, output_type=tf.int32)
+        with tf.GradientTape() as tape:
+            loss = tf.nn.compute_average_loss(per_item_loss(y, model(x, training=True)),
+                                              sample_weight=tf.gather(weight_of_class, label_index))
+            scaled = model.optimizer.scale_loss(loss)  # the loss scale under mixed precision
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        model.optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def train_step(x, y):
+        return strategy.reduce("SUM", strategy.run(replica_step, args=(x, y)), axis=None)
+
+    callback_list = keras.callbacks.CallbackList(callbacks, model=model)
+    model.stop_training = False
+    callback_list.on_train_begin()
+    epochs_run = 0
+    for epoch in range(epochs):
+        callback_list.on_epoch_begin(epoch)
+        total, steps = 0.0, 0
+        for x, y in batches:
+            total += float(train_step(x, y))
+            steps += 1
+        epochs_run = epoch + 1
+        callback_list.on_epoch_end(epoch, {"loss": total / max(steps, 1)})
+        if model.stop_training:
+            break
+    callback_list.on_train_end()
+    return epochs_run
+
+
+def _local_copy(params: Params, summary: dict, model: Any) -> Any:
+    """The same model, built outside any distribution strategy, with ``model``'s weights."""
+    copy = build_model(params, _model_input(summary))
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""Per-item results of a data stage, kept between nights and keyed by content, so that a night
+costs what is new rather than the whole archive.
+
+Clean decodes, checks and converts each stored image; preprocess resizes and normalises each
+cleaned image. Both are pure functions of the item's bytes, the stage's settings and the
+stage's code, so an earlier night's result is reused exactly when all three are the same: the
+key is the item's content hash, under a version that hashes the settings and the source of the
+modules doing the work (a code or params change starts a new version, so nothing stale is ever
+read). What is global (duplicates across batches, clinician relabels, the patient-level split,
+the frozen test set, the shards' order) is still decided every night, on the small per-item
+tables, so the outputs are byte-identical to a full recompute.
+
+The cache lives in the workspace's state folder (``.medloop/cache/<stage>/<version>/``), is no
+DVC output and no record: deleting it only makes the next night recompute everything. A fresh
+clone (``medloop reproduce``) starts without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+HEADER_LENGTH = 8  # bytes of the big-endian length of an entry's JSON header
+
+
+class ItemCache:
+    """Results by content hash for one stage version: a JSON header and optional bytes each."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    def open(cls, state: Path, stage: str, code: list[ModuleType], settings: Any) -> "ItemCache":
+        """The cache of ``stage`` for this code and these settings.
+
+        Args:
+            state: the workspace's state folder (``layout.state``).
+            stage: the stage's name.
+            code: the modules whose functions compute the results.
+            settings: what of params the results depend on (JSON-serialisable).
+        """
+        version = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+        for module in code:
+            version.update(Path(inspect.getsourcefile(module)).read_bytes())
+        stage_folder = state / "cache" / stage
+        folder = stage_folder / version.hexdigest()[:24]
+        # Older versions can never be read again (their code or settings are gone): drop them.
+        if stage_folder.is_dir():
+            for other in stage_folder.iterdir():
+                if other != folder:
+                    shutil.rmtree(other, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        return cls(folder)
+
+    def get(self, key: str) -> tuple[dict, bytes] | None:
+        """The header and bytes stored under ``key``, or None."""
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        length = int.from_bytes(data[:HEADER_LENGTH], "big")
+        self.hits += 1
+        return json.loads(data[HEADER_LENGTH:HEADER_LENGTH + length]), data[HEADER_LENGTH + length:]
+
+    def put(self, key: str, header: dict, payload: bytes = b"") -> None:
+        """Store a result (written under a temporary name and renamed: never half an entry)."""
+        path = self._path(key)
+        path.parent.mkdir(exist_ok=True)
+        encoded = json.dumps(header, sort_keys=True).encode()
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temporary.write_bytes(len(encoded).to_bytes(HEADER_LENGTH, "big") + encoded + payload)
+        temporary.replace(path)
+
+    def describe(self) -> str:
+        return f"{self.misses} computed, {self.hits} reused from earlier nights"
+
+    def _path(self, key: str) -> Path:
+        if len(key) < 8 or not all(ch in "0123456789abcdef" for ch in key):
+            raise ValueError(f"an item cache key is a hex digest, not {key[:20]!r}")
+        return self.folder / key[:2] / key
