@@ -317,6 +317,8 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
         log.info("reload asked by %s: %s", who.name, "new version" if changed else "unchanged")
         return {"reloaded": changed, "version": served.version if served else None, "error": manager.last_error}
 
+    from serving import pages  # the clinicians' pages under /pages (same store, model and tokens)
+    app.include_router(pages.router(params, layout, store, manager, tokens))
     return app
 
 

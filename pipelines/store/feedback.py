@@ -23,8 +23,8 @@ from sqlalchemy.exc import IntegrityError
 
 from pipelines.errors import MedloopError
 from pipelines.store.db import engine_for, sessions, upgrade
-from pipelines.store.models import (Adjudication, AdjudicationResolution, Deployment, Feedback, Prediction,
-                                    ShadowPrediction)
+from pipelines.store.models import (Adjudication, AdjudicationResolution, CaseView, Deployment, Feedback,
+                                    Prediction, ShadowPrediction)
 
 
 class NotFound(MedloopError):
@@ -340,6 +340,98 @@ class FeedbackStore:
                 "served": served, "shadow": _figures(entry["shadow"], positive_class),
             })
         return report
+
+    # ---------------------------------------------------------------------------------------
+    # the clinicians' pages: worklist, a case's history, the access log
+    # ---------------------------------------------------------------------------------------
+
+    def worklist(self, reviewer_id: str, model_name: str, *, model_version: str | None = None,
+                 decision: str | None = None, since: str | None = None, order: str = "newest",
+                 limit: int = 50) -> tuple[list[dict[str, Any]], int]:
+        """The predictions awaiting ``reviewer_id``'s label (none of their feedback yet).
+
+        Args:
+            reviewer_id: the clinician.
+            model_name: the registered model served.
+            model_version, decision: only predictions of this version, with this decision.
+            since: only predictions made on or after this date (``YYYY-MM-DD``, UTC).
+            order: ``newest`` first, or ``uncertain``: the probability of the decided class
+                closest to the operating threshold first.
+            limit: at most this many rows.
+
+        Returns:
+            (the rows: ``id``, ``created_at``, ``model_version``, ``decision``, ``probability``
+            of the decided class, ``margin`` to the threshold; how many await in all).
+        """
+        from datetime import datetime, timezone
+
+        query = (select(Prediction.id, Prediction.created_at, Prediction.model_version, Prediction.decision,
+                        Prediction.probabilities, Prediction.operating_threshold)
+                 .where(Prediction.model_name == model_name,
+                        ~exists().where(Feedback.prediction_id == Prediction.id,
+                                        Feedback.reviewer_id == reviewer_id)))
+        if model_version:
+            query = query.where(Prediction.model_version == str(model_version))
+        if decision:
+            query = query.where(Prediction.decision == decision)
+        if since:
+            query = query.where(Prediction.created_at >= datetime.fromisoformat(since).replace(tzinfo=timezone.utc))
+        with self.session() as session:
+            rows = session.execute(query.order_by(Prediction.created_at.desc(), Prediction.id)).all()
+        cases = [{"id": row.id, "created_at": row.created_at.isoformat(timespec="seconds"),
+                  "model_version": row.model_version, "decision": row.decision,
+                  "probability": row.probabilities.get(row.decision),
+                  "margin": abs(float(row.probabilities.get(row.decision, 0.0)) - row.operating_threshold)}
+                 for row in rows]
+        if order == "uncertain":
+            cases.sort(key=lambda case: case["margin"])
+        return cases[:limit], len(cases)
+
+    def case_history(self, prediction_id: str) -> dict[str, Any]:
+        """Who said what about a prediction, and when: every feedback row (oldest first), its
+        adjudication and resolution when there is one, and its confirmed label (None while
+        there is none; see the module docstring)."""
+        with self.session() as session:
+            rows = [_feedback_dict(row) for row in self._feedback_of(session, prediction_id)]
+            latest = self._latest_labels(session, prediction_id)
+            case = session.scalars(select(Adjudication).where(Adjudication.prediction_id == prediction_id)).first()
+            resolution = None if case is None else self._resolution(session, case.id)
+        adjudication = None if case is None else {
+            "id": case.id, "created_at": case.created_at.isoformat(), "labels_in_conflict": case.labels_in_conflict,
+            "resolution": None if resolution is None else {
+                "label": resolution.resolved_label, "by": resolution.resolved_by, "reason": resolution.reason,
+                "at": resolution.resolved_at.isoformat()}}
+        if resolution is not None:
+            confirmed = resolution.resolved_label
+        elif case is None and len(set(latest.values())) == 1:
+            confirmed = next(iter(latest.values()))
+        else:
+            confirmed = None
+        return {"feedback": rows, "adjudication": adjudication, "confirmed_label": confirmed}
+
+    def record_view(self, prediction_id: str, viewer: str, role: str, page: str) -> int:
+        """Append one view of a case to the access log; its row id.
+
+        Raises:
+            NotFound: no such prediction.
+        """
+        with self.session.begin() as session:
+            if session.get(Prediction, prediction_id) is None:
+                raise NotFound(f"no prediction {prediction_id!r}")
+            row = CaseView(prediction_id=prediction_id, viewer=viewer, role=role, page=page)
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def access_log(self, *, prediction_id: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """The newest views of cases first (of one prediction, when given)."""
+        query = select(CaseView).order_by(CaseView.id.desc()).limit(limit)
+        if prediction_id is not None:
+            query = query.where(CaseView.prediction_id == prediction_id)
+        with self.session() as session:
+            return [{"id": row.id, "viewed_at": row.viewed_at.isoformat(timespec="seconds"),
+                     "prediction_id": row.prediction_id, "viewer": row.viewer, "role": row.role, "page": row.page}
+                    for row in session.scalars(query).all()]
 
     def feedback_count(self) -> int:
         from sqlalchemy import func
