@@ -244,7 +244,7 @@ def router(params: Params, layout: Layout, store: Any, manager: Any, tokens: Tok
             features = _features(params, manager, prediction) if prediction["modality"] != "image" else None
             return render(request, "case.html", session, case=prediction, history=history, features=features,
                           classes=classes, list_query=urlencode(filters), previous=previous, following=following,
-                          nonce=uuid.uuid4().hex, problem=request.query_params.get("problem"),
+                          nonce=uuid.uuid4().hex,
                           decided_probability=prediction["probabilities"].get(prediction["decision"]),
                           positive=params.model.positive_class,
                           dicom=prediction["input_metadata"].get("format") == "dicom",
@@ -257,7 +257,7 @@ def router(params: Params, layout: Layout, store: Any, manager: Any, tokens: Tok
         async def handler() -> Response:
             signed_in(request, "feedback")
             prediction = await asyncio.to_thread(_prediction, store, prediction_id)
-            png = await asyncio.to_thread(_image_png, inputs_dir, prediction, center, width)
+            png = await asyncio.to_thread(image_png, inputs_dir, prediction, center, width)
             return secured(Response(png, media_type="image/png"))
         return await guarded(request, handler)
 
@@ -291,10 +291,8 @@ def router(params: Params, layout: Layout, store: Any, manager: Any, tokens: Tok
             except NotFound as exc:
                 raise PageRefusal(404, str(exc)) from None
             except Conflict:
-                target = f"{PREFIX}/cases/{prediction_id}?" + urlencode({
-                    "list": list_query, "problem": "This form was already sent with another comment; your earlier "
-                                                   "label stands. Label the case again here if you meant to."})
-                return secured(RedirectResponse(target, status_code=303))
+                raise PageRefusal(409, "This form was already sent with another comment, so your earlier label "
+                                       "stands. Open the case again to label it anew.") from None
             filters = _filters(parse_qs(list_query))
             cases, _left = await asyncio.to_thread(_worklist, store, params, session.caller.name, filters)
             following = next((item["id"] for item in cases if item["id"] != prediction_id), None)
@@ -314,8 +312,7 @@ def router(params: Params, layout: Layout, store: Any, manager: Any, tokens: Tok
                 item["case"] = await asyncio.to_thread(store.prediction, item["prediction_id"])
                 await asyncio.to_thread(store.record_view, item["prediction_id"], session.caller.name,
                                         session.caller.role, "adjudication")
-            return render(request, "adjudication.html", session, queue=queue, classes=classes,
-                          problem=request.query_params.get("problem"))
+            return render(request, "adjudication.html", session, queue=queue, classes=classes)
         return await guarded(request, handler)
 
     @pages.post("/adjudication/{adjudication_id}")
@@ -332,9 +329,10 @@ def router(params: Params, layout: Layout, store: Any, manager: Any, tokens: Tok
                 raise PageRefusal(422, "Say why in the reason field: the resolution is kept with it.")
             try:
                 await asyncio.to_thread(store.resolve, adjudication_id, label, session.caller.name, reason[:5000])
-            except (NotFound, Conflict) as exc:
-                return secured(RedirectResponse(f"{PREFIX}/adjudication?{urlencode({'problem': str(exc)})}",
-                                                status_code=303))
+            except NotFound as exc:
+                raise PageRefusal(404, f"{exc}; open the case from the adjudication page.") from None
+            except Conflict as exc:
+                raise PageRefusal(409, f"{exc}; the adjudication page shows the cases still open.") from None
             return secured(RedirectResponse(f"{PREFIX}/adjudication", status_code=303))
         return await guarded(request, handler)
 
@@ -350,13 +348,16 @@ def router(params: Params, layout: Layout, store: Any, manager: Any, tokens: Tok
 
     @pages.get("/models")
     async def models(request: Request) -> Response:
+        from pipelines.promote import PREVIOUS_CHAMPION
+
         async def handler() -> Response:
             session = signed_in(request, "admin")
             registry = await asyncio.to_thread(_registry, params, layout)
             deployments = await asyncio.to_thread(store.deployments, params.model.name)
             return render(request, "models.html", session, registry=registry, deployments=deployments,
-                          served=_served_version(manager), problem=request.query_params.get("problem"),
-                          done=request.query_params.get("done"))
+                          served=_served_version(manager), rolled_back=request.query_params.get("rolled_back") == "1",
+                          can_roll_back=any(PREVIOUS_CHAMPION in version["aliases"] for version in registry["versions"]),
+                          previous_champion=PREVIOUS_CHAMPION)
         return await guarded(request, handler)
 
     @pages.post("/models/rollback")
@@ -375,10 +376,10 @@ def router(params: Params, layout: Layout, store: Any, manager: Any, tokens: Tok
             try:
                 result = await asyncio.to_thread(promote.rollback, params, layout, session.caller.name, reason[:2000])
             except MedloopError as exc:
-                return secured(RedirectResponse(f"{PREFIX}/models?{urlencode({'problem': str(exc)})}", status_code=303))
+                raise PageRefusal(409, str(exc)) from None
             await asyncio.to_thread(manager.refresh)
-            done = f"Rolled back to version {result.version} (was {result.replaced})."
-            return secured(RedirectResponse(f"{PREFIX}/models?{urlencode({'done': done})}", status_code=303))
+            log.warning("pages: %s rolled %s back to v%s", session.caller.name, params.model.name, result.version)
+            return secured(RedirectResponse(f"{PREFIX}/models?rolled_back=1", status_code=303))
         return await guarded(request, handler)
 
     @pages.get("/models/{version}/card")
@@ -531,7 +532,7 @@ def _features(params: Params, manager: Any, prediction: dict[str, Any]) -> list[
     return rows
 
 
-def _image_png(inputs_dir: Path, prediction: dict[str, Any], center: float | None, width: float | None) -> bytes:
+def image_png(inputs_dir: Path, prediction: dict[str, Any], center: float | None, width: float | None) -> bytes:
     """The stored de-identified image as PNG at full resolution; a DICOM image through the
     window (``center``, ``width``; default: its own window, else its full range)."""
     import numpy as np
