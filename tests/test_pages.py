@@ -16,8 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import in_range_instance, load, serving_settings
+import pandas as pd
+
+from conftest import load, serving_settings
 from test_serving import start_service, stop
+from tests_support import breast_cancer_frame
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,7 +39,11 @@ def world(served_workspace, tmp_path_factory):
     try:
         params = load(layout)
         tokens = served_workspace["tokens"]
-        rows = [in_range_instance(params.tabular.features, shift) for shift in (0.8, 1.2, 1.6, 2.4)][:CASES]
+        # real measurements of the built-in data set (both classes), the model's features only
+        frame = breast_cancer_frame(40, seed=11).dropna(subset=list(params.tabular.features))
+        chosen = pd.concat([frame[frame.diagnosis == "benign"].head(CASES // 2),
+                            frame[frame.diagnosis != "benign"].head(CASES - CASES // 2)])
+        rows = [{name: float(row[name]) for name in params.tabular.features} for _, row in chosen.iterrows()]
         answer = httpx.post(f"{base}/predict", json={"instances": rows}, timeout=60,
                             headers={"Authorization": f"Bearer {tokens['clinician']}"})
         assert answer.status_code == 200, answer.text
