@@ -346,3 +346,45 @@ def test_a_dicom_image_is_shown_at_full_resolution_through_its_window(tmp_path):
     assert np.isin(narrow, (0, 255)).mean() > 0.8 > np.isin(full, (0, 255)).mean()
     with pytest.raises(PageRefusal, match="not kept"):
         image_png(tmp_path, {"input_metadata": {"format": "png", "file": "absent.png"}}, None, None)
+
+
+def test_the_worklist_orders_filters_and_counts(tmp_path):
+    from pipelines.store.feedback import FeedbackStore
+
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'store.db'}")
+    made = {}
+    for name, version, p_malignant in (("sure", "1", 0.99), ("unsure", "1", 0.52), ("older", "2", 0.10),
+                                       ("borderline", "2", 0.45)):
+        decision = "malignant" if p_malignant >= 0.5 else "benign"
+        made[name] = store.record_prediction(
+            model_name="m", model_version=version, input_sha256=name * 4, modality="tabular",
+            probabilities={"benign": 1 - p_malignant, "malignant": p_malignant}, decision=decision,
+            operating_threshold=0.5, requested_by="api")
+    store.record_prediction(model_name="other", model_version="1", input_sha256="x", modality="tabular",
+                            probabilities={"benign": 0.5, "malignant": 0.5}, decision="benign",
+                            operating_threshold=0.5, requested_by="api")
+    store.add_feedback(made["sure"], "malignant", "dr-a", "k1")
+
+    cases, left = store.worklist("dr-a", "m", order="uncertain")
+    assert left == 3  # dr-a labelled "sure"; another model's case is not on this list
+    assert [case["id"] for case in cases] == [made["unsure"], made["borderline"], made["older"]]
+    cases, left = store.worklist("dr-b", "m", model_version="2", decision="benign", limit=1)
+    assert left == 2 and len(cases) == 1 and cases[0]["id"] == made["borderline"]  # newest first
+    assert store.worklist("dr-a", "m", since="2999-01-01") == ([], 0)
+
+    store.add_feedback(made["unsure"], "benign", "dr-a", "k2", "looks benign")
+    store.add_feedback(made["unsure"], "malignant", "dr-b", "k3")
+    history = store.case_history(made["unsure"])
+    assert [(row["reviewer_id"], row["label"]) for row in history["feedback"]] == [("dr-a", "benign"),
+                                                                                  ("dr-b", "malignant")]
+    assert history["confirmed_label"] is None and history["adjudication"]["resolution"] is None
+    store.resolve(history["adjudication"]["id"], "malignant", "dr-r", "second reading")
+    assert store.case_history(made["unsure"])["confirmed_label"] == "malignant"
+    assert store.case_history(made["sure"])["confirmed_label"] == "malignant"  # one label, agreed
+
+    store.record_view(made["sure"], "dr-a", "clinician", "case")
+    store.record_view(made["unsure"], "dr-r", "reviewer", "adjudication")
+    assert [(view["viewer"], view["page"]) for view in store.access_log()] == [("dr-r", "adjudication"),
+                                                                               ("dr-a", "case")]
+    assert [view["viewer"] for view in store.access_log(prediction_id=made["sure"])] == ["dr-a"]
+    store.close()

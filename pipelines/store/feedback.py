@@ -349,6 +349,8 @@ class FeedbackStore:
                  decision: str | None = None, since: str | None = None, order: str = "newest",
                  limit: int = 50) -> tuple[list[dict[str, Any]], int]:
         """The predictions awaiting ``reviewer_id``'s label (none of their feedback yet).
+        ``feedback.reviewer_id`` and ``feedback.prediction_id`` are indexed, so the "not yet
+        labelled by me" test is an index probe per prediction.
 
         Args:
             reviewer_id: the clinician.
@@ -376,8 +378,14 @@ class FeedbackStore:
             query = query.where(Prediction.decision == decision)
         if since:
             query = query.where(Prediction.created_at >= datetime.fromisoformat(since).replace(tzinfo=timezone.utc))
+        from sqlalchemy import func
+
+        ordered = query.order_by(Prediction.created_at.desc(), Prediction.id)
         with self.session() as session:
-            rows = session.execute(query.order_by(Prediction.created_at.desc(), Prediction.id)).all()
+            awaiting = int(session.scalar(select(func.count()).select_from(query.subquery())))
+            # Newest first is the database's to limit; least certain first needs every margin
+            # (the probabilities are JSON), so all awaiting rows are read and sorted here.
+            rows = session.execute(ordered if order == "uncertain" else ordered.limit(limit)).all()
         cases = [{"id": row.id, "created_at": row.created_at.isoformat(timespec="seconds"),
                   "model_version": row.model_version, "decision": row.decision,
                   "probability": row.probabilities.get(row.decision),
@@ -385,7 +393,7 @@ class FeedbackStore:
                  for row in rows]
         if order == "uncertain":
             cases.sort(key=lambda case: case["margin"])
-        return cases[:limit], len(cases)
+        return cases[:limit], awaiting
 
     def case_history(self, prediction_id: str) -> dict[str, Any]:
         """Who said what about a prediction, and when: every feedback row (oldest first), its
