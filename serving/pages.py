@@ -200,7 +200,7 @@ def router(params: Params, layout: Layout, store: Any, manager: Any, tokens: Tok
             return response
         log.info("pages: %s (%s) signed in", caller.name, caller.role)
         response = secured(RedirectResponse(_local(form.get("next", "")) or f"{PREFIX}/worklist", status_code=303))
-        response.set_cookie(SESSION_COOKIE, sessions.start(caller), httponly=True, samesite="strict", path="/",
+        response.set_cookie(SESSION_COOKIE, sessions.start(caller), httponly=True, samesite="strict", path=PREFIX,
                             secure=request.url.scheme == "https")
         response.delete_cookie(SIGNIN_COOKIE, path=PREFIX)
         return response
@@ -212,7 +212,7 @@ def router(params: Params, layout: Layout, store: Any, manager: Any, tokens: Tok
             await form_of(request, session)
             sessions.end(request.cookies.get(SESSION_COOKIE))
             response = secured(RedirectResponse(f"{PREFIX}/signin", status_code=303))
-            response.delete_cookie(SESSION_COOKIE, path="/")
+            response.delete_cookie(SESSION_COOKIE, path=PREFIX)
             return response
         return await guarded(request, handler)
 

@@ -371,6 +371,7 @@ def test_the_worklist_orders_filters_and_counts(tmp_path):
     cases, left = store.worklist("dr-b", "m", model_version="2", decision="benign", limit=1)
     assert left == 2 and len(cases) == 1 and cases[0]["id"] == made["borderline"]  # newest first
     assert store.worklist("dr-a", "m", since="2999-01-01") == ([], 0)
+    assert store.worklist("dr-a", "m", since="2000-01-01")[1] == 3
 
     store.add_feedback(made["unsure"], "benign", "dr-a", "k2", "looks benign")
     store.add_feedback(made["unsure"], "malignant", "dr-b", "k3")
