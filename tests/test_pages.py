@@ -228,12 +228,13 @@ def test_monitoring_shows_its_plots(world, browser, artifacts):
 
 
 @pytest.mark.slow
-def test_a_clinician_cannot_open_reviewer_or_admin_pages(world, browser):
+def test_a_clinician_cannot_open_reviewer_or_admin_pages(world, browser, artifacts):
     sign_in(browser, world["base"], world["tokens"]["clinician"])
     assert "Adjudication" not in find(browser, "header nav").text
     for page in ("adjudication", "monitoring", "models", "access-log"):
         browser.get(f"{world['base']}/pages/{page}")
         assert "may not open this page" in wait_for(browser, "#problem").text
+    shot(browser, artifacts, "08-refused")
     sign_out(browser)
 
 
