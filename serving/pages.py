@@ -495,7 +495,7 @@ def _filters(query: Any) -> dict[str, str]:
 
 
 def _worklist(store: Any, params: Params, reviewer: str, filters: dict[str, str]) -> tuple[list[dict], int]:
-    return store.worklist(reviewer, params.model.name, model_version=filters.get("version"),
+    return store.worklist(reviewer, params.model.name, params.model.positive_class, model_version=filters.get("version"),
                           decision=filters.get("decision"), since=filters.get("since"),
                           order=filters.get("order", "newest"), limit=WORKLIST_PAGE)
 

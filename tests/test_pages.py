@@ -366,13 +366,13 @@ def test_the_worklist_orders_filters_and_counts(tmp_path):
                             operating_threshold=0.5, requested_by="api")
     store.add_feedback(made["sure"], "malignant", "dr-a", "k1")
 
-    cases, left = store.worklist("dr-a", "m", order="uncertain")
+    cases, left = store.worklist("dr-a", "m", "malignant", order="uncertain")
     assert left == 3  # dr-a labelled "sure"; another model's case is not on this list
     assert [case["id"] for case in cases] == [made["unsure"], made["borderline"], made["older"]]
-    cases, left = store.worklist("dr-b", "m", model_version="2", decision="benign", limit=1)
+    cases, left = store.worklist("dr-b", "m", "malignant", model_version="2", decision="benign", limit=1)
     assert left == 2 and len(cases) == 1 and cases[0]["id"] == made["borderline"]  # newest first
-    assert store.worklist("dr-a", "m", since="2999-01-01") == ([], 0)
-    assert store.worklist("dr-a", "m", since="2000-01-01")[1] == 3
+    assert store.worklist("dr-a", "m", "malignant", since="2999-01-01") == ([], 0)
+    assert store.worklist("dr-a", "m", "malignant", since="2000-01-01")[1] == 3
 
     store.add_feedback(made["unsure"], "benign", "dr-a", "k2", "looks benign")
     store.add_feedback(made["unsure"], "malignant", "dr-b", "k3")

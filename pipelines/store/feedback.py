@@ -353,7 +353,7 @@ class FeedbackStore:
     # the clinicians' pages: worklist, a case's history, the access log
     # ---------------------------------------------------------------------------------------
 
-    def worklist(self, reviewer_id: str, model_name: str, *, model_version: str | None = None,
+    def worklist(self, reviewer_id: str, model_name: str, positive_class: str, *, model_version: str | None = None,
                  decision: str | None = None, since: str | None = None, order: str = "newest",
                  limit: int = 50) -> tuple[list[dict[str, Any]], int]:
         """The predictions awaiting ``reviewer_id``'s label (none of their feedback yet).
@@ -363,15 +363,17 @@ class FeedbackStore:
         Args:
             reviewer_id: the clinician.
             model_name: the registered model served.
+            positive_class: the class the operating threshold applies to.
             model_version, decision: only predictions of this version, with this decision.
             since: only predictions made on or after this date (``YYYY-MM-DD``, UTC).
-            order: ``newest`` first, or ``uncertain``: the probability of the decided class
-                closest to the operating threshold first.
+            order: ``newest`` first, or ``uncertain``: the probability of the positive class
+                closest to the operating threshold first (the cases nearest to the other decision).
             limit: at most this many rows.
 
         Returns:
             (the rows: ``id``, ``created_at``, ``model_version``, ``decision``, ``probability``
-            of the decided class, ``margin`` to the threshold; how many await in all).
+            of the decided class, ``margin``: the positive class's probability's distance to the
+            threshold; how many await in all).
         """
         from datetime import datetime, timezone
 
@@ -388,20 +390,20 @@ class FeedbackStore:
             query = query.where(Prediction.created_at >= datetime.fromisoformat(since).replace(tzinfo=timezone.utc))
         from sqlalchemy import func
 
-        ordered = query.order_by(Prediction.created_at.desc(), Prediction.id)
+        newest = (Prediction.created_at.desc(), Prediction.id)
+        if order == "uncertain":  # ordered and limited by the database (JSON_EXTRACT, ->>)
+            margin = func.abs(Prediction.probabilities[positive_class].as_float() - Prediction.operating_threshold)
+            ordered = query.order_by(margin, *newest)
+        else:
+            ordered = query.order_by(*newest)
         with self.session() as session:
             awaiting = int(session.scalar(select(func.count()).select_from(query.subquery())))
-            # Newest first is the database's to limit; least certain first needs every margin
-            # (the probabilities are JSON), so all awaiting rows are read and sorted here.
-            rows = session.execute(ordered if order == "uncertain" else ordered.limit(limit)).all()
-        cases = [{"id": row.id, "created_at": row.created_at.isoformat(timespec="seconds"),
-                  "model_version": row.model_version, "decision": row.decision,
-                  "probability": row.probabilities.get(row.decision),
-                  "margin": abs(float(row.probabilities.get(row.decision, 0.0)) - row.operating_threshold)}
-                 for row in rows]
-        if order == "uncertain":
-            cases.sort(key=lambda case: case["margin"])
-        return cases[:limit], awaiting
+            rows = session.execute(ordered.limit(limit)).all()
+        return [{"id": row.id, "created_at": row.created_at.isoformat(timespec="seconds"),
+                 "model_version": row.model_version, "decision": row.decision,
+                 "probability": row.probabilities.get(row.decision),
+                 "margin": abs(float(row.probabilities.get(positive_class, 0.0)) - row.operating_threshold)}
+                for row in rows], awaiting
 
     def case_history(self, prediction_id: str) -> dict[str, Any]:
         """Who said what about a prediction, and when: every feedback row (oldest first), its
