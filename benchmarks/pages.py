@@ -14,9 +14,10 @@ loopback), after a warm-up, asks for:
   certain first (every awaiting prediction's margin is read and sorted);
 * ``GET /pages/cases/{id}``: a random awaiting case (the prediction, its history, the worklist
   around it for next/previous, and one row appended to the access log);
+* ``GET /pages/monitoring`` (signed in as a reviewer): live figures, drift and the policy check;
 * the JSON API beside them: ``GET /review`` (the adjudication queue) and ``GET /monitoring``
-  (live figures per version from every prediction and confirmed label). The API has no
-  worklist or case endpoint; these two read the same tables.
+  (live figures per version from every prediction and confirmed label, and drift). The API has
+  no worklist or case endpoint; these two read the same tables.
 
 Printed: p50 and p95 milliseconds per request, and the results go to ``<workdir>/pages.json``.
 Nothing here asserts a timing.
@@ -142,16 +143,15 @@ def measure(base: str, tokens: dict[str, str], awaiting: list[str], args) -> dic
 
     rng = random.Random(11)
     results = {}
-    with httpx.Client(base_url=base, timeout=120) as client:
-        form = client.get("/pages/signin")
-        csrf = form.text.split('name="csrf" value="')[1].split('"')[0]
-        signed = client.post("/pages/signin", data={"csrf": csrf, "token": tokens["clinician"]})
-        assert signed.status_code == 303, signed.text
+    with httpx.Client(base_url=base, timeout=120) as client, httpx.Client(base_url=base, timeout=120) as reviewer:
+        sign_in(client, tokens["clinician"])
+        sign_in(reviewer, tokens["reviewer"])
         api = {"Authorization": f"Bearer {tokens['reviewer']}"}
         targets = {
             "page: worklist, newest first": (lambda: client.get("/pages/worklist"), args.requests),
             "page: worklist, least certain first": (lambda: client.get("/pages/worklist?order=uncertain"), args.requests),
             "page: case": (lambda: client.get(f"/pages/cases/{rng.choice(awaiting)}"), args.requests),
+            "page: monitoring": (lambda: reviewer.get("/pages/monitoring"), args.api_requests),
             "API: GET /review": (lambda: client.get("/review", headers=api), args.api_requests),
             "API: GET /monitoring": (lambda: client.get("/monitoring", headers=api), args.api_requests),
         }
@@ -169,6 +169,14 @@ def measure(base: str, tokens: dict[str, str], awaiting: list[str], args) -> dic
                              "p95_ms": 1000 * quantile(times, 0.95)}
             print(f"{name}: p50 {results[name]['p50_ms']:.1f} ms, p95 {results[name]['p95_ms']:.1f} ms", flush=True)
     return results
+
+
+def sign_in(client, token: str) -> None:
+    """The sign-in form, as a browser sends it (its CSRF token from the form)."""
+    form = client.get("/pages/signin")
+    csrf = form.text.split('name="csrf" value="')[1].split('"')[0]
+    signed = client.post("/pages/signin", data={"csrf": csrf, "token": token})
+    assert signed.status_code == 303, signed.text
 
 
 def quantile(ordered: list[float], q: float) -> float:

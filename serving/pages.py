@@ -142,7 +142,7 @@ def router(params: Params, layout: Layout, store: Any, manager: Any, tokens: Tok
     async def form_of(request: Request, session: Session) -> dict[str, str]:
         """The posted form, once its CSRF token is the session's (else 403)."""
         form = await posted_form(request)
-        if not hmac.compare_digest(form.get("csrf", ""), session.csrf):
+        if not hmac.compare_digest(form.get("csrf", "").encode(), session.csrf.encode()):
             raise PageRefusal(403, "This form came without a valid security token (CSRF), so nothing was "
                                    "changed. Reload the page and send it again.")
         return form
@@ -184,7 +184,7 @@ def router(params: Params, layout: Layout, store: Any, manager: Any, tokens: Tok
     async def signin(request: Request) -> Response:
         form = await posted_form(request)
         expected = request.cookies.get(SIGNIN_COOKIE, "")
-        if not expected or not hmac.compare_digest(form.get("csrf", ""), expected):
+        if not expected or not hmac.compare_digest(form.get("csrf", "").encode(), expected.encode()):
             return render(request, "error.html", None, status=403,
                           detail="The sign-in form came without its security token (CSRF). Open the sign-in "
                                  "page again and sign in from there.")
