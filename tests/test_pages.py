@@ -103,13 +103,15 @@ def press(driver, keys: str) -> None:
 
 
 def navigated(driver, action) -> None:
-    """Do ``action`` and wait until the browser has left the page it was on."""
-    from selenium.webdriver.support import expected_conditions
+    """Do ``action`` and wait until the browser shows a new, loaded document (a mark left on the
+    old one's window is gone). Asking mid-navigation may fail; it is asked again."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    page = find(driver, "html")
+    driver.execute_script("window.medloopOldPage = true;")
     action()
-    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(page))
+    WebDriverWait(driver, 60, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script("return !window.medloopOldPage && document.readyState === 'complete'"))
     wait_for(driver, "main")
 
 
