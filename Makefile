@@ -1,6 +1,6 @@
 # medloop — two commands set everything up on a fresh machine:
 #   make demo   creates .venv if missing, installs the pinned stack, runs the loop on the built-in data
-#   make test   the same install, then the whole test suite (what CI runs)
+#   make test   the same install and the browser for the page tests, then the whole test suite (what CI runs)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,6 +8,12 @@ BIN := $(VENV)/bin
 WORKSPACE ?= workspace/demo
 NIGHTS ?= 4
 PIP_VERSION := 26.3
+# The browser tests (tests/test_pages.py) drive Debian's chromium through its chromedriver; the two
+# packages come from one source build, so their versions always match. Debian keeps only the newest
+# security build in its archive, so the pin below is tried first and the archive's current build
+# is taken (with a note) when that one is gone.
+CHROMIUM_VERSION ?= 156.0.8078.114-1~deb12u1
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
@@ -15,7 +21,7 @@ export DVC_NO_ANALYTICS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test test-fast bench clean-demo
+.PHONY: install browsers demo test test-fast bench clean-demo
 
 # The stamp is rebuilt whenever the pins or the project metadata change.
 $(BIN)/.medloop-installed: pyproject.toml constraints.txt
@@ -26,10 +32,20 @@ $(BIN)/.medloop-installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.medloop-installed
 
+# chromium and chromium-driver for the browser tests, when /usr/bin/chromedriver is missing (Debian/Ubuntu).
+browsers:
+	@test -x /usr/bin/chromedriver || { \
+	  $(SUDO) apt-get update -qq && \
+	  { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium=$(CHROMIUM_VERSION) chromium-driver=$(CHROMIUM_VERSION) || \
+	    { echo "chromium $(CHROMIUM_VERSION) is no longer in the archive: installing its current build"; \
+	      $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }; }; }
+	@/usr/bin/chromedriver --version
+
 demo: install
 	$(BIN)/medloop demo --workspace $(WORKSPACE) --nights $(NIGHTS)
 
-test: install
+test: install browsers
 	$(BIN)/python -m pytest -q --durations=30
 
 test-fast: install

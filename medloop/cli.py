@@ -545,6 +545,8 @@ def _demo_summary(layout, day=None) -> None:
     console.print(f"reproduce:        medloop reproduce -w {layout.root}   (rebuilds the champion from its commit)",
                   highlight=False)
     console.print(f"MLflow UI:        medloop ui -w {layout.root}   (then http://127.0.0.1:5000)", highlight=False)
+    console.print(f"clinicians' screen: medloop token add dr-you --role reviewer -w {layout.root}; medloop serve -w "
+                  f"{layout.root}; then http://127.0.0.1:8000/pages, signed in with the token", highlight=False)
     console.print(f"reports:          {layout.reports} (metrics.json, model_card.md, plots/, data_docs/index.html)", highlight=False)
     console.print(f"quarantine list:  {layout.quarantine_csv}", highlight=False)
     console.print(f"data versions:    git -C {layout.root} log --oneline; git -C {layout.root} tag", highlight=False)

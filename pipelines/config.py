@@ -567,6 +567,8 @@ class ServingSpec(Strict):
             the features is refused with 422 rather than decided on imputed training medians.
         docs: serve the interactive API pages ``/docs`` and ``/redoc`` (they load their scripts
             from a public CDN); the OpenAPI document ``/openapi.json`` is served either way.
+        session_idle_minutes: a clinician's session on the pages (``/pages``) ends after this
+            long without a request; they sign in with their token again.
     """
 
     store_url: str
@@ -581,6 +583,7 @@ class ServingSpec(Strict):
     shadow: str | None = Field(default=None, pattern=r"^([0-9]+|run:[0-9A-Za-z]+)$")
     max_missing_share: float = Field(default=0.2, ge=0.0, le=1.0)
     docs: bool = False
+    session_idle_minutes: float = Field(default=30.0, gt=0.0, le=24 * 60)
 
 
 class MonitoringSpec(Strict):

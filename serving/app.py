@@ -36,11 +36,17 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from serving import admin, feedback, health, monitoring, predict
+from serving import admin, feedback, health, monitoring, pages, predict
 from serving.guards import RequestGuard, validation_problem
 from serving.model import ModelManager
 from serving.schemas import PROBLEMS
 from serving.service import Service
+
+
+def clinicians_pages(service: Service) -> APIRouter:
+    """The clinicians' pages under /pages, on the service's own store, model and tokens."""
+    return pages.router(service.params, service.layout, service.store, service.manager, service.tokens)
+
 
 # A part of the service: its router, or a function that builds its router for the app's Service.
 Part = Union[APIRouter, Callable[[Service], APIRouter]]
@@ -49,7 +55,8 @@ Part = Union[APIRouter, Callable[[Service], APIRouter]]
 # clinicians' pages, say) is a module of its own, added here: a module-level router whose routes
 # reach the service through the dependencies of `serving.service` (`service_of`, `caller`), or a
 # function of the Service that builds one.
-ROUTERS: tuple[Part, ...] = (health.router, predict.router, feedback.router, monitoring.router, admin.router)
+ROUTERS: tuple[Part, ...] = (health.router, predict.router, feedback.router, monitoring.router, admin.router,
+                             clinicians_pages)
 
 
 def create_app(params_file: str | Path, *, reload_seconds: float | None = None) -> FastAPI:

@@ -44,8 +44,8 @@ def test_migrations_create_exactly_the_models_schema_and_rerun_as_a_no_op(store_
     from pipelines.store.models import Base
 
     engine = engine_for(store_url)
-    assert upgrade(engine) == "0003"
-    assert upgrade(engine) == "0003"
+    assert upgrade(engine) == "0004"
+    assert upgrade(engine) == "0004"
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     engine.dispose()
@@ -79,7 +79,7 @@ def test_an_existing_0001_store_upgrades_to_0002_keeping_its_rows(store_url):
 
     store = FeedbackStore(store_url)  # migrates on open
     try:
-        assert store.revision == "0003"
+        assert store.revision == "0004"
         with store.engine.connect() as connection:
             assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
         assert "shadow_predictions" in inspect(store.engine).get_table_names()
@@ -256,7 +256,7 @@ def test_concurrent_writers_store_exactly_the_unique_feedback(store):
 
 
 APPEND_ONLY_TABLES = ["predictions", "feedback", "adjudications", "adjudication_resolutions", "deployments",
-                      "shadow_predictions"]
+                      "shadow_predictions", "access_log"]
 
 
 @pytest.mark.integration
@@ -271,6 +271,7 @@ def test_the_database_refuses_to_update_or_delete_any_stored_row(store):
     [case_id] = [store.add_feedback(prediction, "NORMAL", "dr-b", "k2").adjudication_id]
     store.resolve(case_id, "PNEUMONIA", "dr-senior", reason="lateral view")
     store.record_deployment("pneumonia-cxr", "3", "test")
+    store.record_view(prediction, "dr-a", "clinician", "case")
     store.record_shadow_predictions(candidate="4", model_name="pneumonia-cxr", model_version="4", run_id=None,
                                     operating_threshold=0.5, answers=[{"prediction_id": prediction, "decision": "NORMAL",
                                                                        "probabilities": {"NORMAL": 0.6, "PNEUMONIA": 0.4}}])
@@ -326,7 +327,7 @@ def test_a_0002_store_upgrades_keeping_its_resolutions_and_takes_keys_per_author
 
     store = FeedbackStore(store_url)
     try:
-        assert store.revision == "0003"
+        assert store.revision == "0004"
         [confirmed] = store.confirmed_labels()
         assert confirmed["prediction_id"] == "p-resolved" and confirmed["label"] == "NORMAL"
         assert confirmed["how"] == "adjudicated"

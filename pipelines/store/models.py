@@ -1,8 +1,8 @@
 """Tables of the feedback store: predictions, feedback, adjudications and their resolutions,
-deployments and shadow answers. Rows are only ever added: a correction is a new feedback row, a
+deployments, shadow answers and the access log (who viewed which case). Rows are only ever added: a correction is a new feedback row, a
 resolution is a new row beside its adjudication, and nothing is updated or deleted. The database
 holds to that itself: migration 0003 puts triggers on every one of these tables that refuse
-UPDATE and DELETE (and TRUNCATE on PostgreSQL)."""
+UPDATE and DELETE (and TRUNCATE on PostgreSQL), and migration 0004 on the access log."""
 
 from __future__ import annotations
 
@@ -117,3 +117,17 @@ class ShadowPrediction(Base):
     probabilities: Mapped[dict] = mapped_column(JSON)
     decision: Mapped[str] = mapped_column(String(100))
     operating_threshold: Mapped[float] = mapped_column(Float)
+
+
+class CaseView(Base):
+    """One view of a case on the clinicians' pages (who, which prediction, when, which page): the
+    audit control a system holding health data needs. Append-only (migration 0004)."""
+
+    __tablename__ = "access_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    viewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, index=True)
+    prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
+    viewer: Mapped[str] = mapped_column(String(200), index=True)
+    role: Mapped[str] = mapped_column(String(20))
+    page: Mapped[str] = mapped_column(String(50))
