@@ -116,7 +116,9 @@ def tell_service(params: Params) -> bool:
     import urllib.error
     import urllib.request
 
-    url, token = params.serving.url, os.environ.get(params.serving.admin_token_env)
+    from pipelines.secrets import read_secret
+
+    url, token = params.serving.url, read_secret(params.serving.admin_token_env)
     if not url:
         return False
     if not token:
