@@ -423,7 +423,11 @@ class TrackingSpec(Strict):
     """MLflow: where runs and registered models live.
 
     ``uri`` may be relative to the workspace (``sqlite:///.medloop/mlflow.db`` is resolved
-    against the workspace root) or a server (``http://127.0.0.1:5000``).
+    against the workspace root) or a server (``http://127.0.0.1:5000``). ``artifact_root`` is a
+    folder (relative to the workspace) or a URI (``s3://bucket/x``) for the experiments medloop
+    creates; with a server, a folder is not used: the server's ``--artifacts-destination`` holds
+    them, proxied. A server's credentials come from ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD``, never from params.
     """
 
     uri: str

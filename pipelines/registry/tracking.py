@@ -59,7 +59,11 @@ def configure(params: Params, layout: Layout) -> str:
     name = params.tracking.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        return mlflow.create_experiment(name, artifact_location=artifact_location(params, layout))
+        # A tracking server keeps artifacts where it is configured (proxied: --artifacts-destination);
+        # a local folder named here would put them on this machine, out of everyone else's reach.
+        served = tracking_uri(params, layout).startswith(("http://", "https://"))
+        location = params.tracking.artifact_root if "://" in params.tracking.artifact_root else None
+        return mlflow.create_experiment(name, artifact_location=location if served else artifact_location(params, layout))
     return experiment.experiment_id
 
 
