@@ -27,7 +27,7 @@ from pipelines.errors import MedloopError, mask_credentials
 from pipelines.secrets import read_secret, secret_source
 from pipelines.workspace import Layout, database_url
 
-TIMEOUT_SECONDS = 5.0
+TIMEOUT_SECONDS = 20.0  # a busy server (basic-auth hashes each password) may take seconds to answer
 OK, WARN, FAIL, OFF = "ok", "warn", "fail", "off"
 
 
