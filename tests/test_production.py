@@ -141,6 +141,7 @@ def world(tmp_path_factory):
 
             # The workspace: production endpoints, collect's source a prefix of the S3 bucket.
             params = passing_params()
+            params["train"]["epochs"] = 6  # what is proven here is the servers, not the fit: a short one
             cron, _ = daily_cron_away_from_now()
             params["schedule"].update(work_pool="medloop-prod", deployment="nightly-prod", cron=cron, timezone="UTC")
             params["retrain_policy"]["check_cron"] = daily_cron_away_from_now(hours_ahead=11)[0]
