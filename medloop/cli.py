@@ -268,6 +268,30 @@ def ui(
     serve_uis(_layout(workspace), mlflow_port, prefect_port if prefect else None, _console())
 
 
+@app.command()
+def doctor(
+    workspace: Path = WorkspaceOption,
+    as_json: bool = typer.Option(False, "--json", help="The checks as JSON."),
+) -> None:
+    """Check every endpoint and credential the params name (salt, MLflow, feedback store, DVC
+    remote, S3 source, Prefect API, TLS files): one screen; exit status 1 when a required one fails."""
+    import json
+
+    from pipelines.config import load_params
+    from pipelines.ops import doctor as checks
+    from pipelines.workspace import Layout
+
+    from medloop import views
+
+    layout = Layout.at(workspace).require()
+    found = checks.run(load_params(layout.params_file), layout)
+    if as_json:
+        typer.echo(json.dumps([check.as_dict() for check in found], indent=2))
+    else:
+        _console().print(views.doctor_table(found))
+    raise typer.Exit(1 if checks.failed(found) else 0)
+
+
 ModelArgument = typer.Argument(None, help="Registered model (default: the workspace's model.name).")
 VersionArgument = typer.Argument(None, help="Registered version (default: the champion).")
 
@@ -339,11 +363,16 @@ def serve(
     """
     import uvicorn
 
+    from pipelines.config import load_params
+
+    from medloop.servers import uvicorn_tls
+
     layout = _layout(workspace)
+    tls = uvicorn_tls(load_params(layout.params_file), layout)  # serving.tls: HTTPS only
     os.environ["MEDLOOP_PARAMS"] = str(layout.params_file)
-    _console().print(f"serving {layout.params_file} on http://{host}:{port} (API description at /openapi.json)",
-                     highlight=False)
-    uvicorn.run("serving.app:app_from_environment", factory=True, host=host, port=port, log_level="warning")
+    _console().print(f"serving {layout.params_file} on {'https' if tls else 'http'}://{host}:{port} "
+                     f"(API description at /openapi.json)", highlight=False)
+    uvicorn.run("serving.app:app_from_environment", factory=True, host=host, port=port, log_level="warning", **tls)
 
 
 testset_app = typer.Typer(help="The frozen test set: its size, and extending it deliberately.", no_args_is_help=True)
@@ -614,7 +643,10 @@ def main() -> None:
     from pipelines.errors import MedloopError
 
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, click returns a command's `typer.Exit` code instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MedloopError as exc:
         if _state["debug"]:
             raise

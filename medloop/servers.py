@@ -93,6 +93,29 @@ def start_server(name: str, command: list[str], env: dict[str, str], log_path: P
         raise
 
 
+def uvicorn_tls(params: Any, layout: Layout) -> dict[str, str]:
+    """uvicorn's TLS options for ``serving.tls`` (empty without it): the service then speaks
+    HTTPS only, and a plain HTTP request to its port fails the TLS handshake.
+
+    Raises:
+        MedloopError: the certificate or key cannot be used (unreadable, mismatched, expired, or
+            a key that others may read); the message says which and what to do.
+    """
+    from pipelines.ops.doctor import FAIL, check_tls, resolve
+    from pipelines.secrets import read_secret
+
+    tls = params.serving.tls
+    if tls is None:
+        return {}
+    check = check_tls(params, layout)
+    if check.status == FAIL:
+        raise MedloopError(f"serving.tls in {layout.params_file}: {check.detail} ({check.where})")
+    options = {"ssl_certfile": str(resolve(tls.certfile, layout)), "ssl_keyfile": str(resolve(tls.keyfile, layout))}
+    if tls.keyfile_password_env:
+        options["ssl_keyfile_password"] = read_secret(tls.keyfile_password_env) or ""
+    return options
+
+
 def prefect_server_command(port: int) -> list[str]:
     return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
 

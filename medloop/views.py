@@ -163,3 +163,19 @@ def clinic_lines(monitoring: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"drift:            {drift.get('note')}")
     return lines
+
+
+DOCTOR_MARKS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]", "off": "[dim]off[/]"}
+
+
+def doctor_table(checks: list[Any]) -> Table:
+    """`medloop doctor`: one row per endpoint or credential (`pipelines.ops.doctor.Check`)."""
+    table = Table(title="medloop doctor", title_justify="left", show_lines=False)
+    for column in ("check", "status", "where", "detail"):
+        table.add_column(column, overflow="fold")
+    for check in checks:
+        table.add_row(check.name, DOCTOR_MARKS.get(check.status, check.status), check.where, check.detail)
+    failing = sum(check.status == "fail" for check in checks)
+    table.caption = (f"[bold red]{failing} required check(s) failed: the night would fail[/]" if failing
+                     else "[green]everything required answers[/]")
+    return table

@@ -461,7 +461,11 @@ class TrackingSpec(Strict):
     """MLflow: where runs and registered models live.
 
     ``uri`` may be relative to the workspace (``sqlite:///.medloop/mlflow.db`` is resolved
-    against the workspace root) or a server (``http://127.0.0.1:5000``).
+    against the workspace root) or a server (``http://127.0.0.1:5000``). ``artifact_root`` is a
+    folder (relative to the workspace) or a URI (``s3://bucket/x``) for the experiments medloop
+    creates; with a server, a folder is not used: the server's ``--artifacts-destination`` holds
+    them, proxied. A server's credentials come from ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD``, never from params.
     """
 
     uri: str
@@ -493,10 +497,28 @@ class PromoteSpec(Strict):
 
 
 class StorageSpec(Strict):
-    """Where DVC pushes data: a local folder (relative to the workspace) or ``s3://bucket/x``."""
+    """Where DVC pushes data: a local folder (relative to the workspace) or ``s3://bucket/x``.
+
+    Attributes:
+        dvc_remote: the folder or ``s3://bucket/prefix``.
+        s3_endpoint_url: for S3-compatible stores (SeaweedFS, Ceph, ...); credentials come from
+            the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``) or
+            ``AWS_SHARED_CREDENTIALS_FILE``, never from params.
+        s3_server_side_encryption: ask S3 to encrypt what DVC pushes and what MLflow uploads
+            directly (``AES256`` or ``aws:kms``); null asks nothing (the bucket's default holds).
+        s3_kms_key_id: the KMS key with ``aws:kms`` (an id or ARN, not a secret).
+    """
 
     dvc_remote: str
     s3_endpoint_url: str | None = None
+    s3_server_side_encryption: Literal["AES256", "aws:kms"] | None = None
+    s3_kms_key_id: str | None = None
+
+    @model_validator(mode="after")
+    def _kms_key_with_kms(self) -> "StorageSpec":
+        if self.s3_kms_key_id and self.s3_server_side_encryption != "aws:kms":
+            raise ValueError("s3_kms_key_id goes with s3_server_side_encryption: aws:kms")
+        return self
 
 
 class ScheduleSpec(Strict):
@@ -542,6 +564,22 @@ class ScheduleSpec(Strict):
         return value
 
 
+class TlsSpec(Strict):
+    """The certificate the service presents: ``medloop serve`` then speaks HTTPS only (a plain
+    HTTP request to its port is refused by the TLS handshake).
+
+    Attributes:
+        certfile: PEM certificate chain (relative paths are inside the workspace).
+        keyfile: PEM private key; readable by its owner only (mode 0600 or 0400).
+        keyfile_password_env: the environment variable (or ``<name>_FILE``) holding the key's
+            passphrase, when it has one.
+    """
+
+    certfile: str
+    keyfile: str
+    keyfile_password_env: str | None = None
+
+
 class ServingSpec(Strict):
     """The prediction service (``medloop serve``) and its feedback store.
 
@@ -569,6 +607,8 @@ class ServingSpec(Strict):
             from a public CDN); the OpenAPI document ``/openapi.json`` is served either way.
         session_idle_minutes: a clinician's session on the pages (``/pages``) ends after this
             long without a request; they sign in with their token again.
+        tls: the certificate and key to serve HTTPS with; null serves plain HTTP (on 127.0.0.1,
+            or behind a proxy that ends TLS).
     """
 
     store_url: str
@@ -584,6 +624,7 @@ class ServingSpec(Strict):
     max_missing_share: float = Field(default=0.2, ge=0.0, le=1.0)
     docs: bool = False
     session_idle_minutes: float = Field(default=30.0, gt=0.0, le=24 * 60)
+    tls: TlsSpec | None = None
 
 
 class MonitoringSpec(Strict):

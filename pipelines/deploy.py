@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 
 from pipelines.config import Params
@@ -115,7 +114,9 @@ def tell_service(params: Params) -> bool:
     import urllib.error
     import urllib.request
 
-    url, token = params.serving.url, os.environ.get(params.serving.admin_token_env)
+    from pipelines.secrets import read_secret
+
+    url, token = params.serving.url, read_secret(params.serving.admin_token_env)
     if not url:
         return False
     if not token:

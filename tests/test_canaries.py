@@ -213,3 +213,31 @@ def test_synthetic_source_fake_identifiers_never_survive(tmp_path):
     assert len(planted) > 20
     output = run_data_half(layout)
     assert_no_canary_anywhere(layout, output, extra={p.encode() for p in planted if len(p) >= 6})
+
+
+def assert_secrets_nowhere(root: Path, secrets: list[str]) -> int:
+    """No secret value in any file under ``root`` (SQLite stores, MLflow artifacts, reports, logs,
+    DVC's cache) nor in any git revision of it; returns how many files were searched."""
+    searched = 0
+    for path in root.rglob("*"):
+        if path.is_file() and ".git" not in path.relative_to(root).parts:
+            content = path.read_bytes()
+            searched += 1
+            for secret in secrets:
+                assert secret.encode() not in content, f"a secret is written in {path}"
+    revisions = subprocess.run(["git", "rev-list", "--all"], cwd=root, capture_output=True, text=True).stdout.split()
+    assert revisions
+    for secret in secrets:
+        found = subprocess.run(["git", "grep", "-F", "-l", secret, *revisions], cwd=root, capture_output=True, text=True)
+        assert found.returncode == 1 and not found.stdout, f"a secret is committed: {found.stdout[:200]}"
+    return searched
+
+
+def test_secrets_never_reach_a_file_mlflow_or_git(served_workspace):
+    """The trained and served workspace (the session's): its de-identification salt and the
+    service's bearer tokens are in no file it wrote (MLflow's store and artifacts, reports, logs,
+    the feedback store, the token table holds hashes) and in no commit."""
+    from conftest import SALT
+
+    root = served_workspace["layout"].root
+    assert assert_secrets_nowhere(root, [SALT, *served_workspace["tokens"].values()]) > 20

@@ -95,3 +95,35 @@ def chest_dicom(name: str, **tags: str | None) -> bytes:
         else:
             setattr(dataset, keyword, value)
     return dicom_file_bytes(dataset)
+
+
+def self_signed_certificate(folder, host: str = "127.0.0.1", days: int = 30):
+    """A self-signed certificate for ``host`` (an IP address) and its key, written as PEM files
+    (the key 0600) into ``folder``; returns ``(certfile, keyfile)``."""
+    import datetime
+    import ipaddress
+    import os
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=days))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
+                                  critical=False)
+                   .sign(key, hashes.SHA256()))
+    certfile, keyfile = folder / "service.crt", folder / "service.key"
+    certfile.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    os.chmod(keyfile, 0o600)
+    return certfile, keyfile

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-
 from pipelines.errors import DeidentificationError
+from pipelines.secrets import read_secret
 
 MIN_SALT_LENGTH = 16
 
@@ -19,21 +18,24 @@ def load_salt(env_name: str) -> bytes:
     """Read the de-identification salt.
 
     Args:
-        env_name: name of the environment variable (``deid.salt_env`` in params).
+        env_name: name of the environment variable (``deid.salt_env`` in params); when it is
+            unset, the file that ``<env_name>_FILE`` names, readable by its owner only
+            (`pipelines.secrets.read_secret`).
 
     Raises:
         DeidentificationError: the variable is unset or too short to be a secret.
+        SecretError: ``<env_name>_FILE`` is unreadable or others may read it.
     """
-    value = os.environ.get(env_name, "")
+    value = read_secret(env_name) or ""
     if not value:
         raise DeidentificationError(
-            f"environment variable {env_name} is not set: it holds the secret salt of patient "
+            f"environment variable {env_name} (or a file named by {env_name}_FILE) is not set: it holds the secret salt of patient "
             f"pseudonyms (deid.salt_env in params). Set it to a long random string and keep it "
             f"stable, e.g. export {env_name}=$(python -c 'import secrets; print(secrets.token_hex(32))')"
         )
     if len(value) < MIN_SALT_LENGTH:
         raise DeidentificationError(
-            f"environment variable {env_name} is {len(value)} characters long; a salt needs at "
+            f"the salt in {env_name} is {len(value)} characters long; a salt needs at "
             f"least {MIN_SALT_LENGTH}"
         )
     return value.encode()

@@ -50,6 +50,13 @@ def configure_remote(layout: Layout, storage: StorageSpec) -> str:
     dvc(layout, "remote", "add", "--force", "--default", REMOTE_NAME, url)
     if storage.s3_endpoint_url:
         dvc(layout, "remote", "modify", REMOTE_NAME, "endpointurl", storage.s3_endpoint_url)
+    if url.startswith("s3://"):
+        # Ask the store to encrypt at rest what DVC pushes (or stop asking, when params say null).
+        for option, value in (("sse", storage.s3_server_side_encryption), ("sse_kms_key_id", storage.s3_kms_key_id)):
+            if value:
+                dvc(layout, "remote", "modify", REMOTE_NAME, option, value)
+            else:
+                dvc(layout, "remote", "modify", "--unset", REMOTE_NAME, option)
     return url
 
 

@@ -49,20 +49,51 @@ def artifact_location(params: Params, layout: Layout) -> str:
 
 
 def configure(params: Params, layout: Layout) -> str:
-    """Point MLflow at the workspace's store; create the experiment when missing; its id."""
+    """Point MLflow at the workspace's store; create the experiment when missing; its id.
+
+    A tracking server's credentials come from ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD`` (or their ``_FILE`` forms, `pipelines.secrets`); artifacts that
+    MLflow uploads to S3 itself ask for ``storage.s3_server_side_encryption``.
+    """
     import mlflow
 
+    from pipelines.secrets import export_file_secrets
+
+    export_file_secrets()
+    s3_upload_arguments(params)
     mlflow.set_tracking_uri(tracking_uri(params, layout))
     name = params.tracking.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        return mlflow.create_experiment(name, artifact_location=artifact_location(params, layout))
+        # A tracking server keeps artifacts where it is configured (proxied: --artifacts-destination);
+        # a local folder named here would put them on this machine, out of everyone else's reach.
+        served = tracking_uri(params, layout).startswith(("http://", "https://"))
+        location = params.tracking.artifact_root if "://" in params.tracking.artifact_root else None
+        return mlflow.create_experiment(name, artifact_location=location if served else artifact_location(params, layout))
     return experiment.experiment_id
 
 
 def flow_run_env(flow_run_id: str | None) -> dict[str, str]:
     """The environment variables that give a stage subprocess the flow run id (none without one)."""
     return {FLOW_RUN_ENV: flow_run_id} if flow_run_id else {}
+
+
+S3_UPLOAD_ARGUMENTS_ENV = "MLFLOW_S3_UPLOAD_EXTRA_ARGS"
+
+
+def s3_upload_arguments(params: Params) -> dict[str, str]:
+    """The extra arguments of MLflow's own S3 uploads that ask for server-side encryption
+    (``storage.s3_server_side_encryption``), put in ``MLFLOW_S3_UPLOAD_EXTRA_ARGS`` unless that
+    is set already; empty when params ask for none. (With a tracking server that proxies
+    artifacts, the server uploads: set the same variable in its environment, as infra/ does.)"""
+    storage = params.storage
+    if storage.s3_server_side_encryption is None:
+        return {}
+    arguments = {"ServerSideEncryption": storage.s3_server_side_encryption}
+    if storage.s3_kms_key_id:
+        arguments["SSEKMSKeyId"] = storage.s3_kms_key_id
+    os.environ.setdefault(S3_UPLOAD_ARGUMENTS_ENV, json.dumps(arguments))
+    return arguments
 
 
 def lineage_tags(params: Params, layout: Layout) -> dict[str, str]:

