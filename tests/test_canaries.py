@@ -129,20 +129,30 @@ def run_data_half(layout) -> str:
     return collected.stdout + collected.stderr + repro.stdout + repro.stderr
 
 
-def assert_no_canary_anywhere(layout, output: str, extra: set[bytes] = frozenset()) -> int:
-    searched = 0
+def assert_no_canary_anywhere(layout, output: str, extra: set[bytes] = frozenset()) -> dict[str, int]:
+    """Every file under data/, reports/, the logs and DVC's cache, and the output, searched for
+    every needle; each of those folders holds files (a search of nothing would pass).
+
+    Returns:
+        How many files were searched in each folder (by its name).
+    """
+    searched: dict[str, int] = {}
     roots = [layout.root / "data", layout.root / "reports", layout.logs, layout.root / ".dvc" / "cache"]
     for root in roots:
         assert root.exists(), root
+        searched[root.name] = 0
         for path in root.rglob("*"):
             if path.is_file():
                 content = path.read_bytes()
-                searched += 1
+                searched[root.name] += 1
                 for needle in [*needles(), *extra]:
                     assert needle not in content, f"{needle!r} survived in {path}"
+        assert searched[root.name] > 0, f"nothing was written under {root}: nothing to search"
     lowered = output.lower()
+    assert len(lowered) > 0, "the stages printed nothing: nothing to search"
     for needle in [*needles(), *extra]:
         assert needle.decode().lower() not in lowered, f"{needle!r} in the output"
+    print(f"searched: {searched}")
     return searched
 
 
