@@ -70,6 +70,27 @@ def tabular_params(**source) -> dict:
     return params
 
 
+def passing_params() -> dict:
+    params = tabular_params()
+    # Floors suited to a test set of a few dozen cases; the gates themselves are table-tested.
+    params["promote"].update(min_auroc=0.85, min_sensitivity=0.5, min_specificity=0.3, max_ece=0.3,
+                             subgroup_min_count=1000)
+    params["train"].update(epochs=15)
+    params["source"]["nights"] = 2  # the data set released in two nights: fewer runs to reach "nothing new"
+    return params
+
+
+def registry(layout):
+    """An MLflow client on the workspace's tracking store."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.registry.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(load(layout), layout))
+    return MlflowClient()
+
+
 def make_workspace(tmp_path: Path, params: dict, name: str = "ws"):
     """A real workspace (git + DVC) with these params; its DVC remote is a folder in tmp_path.
 
@@ -199,7 +220,6 @@ def tabular_champion(tmp_path_factory) -> Path:
     never changed: a test or fixture that changes it works on a ``copy_world`` of it."""
     from pipelines import collect, promote
     from pipelines.ops.versioning import repro
-    from test_flow_retrain import passing_params
 
     folder = tmp_path_factory.mktemp("tabular-champion")
     with salted():

@@ -10,11 +10,10 @@ import httpx
 import pandas as pd
 import pytest
 
-from conftest import free_port, load, make_workspace
+from conftest import free_port, load, make_workspace, passing_params
 from pipelines.data import manifest
 from pipelines.ops.versioning import git
 from test_feedback_merge import collect_rows
-from test_flow_retrain import passing_params
 from test_serving import bearer, start_service, stop
 
 

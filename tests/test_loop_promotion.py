@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from conftest import load, make_workspace, tabular_params
+from conftest import load, make_workspace, registry, tabular_params
 from pipelines import collect, promote
 from pipelines.ops.versioning import repro
 
@@ -17,16 +17,6 @@ def set_params(layout, **sections) -> None:
     for section, values in sections.items():
         params[section].update(values)
     layout.params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def registry(layout):
-    import mlflow
-    from mlflow import MlflowClient
-
-    from pipelines.registry.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(load(layout), layout))
-    return MlflowClient()
 
 
 @pytest.mark.slow

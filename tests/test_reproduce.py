@@ -10,9 +10,8 @@ import shutil
 import pytest
 import yaml
 
-from conftest import SALT, load, make_workspace
+from conftest import SALT, load, make_workspace, passing_params
 from pipelines.ops.versioning import commit, git
-from test_flow_retrain import passing_params
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from conftest import ROOT, free_port, load, make_workspace
-from test_flow_retrain import passing_params, registry
+from conftest import ROOT, free_port, load, make_workspace, passing_params, registry
 from tests_support import daily_cron_away_from_now
 
 RUN_SECONDS = 600
