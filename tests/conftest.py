@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+
+from pipelines.workspace import Layout
 
 ROOT = Path(__file__).resolve().parent.parent
 SALT = "test-salt-0123456789abcdef-not-secret"
@@ -48,6 +52,14 @@ def image_params(**source) -> dict:
     return params
 
 
+def small_image_params() -> dict:
+    """The small image profile a tiny CNN trains on in a few seconds: 48x48, 2 epochs."""
+    raw = image_params()
+    raw["preprocess"]["image_size"] = [48, 48]
+    raw["train"].update(epochs=2, batch_size=16)
+    return raw
+
+
 def tabular_params(**source) -> dict:
     params = profile("breast_cancer.yaml")
     if source:
@@ -58,15 +70,108 @@ def tabular_params(**source) -> dict:
     return params
 
 
+def passing_params() -> dict:
+    params = tabular_params()
+    # Floors suited to a test set of a few dozen cases; the gates themselves are table-tested.
+    params["promote"].update(min_auroc=0.85, min_sensitivity=0.5, min_specificity=0.3, max_ece=0.3,
+                             subgroup_min_count=1000)
+    params["train"].update(epochs=15)
+    params["source"]["nights"] = 2  # the data set released in two nights: fewer runs to reach "nothing new"
+    return params
+
+
+def registry(layout):
+    """An MLflow client on the workspace's tracking store."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.registry.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(load(layout), layout))
+    return MlflowClient()
+
+
 def make_workspace(tmp_path: Path, params: dict, name: str = "ws"):
-    """A real workspace (git + DVC) with these params; its DVC remote is a folder in tmp_path."""
-    from pipelines.ops.scaffold import create_workspace
+    """A real workspace (git + DVC) with these params; its DVC remote is a folder in tmp_path.
+
+    What ``create_workspace`` makes depends on the params only through ``storage`` (the DVC
+    remote): the first workspace of a ``storage`` section is created for real (git init, dvc
+    init, ...) as a template, and each workspace is a copy of it with its own params.yaml and
+    remote, committed as ``create_workspace`` commits them."""
+    from pipelines.config import load_params
+    from pipelines.ops.versioning import git
 
     params = copy.deepcopy(params)
-    params["storage"]["dvc_remote"] = str(tmp_path / f"{name}-remote")
+    remote = tmp_path / f"{name}-remote"
+    params["storage"]["dvc_remote"] = str(remote)
     params_file = tmp_path / f"{name}-params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    return create_workspace(tmp_path / name, params_file)
+    load_params(params_file)  # a broken profile is refused, as create_workspace refuses it
+    template, template_remote = workspace_template(params["storage"])
+    shutil.copytree(template, tmp_path / name, symlinks=True)
+    remote.mkdir(parents=True, exist_ok=True)
+    layout = Layout.at(tmp_path / name)
+    shutil.copyfile(params_file, layout.params_file)
+    dvc_config = layout.root / ".dvc" / "config"
+    dvc_config.write_text(dvc_config.read_text().replace(template_remote, str(remote.resolve())))
+    git(layout, "add", "-A")
+    git(layout, "-c", "user.name=medloop", "-c", "user.email=medloop@localhost",
+        "commit", "--quiet", "--amend", "--no-edit", "--reset-author")
+    return layout
+
+
+_TEMPLATES: dict[str, tuple[Path, str]] = {}
+
+
+def workspace_template(storage: dict) -> tuple[Path, str]:
+    """A workspace made by ``create_workspace`` once per ``storage`` section (its remote aside),
+    in a folder of this session; and its remote's path as ``.dvc/config`` holds it."""
+    import atexit
+    import tempfile
+
+    from pipelines.ops.scaffold import create_workspace
+
+    key = json.dumps({k: v for k, v in storage.items() if k != "dvc_remote"}, sort_keys=True)
+    if key not in _TEMPLATES:
+        folder = Path(tempfile.mkdtemp(prefix="medloop-template-"))
+        atexit.register(shutil.rmtree, folder, True)
+        params = profile()
+        params["storage"] = {**storage, "dvc_remote": str(folder / "template-remote")}
+        params_file = folder / "params.yaml"
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        create_workspace(folder / "ws", params_file)
+        _TEMPLATES[key] = (folder / "ws", str((folder / "template-remote").resolve()))
+    return _TEMPLATES[key]
+
+
+def copy_world(source: Path, target: Path) -> Path:
+    """A copy of a world's folder (a workspace, its DVC remote, its stores) that shares nothing
+    with it: every absolute path to ``source`` the copy holds (MLflow's artifact locations in its
+    SQLite store, the DVC remote in ``.dvc/config`` and ``params.yaml``, state files) is
+    rewritten to ``target``. Git objects and binary artifacts hold no such path."""
+    import sqlite3
+
+    shutil.copytree(source, target, symlinks=True)
+    old, new = str(source.resolve()) + os.sep, str(target.resolve()) + os.sep
+    for path in target.rglob("*"):
+        if ".git" in path.relative_to(target).parts or path.is_symlink() or not path.is_file():
+            continue
+        if path.suffix == ".db":
+            with contextlib.closing(sqlite3.connect(path)) as database, database:
+                tables = [row[0] for row in database.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+                for table in tables:
+                    for column in database.execute(f'PRAGMA table_info("{table}")').fetchall():
+                        if column[2].upper() in ("", "TEXT") or "CHAR" in column[2].upper():
+                            database.execute(f'UPDATE "{table}" SET "{column[1]}" = replace("{column[1]}", ?, ?) '
+                                             f'WHERE instr("{column[1]}", ?) > 0', (old, new, old))
+        elif path.suffix in TEXT_SUFFIXES or path.name == "config":
+            text = path.read_bytes()
+            if old.encode() in text:
+                path.write_bytes(text.replace(old.encode(), new.encode()))
+    return target
+
+
+TEXT_SUFFIXES = {".yaml", ".yml", ".json", ".jsonl", ".txt", ".md", ".html", ".dvc", ".lock", ".csv", ".log"}
 
 
 def load(layout):
@@ -83,35 +188,126 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def salted():
+    """``MEDLOOP_DEID_SALT`` set while a session fixture builds its world (the autouse
+    ``deid_salt`` fixture sets it per test only)."""
+    previous = os.environ.get("MEDLOOP_DEID_SALT")
+    os.environ["MEDLOOP_DEID_SALT"] = SALT
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MEDLOOP_DEID_SALT", None)
+        else:
+            os.environ["MEDLOOP_DEID_SALT"] = previous
+
+
 @pytest.fixture(scope="session")
-def served_workspace(tmp_path_factory):
-    """A workspace whose champion is a trained tabular MLP (v1), and tokens for three roles;
-    trained once per session and shared by every serving test. A test that changes it (a new
-    champion, other params) puts it back as it found it.
+def prefect_server():
+    """One Prefect server for every flow test of the session: Prefect's test harness (a local
+    server on a temporary SQLite database), the API of every flow run in this process."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tabular_champion(tmp_path_factory) -> Path:
+    """The folder of a world whose champion is a trained tabular MLP (v1 of ``passing_params``
+    on one night): the workspace ``ws``, its DVC remote and params. Built once per session and
+    never changed: a test or fixture that changes it works on a ``copy_world`` of it."""
+    from pipelines import collect, promote
+    from pipelines.ops.versioning import repro
+
+    folder = tmp_path_factory.mktemp("tabular-champion")
+    with salted():
+        layout = make_workspace(folder, passing_params())
+        collect.run(load(layout), layout)
+        assert repro(layout, "evaluate")
+        assert promote.run(load(layout), layout, actor="test").version == "1"
+    return folder
+
+
+@pytest.fixture(scope="session")
+def served_workspace(tabular_champion, tmp_path_factory):
+    """A copy of the tabular champion's world, and tokens for three roles, shared by every
+    serving test. A test that changes it (a new champion, other params) puts it back as it
+    found it.
 
     Returns:
         ``{"layout", "tokens": {role: token, "clinician2": token}, "tmp"}``.
     """
-    from pipelines import collect, promote
-    from pipelines.ops.versioning import repro
     from serving.auth import add_token
-    from test_flow_retrain import passing_params
 
-    previous = os.environ.get("MEDLOOP_DEID_SALT")
-    os.environ["MEDLOOP_DEID_SALT"] = SALT
     tmp_path = tmp_path_factory.mktemp("serving")
-    layout = make_workspace(tmp_path, passing_params())
-    collect.run(load(layout), layout)
-    assert repro(layout, "evaluate")
-    assert promote.run(load(layout), layout, actor="test").version == "1"
+    layout = Layout.at(copy_world(tabular_champion, tmp_path / "world") / "ws")
     tokens_file = layout.root / ".medloop" / "tokens.json"
     tokens = {role: add_token(tokens_file, f"dr-{role}", role) for role in ("clinician", "reviewer", "admin")}
     tokens["clinician2"] = add_token(tokens_file, "dr-clinician2", "clinician")
-    yield {"layout": layout, "tokens": tokens, "tmp": tmp_path}
-    if previous is None:
-        os.environ.pop("MEDLOOP_DEID_SALT", None)
-    else:
-        os.environ["MEDLOOP_DEID_SALT"] = previous
+    with salted():  # module-scoped apps built on it de-identify outside any test's own salt
+        yield {"layout": layout, "tokens": tokens, "tmp": tmp_path}
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn_champion(tmp_path_factory) -> dict:
+    """A world whose champion is a 2-epoch CNN on two tiny synthetic nights, built once per
+    session and never changed (a test copies it with ``copy_world``):
+    ``{"folder", "params": the params dict, "version": the champion's version}``."""
+    from pipelines import collect, promote
+    from pipelines.ops.versioning import repro
+
+    params = image_params()
+    params["train"]["epochs"] = 2
+    folder = tmp_path_factory.mktemp("tiny-cnn")
+    with salted():
+        layout = make_workspace(folder, params)
+        for _night in range(2):
+            collect.run(load(layout), layout)
+        assert repro(layout, "evaluate")
+        result = promote.run(load(layout), layout, actor="test")
+        if not result.passed:  # a 2-epoch CNN on 48 tiny images: register it by override for the test
+            result = promote.override(load(layout), layout, result.run_id, "test: serve a tiny CNN", actor="test")
+    return {"folder": folder, "params": params, "version": result.version}
+
+
+def processed_workspace(folder: Path, raw: dict, nights: int):
+    """A workspace in ``folder`` taken through collect, clean and preprocess: (layout, params)."""
+    from pipelines import clean, collect, preprocess
+
+    with salted():
+        layout = make_workspace(folder, raw)
+        params = load(layout)
+        for _ in range(nights):
+            collect.run(params, layout)
+        clean.run(params, layout)
+        preprocess.run(params, layout)
+    return layout, params
+
+
+@pytest.fixture(scope="session")
+def trained_tabular(tmp_path_factory):
+    """A tabular MLP trained (5 epochs) on the whole data set collected at once, no DVC; shared
+    read-only by the session: ``(layout, params, TrainResult)``."""
+    from pipelines import train
+
+    raw = tabular_params()
+    raw["source"]["nights"] = 1  # the whole data set at once: about 370 training rows
+    raw["train"].update(epochs=5)
+    layout, params = processed_workspace(tmp_path_factory.mktemp("trained-tabular"), raw, nights=1)
+    return layout, params, train.run(params, layout)
+
+
+@pytest.fixture(scope="session")
+def trained_image(tmp_path_factory):
+    """A tiny CNN (``cxr_small``, 2 epochs on 48x48 images of three synthetic nights) trained
+    without DVC; shared read-only by the session (a test that trains again copies its world,
+    ``layout.root.parent``): ``(layout, params, TrainResult)``."""
+    from pipelines import train
+
+    layout, params = processed_workspace(tmp_path_factory.mktemp("trained-image"), small_image_params(), nights=3)
+    return layout, params, train.run(params, layout)
 
 
 @contextlib.contextmanager

@@ -129,18 +129,30 @@ def run_data_half(layout) -> str:
     return collected.stdout + collected.stderr + repro.stdout + repro.stderr
 
 
-def assert_no_canary_anywhere(layout, output: str, extra: set[bytes] = frozenset()) -> int:
-    searched = 0
+def assert_no_canary_anywhere(layout, output: str, at_least: dict[str, int],
+                              extra: set[bytes] = frozenset()) -> dict[str, int]:
+    """Every file under data/, reports/, the logs and DVC's cache, and the output, searched for
+    every needle; each folder must hold at least ``at_least[its name]`` files (a search of
+    nothing would pass).
+
+    Returns:
+        How many files were searched in each folder (by its name).
+    """
+    searched: dict[str, int] = {}
     roots = [layout.root / "data", layout.root / "reports", layout.logs, layout.root / ".dvc" / "cache"]
     for root in roots:
         assert root.exists(), root
+        searched[root.name] = 0
         for path in root.rglob("*"):
             if path.is_file():
                 content = path.read_bytes()
-                searched += 1
+                searched[root.name] += 1
                 for needle in [*needles(), *extra]:
                     assert needle not in content, f"{needle!r} survived in {path}"
+        assert searched[root.name] >= at_least[root.name], (
+            f"{searched[root.name]} files under {root}, expected at least {at_least[root.name]}")
     lowered = output.lower()
+    assert len(lowered) > 0, "the stages printed nothing: nothing to search"
     for needle in [*needles(), *extra]:
         assert needle.decode().lower() not in lowered, f"{needle!r} in the output"
     return searched
@@ -162,7 +174,7 @@ def test_canaries_from_an_image_folder(tmp_path):
     params = lenient(image_params(kind="image_folder", path=str(source)))
     layout = make_workspace(tmp_path, params)
     output = run_data_half(layout)
-    assert assert_no_canary_anywhere(layout, output) > 20
+    assert_no_canary_anywhere(layout, output, at_least={"data": 50, "reports": 20, "logs": 1, "cache": 50})
     import pandas as pd
 
     records = pd.read_parquet(layout.clean_records)
@@ -170,6 +182,10 @@ def test_canaries_from_an_image_folder(tmp_path):
     # the eight DICOMs share CT_small's pixels: one is kept, seven are quarantined as duplicates
     assert len(records) == 17 and len(quarantine) == 7
     assert quarantine["reason"].str.startswith("duplicate image: same pixels as").all()
+
+
+# a table's data half: the raw and clean tables, the processed splits and scaler, their cache copies
+TABLE_FILES = {"data": 12, "reports": 20, "logs": 1, "cache": 15}
 
 
 @pytest.mark.slow
@@ -180,14 +196,14 @@ def test_canaries_from_csv_and_sql(tmp_path):
     csv = tmp_path / "export.csv"
     rows.to_csv(csv, index=False)
     layout = make_workspace(tmp_path, lenient(tabular_params(kind="csv", path=str(csv))), name="csv")
-    assert_no_canary_anywhere(layout, run_data_half(layout))
+    assert_no_canary_anywhere(layout, run_data_half(layout), TABLE_FILES)
 
     url = f"sqlite:///{tmp_path / 'clinic.db'}"
     engine = sa.create_engine(url)
     rows.to_sql("exams", engine, index=False)
     engine.dispose()
     layout = make_workspace(tmp_path, lenient(tabular_params(kind="sql", url=url, table="exams")), name="sql")
-    assert_no_canary_anywhere(layout, run_data_half(layout))
+    assert_no_canary_anywhere(layout, run_data_half(layout), TABLE_FILES)
 
 
 @pytest.mark.slow
@@ -200,7 +216,8 @@ def test_canaries_from_s3(tmp_path, s3_bucket, s3_endpoint, monkeypatch):
         client.put_object(Bucket=bucket, Key=f"pacs/{label}/p{i}.jpeg", Body=canary_jpeg(100 + i))
     params = lenient(image_params(kind="s3", bucket=bucket, prefix="pacs", endpoint_url=s3_endpoint))
     layout = make_workspace(tmp_path, params)
-    assert_no_canary_anywhere(layout, run_data_half(layout))
+    assert_no_canary_anywhere(layout, run_data_half(layout),
+                              at_least={"data": 30, "reports": 20, "logs": 1, "cache": 30})
 
 
 @pytest.mark.slow
@@ -212,7 +229,8 @@ def test_synthetic_source_fake_identifiers_never_survive(tmp_path):
     planted = SyntheticCxrSourceReader(load(layout).source).planted_identifiers(1)
     assert len(planted) > 20
     output = run_data_half(layout)
-    assert_no_canary_anywhere(layout, output, extra={p.encode() for p in planted if len(p) >= 6})
+    assert_no_canary_anywhere(layout, output, at_least={"data": 55, "reports": 20, "logs": 1, "cache": 60},
+                              extra={p.encode() for p in planted if len(p) >= 6})
 
 
 def assert_secrets_nowhere(root: Path, secrets: list[str]) -> int:

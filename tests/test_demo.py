@@ -11,8 +11,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import SALT, load
-from test_flow_retrain import passing_params
+from conftest import SALT, load, passing_params
 
 
 @pytest.mark.slow

@@ -12,12 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import image_params, load, tabular_params
-from pipelines import train
+from conftest import tabular_params
 from pipelines.monitoring import drift
 from pipelines.monitoring import reference as drift_reference
 from pipelines.config import parse_params
-from test_train import processed_workspace, shard_pixels
+from test_train import shard_pixels
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)
 
@@ -167,15 +166,6 @@ def test_predictions_are_read_from_the_store_by_version_and_window(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trained_tabular(tmp_path_factory):
-    raw = tabular_params()
-    raw["source"]["nights"] = 1  # the whole data set at once: about 370 training rows
-    raw["train"].update(epochs=5)
-    layout, params = processed_workspace(tmp_path_factory, raw, nights=1)
-    return layout, params, train.run(params, layout)
-
-
 def logged_pyfunc(layout, params):
     import mlflow
 
@@ -267,15 +257,6 @@ def test_training_rows_do_not_drift_and_shifted_rows_do(trained_tabular):
 # ---------------------------------------------------------------------------------------------
 # a tiny CNN: intensity statistics and embedding components
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def trained_image(tmp_path_factory):
-    raw = image_params()
-    raw["preprocess"]["image_size"] = [32, 32]
-    raw["train"].update(epochs=1, batch_size=16)
-    layout, params = processed_workspace(tmp_path_factory, raw, nights=3)
-    return layout, params, train.run(params, layout)
 
 
 @pytest.mark.slow

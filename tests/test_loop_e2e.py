@@ -10,17 +10,16 @@ import httpx
 import pandas as pd
 import pytest
 
-from conftest import free_port, load, make_workspace
+from conftest import free_port, load, make_workspace, passing_params
 from pipelines.data import manifest
 from pipelines.ops.versioning import git
 from test_feedback_merge import collect_rows
-from test_flow_retrain import passing_params, prefect_server  # noqa: F401 - the module's Prefect fixture
 from test_serving import bearer, start_service, stop
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_the_loop_round_trip(tmp_path, prefect_server, monkeypatch):  # noqa: F811
+def test_the_loop_round_trip(tmp_path, prefect_server, monkeypatch):
     from flows.retrain import retrain
     from pipelines.registry.lineage import version_lineage
     from serving.auth import add_token

@@ -10,16 +10,13 @@ import shutil
 import pytest
 import yaml
 
-from conftest import SALT, load, make_workspace
+from conftest import SALT, load, make_workspace, passing_params
 from pipelines.ops.versioning import commit, git
-from test_flow_retrain import passing_params
 
 
 @pytest.fixture(scope="module")
-def versions(tmp_path_factory):
+def versions(tmp_path_factory, prefect_server):
     """A workspace where the flow registered versions 1 and 2 (and ran a third night)."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.retrain import retrain
 
     previous_salt = os.environ.get("MEDLOOP_DEID_SALT")
@@ -29,8 +26,7 @@ def versions(tmp_path_factory):
     params["source"]["nights"] = 3
     params["promote"]["non_inferiority_margin"] = 1.0  # every passing night becomes a version
     layout = make_workspace(tmp_path, params)
-    with prefect_test_harness(server_startup_timeout=120):
-        outcomes = [retrain(str(layout.params_file)) for _ in range(3)]
+    outcomes = [retrain(str(layout.params_file)) for _ in range(3)]
     assert [o["outcome"] for o in outcomes[:2]] == ["promoted", "promoted"], [o.get("promotion") for o in outcomes]
     yield {"layout": layout, "remote": tmp_path / "ws-remote", "tmp": tmp_path, "outcomes": outcomes}
     if previous_salt is None:

@@ -12,8 +12,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from conftest import ROOT, free_port, load, make_workspace
-from test_flow_retrain import passing_params, registry
+from conftest import ROOT, free_port, load, make_workspace, passing_params, registry
 from tests_support import daily_cron_away_from_now
 
 RUN_SECONDS = 600
@@ -36,14 +35,24 @@ def prefect_api(tmp_path_factory):
     stop_server(server)
 
 
-@pytest.mark.slow
-@pytest.mark.integration
-def test_schedule_worker_and_a_backlog_of_due_runs(tmp_path, prefect_api, monkeypatch):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.objects import StateType
+@pytest.fixture
+def on_prefect_api(prefect_api, monkeypatch):
+    """This test's child processes and its own Prefect client talk to the real server (the
+    session's test harness, when a flow test started it, is set aside meanwhile)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api["url"])
     monkeypatch.setenv("PREFECT_HOME", prefect_api["home"])
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api["url"], PREFECT_HOME: prefect_api["home"]}):
+        yield prefect_api
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_schedule_worker_and_a_backlog_of_due_runs(tmp_path, on_prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
     params = passing_params()
     # Schedules far from the test's own clock: no scheduled nightly run or policy check falls due
     # (and races the three runs below for the worker) while the test runs, at any hour.
@@ -142,7 +151,7 @@ def test_prefect_yaml_declares_the_nightly_and_the_policy_deployments():
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_the_policy_flow_starts_the_retrain_deployment_with_its_reason(tmp_path, prefect_api, monkeypatch):
+def test_the_policy_flow_starts_the_retrain_deployment_with_its_reason(tmp_path, on_prefect_api):
     import json
 
     from prefect.client.orchestration import get_client
@@ -151,8 +160,6 @@ def test_the_policy_flow_starts_the_retrain_deployment_with_its_reason(tmp_path,
     from pipelines.monitoring import policy
     from test_policy import _confirm, _workspace
 
-    monkeypatch.setenv("PREFECT_API_URL", prefect_api["url"])
-    monkeypatch.setenv("PREFECT_HOME", prefect_api["home"])
     # The nightly run is due about 12 h after the test's clock, well outside the 6 h cooldown, so the
     # policy's "nightly run due soon" rule holds nothing back at any hour of the day.
     nightly_cron = daily_cron_away_from_now()[0]

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import yaml
 
-from conftest import SALT, free_port, in_range_instance, load, make_workspace
-from pipelines import collect, promote
+from conftest import SALT, copy_world, free_port, in_range_instance, load
+from pipelines import promote
 from pipelines.ops.versioning import repro
 from tests_support import fresh_postgres_database
 
@@ -41,23 +41,6 @@ def start_service(layout, store_url: str | None = None, port: int | None = None)
             pass
         assert time.monotonic() < deadline, "the service did not become ready"
         time.sleep(0.5)
-
-
-def tiny_cnn_workspace(tmp_path):
-    """A workspace whose champion is a 2-epoch CNN on two tiny synthetic nights:
-    (params dict, layout, promotion result)."""
-    from conftest import image_params
-
-    params = image_params()
-    params["train"]["epochs"] = 2
-    layout = make_workspace(tmp_path, params)
-    for _night in range(2):
-        collect.run(load(layout), layout)
-    assert repro(layout, "evaluate")
-    result = promote.run(load(layout), layout, actor="test")
-    if not result.passed:  # a 2-epoch CNN on 48 tiny images: register it by override for the test
-        result = promote.override(load(layout), layout, result.run_id, "test: serve a tiny CNN", actor="test")
-    return params, layout, result
 
 
 def stop(process) -> None:
@@ -108,9 +91,13 @@ def test_predict_feedback_adjudication_and_reload(served_workspace):
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["version"] == "1" and len(body["predictions"]) == 3
+        positive, negative = load(layout).model.positive_class, load(layout).model.classes[0]
+        assert negative != positive
         for prediction in body["predictions"]:
             assert abs(sum(prediction["probabilities"].values()) - 1) < 1e-5
-            assert prediction["decision"] in ("benign", "malignant") or prediction["decision"] in prediction["probabilities"]
+            # The decision is the positive class at or above the operating threshold, else the other.
+            at_threshold = prediction["probabilities"][positive] >= body["operating_threshold"]
+            assert prediction["decision"] == (positive if at_threshold else negative), (prediction, body["operating_threshold"])
             uuid.UUID(prediction["prediction_id"])
         first, second = (p["prediction_id"] for p in body["predictions"][:2])
 
@@ -268,7 +255,7 @@ def store_url_postgresql():
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_images_are_de_identified_on_arrival_and_scored(tmp_path):
+def test_images_are_de_identified_on_arrival_and_scored(tiny_cnn_champion, tmp_path):
     """A DICOM upload with a full fake patient header, and a JSON batch of a JPEG and a PNG:
     scored by a registered CNN, and no planted identifier reaches the store."""
     import base64
@@ -278,9 +265,11 @@ def test_images_are_de_identified_on_arrival_and_scored(tmp_path):
 
     from pipelines.config import SyntheticCxrSource
     from pipelines.data.sources.synthetic_cxr import SyntheticCxrSourceReader
+    from pipelines.workspace import Layout
     from serving.auth import add_token
 
-    params, layout, result = tiny_cnn_workspace(tmp_path)
+    params, version = tiny_cnn_champion["params"], tiny_cnn_champion["version"]
+    layout = Layout.at(copy_world(tiny_cnn_champion["folder"], tmp_path / "world") / "ws")
     token = add_token(layout.root / ".medloop" / "tokens.json", "dr-x", "clinician")
 
     source = SyntheticCxrSourceReader(SyntheticCxrSource(**params["source"]))
@@ -299,7 +288,8 @@ def test_images_are_de_identified_on_arrival_and_scored(tmp_path):
         assert one.status_code == 200, one.text
         [answer] = one.json()["predictions"]
         assert set(answer["probabilities"]) == {"NORMAL", "PNEUMONIA"}
-        assert answer["decision"] in ("NORMAL", "PNEUMONIA") and one.json()["version"] == result.version
+        at_threshold = answer["probabilities"]["PNEUMONIA"] >= one.json()["operating_threshold"]
+        assert answer["decision"] == ("PNEUMONIA" if at_threshold else "NORMAL") and one.json()["version"] == version
         batch = httpx.post(base + "/predict", headers=headers, timeout=60, json={
             "images": [base64.b64encode(jpeg).decode(), base64.b64encode(png.getvalue()).decode()]})
         assert batch.status_code == 200 and len(batch.json()["predictions"]) == 2
@@ -334,9 +324,9 @@ def test_images_are_de_identified_on_arrival_and_scored(tmp_path):
     from pipelines.monitoring import drift
     from pipelines.monitoring.reference import load_reference
 
-    reference = load_reference(layout.state / "serving" / load(layout).model.name / f"v{result.version}" / "model")
+    reference = load_reference(layout.state / "serving" / load(layout).model.name / f"v{version}" / "model")
     report = drift.report_from_store(load(layout), reference, f"sqlite:///{layout.root / '.medloop' / 'feedback.db'}",
-                                     result.version)
+                                     version)
     assert report.inputs == 3 and not report.judged  # three inputs: too few to judge
     assert {s.name for s in report.statistics} >= {"intensity_mean", "embedding_pc1"}
     database = (layout.root / ".medloop" / "feedback.db").read_bytes()

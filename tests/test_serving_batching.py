@@ -20,8 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import SALT, load, serving_settings
-from test_serving import bearer, instance, start_service, stop, tiny_cnn_workspace
+from conftest import SALT, copy_world, load, serving_settings
+from test_serving import bearer, instance, start_service, stop
 from tests_support import pydicom_test_file
 
 SAME = 1e-4  # see the module docstring
@@ -198,26 +198,20 @@ def test_batched_scaling_and_scoring_equal_the_pyfunc(served_workspace):
 
 
 @pytest.fixture(scope="module")
-def image_workspace(tmp_path_factory):
-    """A workspace whose champion is a 2-epoch CNN on 48 synthetic radiographs (64x64), a
-    clinician's token, and unseen studies of a later night (DICOM and JPEG files)."""
-    import os
-
+def image_workspace(tiny_cnn_champion, tmp_path_factory):
+    """A copy of the session's tiny CNN world (a 2-epoch CNN on 48 synthetic radiographs, 64x64),
+    a clinician's token, and unseen studies of a later night (DICOM and JPEG files)."""
     from pipelines.config import SyntheticCxrSource
     from pipelines.data.sources.synthetic_cxr import SyntheticCxrSourceReader
+    from pipelines.workspace import Layout
     from serving.auth import add_token
 
-    previous = os.environ.get("MEDLOOP_DEID_SALT")
-    os.environ["MEDLOOP_DEID_SALT"] = SALT
     tmp_path = tmp_path_factory.mktemp("serving-images")
-    params, layout, result = tiny_cnn_workspace(tmp_path)
+    layout = Layout.at(copy_world(tiny_cnn_champion["folder"], tmp_path / "world") / "ws")
     token = add_token(layout.root / ".medloop" / "tokens.json", "dr-x", "clinician")
-    files = [item.read() for item in SyntheticCxrSourceReader(SyntheticCxrSource(**params["source"])).night_items(3)]
-    yield {"layout": layout, "token": token, "version": result.version, "files": files[:12]}
-    if previous is None:
-        os.environ.pop("MEDLOOP_DEID_SALT", None)
-    else:
-        os.environ["MEDLOOP_DEID_SALT"] = previous
+    source = SyntheticCxrSource(**tiny_cnn_champion["params"]["source"])
+    files = [item.read() for item in SyntheticCxrSourceReader(source).night_items(3)]
+    return {"layout": layout, "token": token, "version": tiny_cnn_champion["version"], "files": files[:12]}
 
 
 def content_type(data: bytes) -> str:

@@ -16,25 +16,23 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import SALT, load, make_workspace
-from pipelines import collect, promote
+from conftest import SALT, copy_world, load
+from pipelines import promote
 from pipelines.ops.versioning import repro
-from test_flow_retrain import passing_params
 from test_serving import bearer, instance, start_service, stop
 
 
 @pytest.fixture(scope="module")
-def shadow_workspace(tmp_path_factory):
-    """v1 champion; a refused run (the candidate), then registered as v2 and rolled back."""
+def shadow_workspace(tabular_champion, tmp_path_factory):
+    """v1 champion (a copy of the session's tabular champion); a refused run (the candidate),
+    then registered as v2 and rolled back."""
+    from pipelines.workspace import Layout
     from serving.auth import add_token
 
     previous = os.environ.get("MEDLOOP_DEID_SALT")
     os.environ["MEDLOOP_DEID_SALT"] = SALT
     tmp_path = tmp_path_factory.mktemp("shadow")
-    layout = make_workspace(tmp_path, passing_params())
-    collect.run(load(layout), layout)
-    assert repro(layout, "evaluate")
-    assert promote.run(load(layout), layout, actor="test").version == "1"
+    layout = Layout.at(copy_world(tabular_champion, tmp_path / "world") / "ws")
 
     # A different model that a gate refuses: no model is perfectly calibrated (ECE 0).
     edited = yaml.safe_load(layout.params_file.read_text())

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SALT, image_params, load, make_workspace, tabular_params
-from pipelines import clean, collect, preprocess, train
+from conftest import copy_world, image_params, small_image_params, tabular_params
+from pipelines import train
 from pipelines.data import inputs
 from pipelines.model import architectures as models
 from pipelines.model.calibration import Calibrator
@@ -20,43 +20,10 @@ from pipelines.config import parse_params
 from pipelines.errors import MedloopError
 
 
-def processed_workspace(tmp_path_factory, raw: dict, nights: int):
-    """A workspace taken through collect, clean and preprocess, once per module."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MEDLOOP_DEID_SALT", SALT)
-        layout = make_workspace(tmp_path_factory.mktemp("train"), raw)
-        params = load(layout)
-        for _ in range(nights):
-            collect.run(params, layout)
-        clean.run(params, layout)
-        preprocess.run(params, layout)
-    return layout, params
-
-
-def small_image_params() -> dict:
-    raw = image_params()
-    raw["preprocess"]["image_size"] = [48, 48]
-    raw["train"].update(epochs=2, batch_size=16)
-    return raw
-
-
 @pytest.fixture(scope="module")
-def image_workspace(tmp_path_factory):
-    return processed_workspace(tmp_path_factory, small_image_params(), nights=3)
-
-
-@pytest.fixture(scope="module")
-def trained_image(image_workspace):
-    layout, params = image_workspace
-    return layout, params, train.run(params, layout)
-
-
-@pytest.fixture(scope="module")
-def trained_tabular(tmp_path_factory):
-    raw = tabular_params()
-    raw["train"].update(epochs=5)
-    layout, params = processed_workspace(tmp_path_factory, raw, nights=1)
-    return layout, params, train.run(params, layout)
+def image_workspace(trained_image):
+    """The processed workspace of the session's tiny CNN: (layout, params)."""
+    return trained_image[:2]
 
 
 def mlflow_client(layout, params):
@@ -145,9 +112,12 @@ def test_pyfunc_on_raw_images_equals_keras_on_preprocessed_pixels(trained_image)
 
 
 @pytest.mark.slow
-def test_same_data_and_params_give_the_same_weights(trained_image):
+def test_same_data_and_params_give_the_same_weights(trained_image, tmp_path):
+    from pipelines.workspace import Layout
+
     layout, params, first = trained_image
-    again = train.run(params, layout)
+    again_layout = Layout.at(copy_world(layout.root.parent, tmp_path / "world") / layout.root.name)
+    again = train.run(params, again_layout)
     assert again.weights_sha256 == first.weights_sha256
     assert again.run_id != first.run_id
 
