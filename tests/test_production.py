@@ -28,8 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import yaml
 
-from conftest import SALT, free_port, in_range_instance, load, make_workspace
-from conftest import passing_params
+from conftest import SALT, free_port, in_range_instance, load, make_workspace, passing_params
 from tests_support import breast_cancer_frame, daily_cron_away_from_now, fresh_postgres_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
