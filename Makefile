@@ -1,6 +1,6 @@
 # medloop — two commands set everything up on a fresh machine:
 #   make demo   creates .venv if missing, installs the pinned stack, runs the loop on the built-in data
-#   make test   the same install and the browser for the page tests, then the whole test suite (what CI runs)
+#   make test   the same install, the browser for the page tests and compose for the infra check, then the whole test suite (what CI runs)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,6 +13,9 @@ PIP_VERSION := 26.3
 # security build in its archive, so the pin below is tried first and the archive's current build
 # is taken (with a note) when that one is gone.
 CHROMIUM_VERSION ?= 156.0.8078.114-1~deb12u1
+# tests/test_infra.py checks infra/compose.yaml with `docker compose config`; where the docker
+# client has no compose plugin, Debian's docker-compose (v1) does the same check.
+DOCKER_COMPOSE_VERSION ?= 1.29.2-3
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -21,7 +24,7 @@ export DVC_NO_ANALYTICS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install browsers demo test test-fast bench clean-demo
+.PHONY: install browsers compose demo test test-fast bench clean-demo
 
 # The stamp is rebuilt whenever the pins or the project metadata change.
 $(BIN)/.medloop-installed: pyproject.toml constraints.txt
@@ -42,10 +45,17 @@ browsers:
 	      $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }; }; }
 	@/usr/bin/chromedriver --version
 
+# docker-compose for the compose check, when neither `docker compose` nor docker-compose is there.
+compose:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      docker-compose=$(DOCKER_COMPOSE_VERSION); }
+
 demo: install
 	$(BIN)/medloop demo --workspace $(WORKSPACE) --nights $(NIGHTS)
 
-test: install browsers
+test: install browsers compose
 	$(BIN)/python -m pytest -q --durations=30
 
 test-fast: install
