@@ -12,13 +12,13 @@ Prefect concurrency limit in infra/prefect.yaml).
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 
 from prefect import flow
 
 from pipelines.ops import runs
 from pipelines.config import load_params
 from pipelines.registry.lineage import git_tag_name
+from pipelines.values import now_iso
 from pipelines.workspace import Layout, exclusive, read_json
 from tasks import progress
 from tasks.data import DATA_STAGES, collect_task, stage_task
@@ -62,7 +62,7 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
     layout = Layout.at(workspace).require()
     params = load_params(layout.params_file)
     summary: dict = {"model": params.model.name, "workspace": workspace, "flow_run_id": str(flow_run.id or ""),
-                     "trigger": reason, "started_at": _now(), "seconds": {}}
+                     "trigger": reason, "started_at": now_iso(), "seconds": {}}
     with exclusive(layout):
         exported = feedback_export_task(workspace)
         summary["feedback_export"] = exported
@@ -84,9 +84,10 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
 
         summary["stages"] = {}
         for stage in (*DATA_STAGES, *MODEL_STAGES):
-            # schedule.train_work_pool: training runs as its own job (on a GPU node)
-            on_its_own = stage == "train" and params.schedule.train_work_pool
-            outcome = train_job_task(workspace) if on_its_own else stage_task(workspace, stage, summary["flow_run_id"])
+            if stage == "train" and params.schedule.train_work_pool:  # training as its own job (a GPU node)
+                outcome = train_job_task(workspace, summary["flow_run_id"])
+            else:
+                outcome = stage_task(workspace, stage, summary["flow_run_id"])
             summary["stages"][stage] = outcome["ran"]
             summary["seconds"][stage] = outcome["seconds"]
         summary["validation"] = read_json(layout.validation_json, "run validate")
@@ -129,11 +130,7 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
 
 def _finish(summary: dict, outcome: str, started: float) -> dict:
     summary["outcome"] = outcome
-    summary["finished_at"] = _now()
+    summary["finished_at"] = now_iso()
     summary["seconds"]["total"] = round(time.perf_counter() - started, 3)
     report_task(summary["workspace"], summary)
     return summary
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -18,6 +18,9 @@ FLOW_NAME = "train-stage"
 
 
 @flow(name=FLOW_NAME)
-def train_stage(params_file: str = "params.yaml") -> dict:
-    """``dvc repro train`` in the workspace of ``params_file``: ``ran`` and ``seconds``."""
-    return stage_task(workspace_of(params_file), "train")
+def train_stage(params_file: str = "params.yaml", flow_run_id: str = "") -> dict:
+    """``dvc repro train`` in the workspace of ``params_file``: ``ran`` and ``seconds``.
+
+    ``flow_run_id`` is the nightly retrain's flow run, which the training run's lineage names
+    (not this job's own flow run)."""
+    return stage_task(workspace_of(params_file), "train", flow_run_id or None)

@@ -33,6 +33,7 @@ import pandas as pd
 from pipelines.data import manifest
 from pipelines.config import DEFAULT_PARAMS_FILE, Params, load_params
 from pipelines.deid.keys import content_hash, keyed_hash, load_salt, pseudonym
+from pipelines.deid.files import EXTENSIONS, deidentify_image
 from pipelines.errors import DeidentificationError, MedloopError
 from pipelines.data.sources import open_source
 from pipelines.data.sources.base import ItemUnavailable, SourceState
@@ -44,7 +45,6 @@ from pipelines.workspace import Layout
 log = logging.getLogger("medloop.collect")
 
 STORED, REJECTED, DUPLICATE = "stored", "rejected", "duplicate"
-EXTENSIONS = {"dicom": "dcm", "jpeg": "jpg", "png": "png"}
 NIGHT_REF = re.compile(r"^night-(\d+)")
 
 
@@ -257,36 +257,6 @@ def _stored_row(plan: dict, outcome: dict, salt: bytes, images: Path, stored_has
         "status": STORED,
         "reason": "",
     }
-
-
-def deidentify_image(data: bytes, salt: bytes) -> tuple[str, bytes, dict]:
-    """One image file de-identified exactly as collect stores it (the prediction service uses it
-    on every upload).
-
-    Returns:
-        ``(format, de-identified bytes, metadata)``; for DICOM the metadata holds the pseudonymous
-        patient id, study year, sex, age band, view and site.
-
-    Raises:
-        DeidentificationError: empty, not PNG/JPEG/DICOM, or not provably free of identifiers.
-    """
-    from pipelines.deid.dicom import deidentify_dicom
-    from pipelines.deid.image_metadata import sniff_format, strip_jpeg_metadata, strip_png_metadata
-
-    file_format = sniff_format(data)
-    if not data:
-        raise DeidentificationError("zero-byte file")
-    if file_format == "dicom":
-        deid = deidentify_dicom(data, salt)
-        return file_format, deid.data, {
-            "patient_id": deid.patient_id, "study_year": deid.study_year, "sex": deid.sex,
-            "age_band": deid.age_band, "view": deid.view, "site": deid.site,
-        }
-    if file_format == "jpeg":
-        return file_format, strip_jpeg_metadata(data), {}
-    if file_format == "png":
-        return file_format, strip_png_metadata(data), {}
-    raise DeidentificationError(f"not an image (unrecognised format, starts with {data[:4]!r})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -443,7 +443,9 @@ class ComputeSpec(Strict):
 
     ``workers``: 1 works in this process (with its cores for large batches); more starts a Dask
     ``LocalCluster`` of that many worker processes for each stage.
-    ``scheduler``: a Dask scheduler's address (``tcp://host:8786``) to use its cluster instead.
+    ``scheduler``: a Dask scheduler's address to use its cluster instead: ``tls://host:8786``
+    (TLS settings from Dask's own config, ``DASK_DISTRIBUTED__COMM__TLS__*``), or ``tcp://`` on
+    this machine only, because collect sends images before de-identification and the salt.
     """
 
     workers: int = Field(ge=1)
@@ -452,8 +454,16 @@ class ComputeSpec(Strict):
     @field_validator("scheduler")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
-        if value is not None and "://" not in value:
-            raise ValueError(f"compute.scheduler {value!r} is not an address like tcp://host:8786")
+        if value is None:
+            return value
+        scheme, _, rest = value.partition("://")
+        if not rest:
+            raise ValueError(f"compute.scheduler {value!r} is not an address like tls://host:8786")
+        host = rest.rsplit(":", 1)[0].strip("[]") if ":" in rest else rest
+        if scheme == "tcp" and host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"compute.scheduler {value!r} is plain TCP to another host: the data stages send it "
+                             "images before de-identification and the salt; use tls://host:port with Dask's TLS "
+                             "settings (DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ...)")
         return value
 
 

@@ -256,6 +256,13 @@ def worker_cluster(spec: Any) -> tuple[list[str], int]:
                 f"TF_CONFIG is not a worker cluster ({exc}): it needs "
                 '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": N}}'
             ) from None
+        task_type = parsed["task"].get("type", "worker")
+        if task_type != "worker" or set(parsed["cluster"]) - {"worker"}:
+            # worker 0 is the chief here; a separate "chief" task would make two processes log and save
+            raise MedloopError(
+                f"TF_CONFIG names a {task_type!r} task or cluster roles {sorted(parsed['cluster'])}: medloop "
+                'trains on "worker" tasks only, worker 0 being the chief; list the chief first under "worker"'
+            )
     else:
         workers = list(spec.workers)
         raw_index = os.environ.get(WORKER_INDEX_VARIABLE, "0")

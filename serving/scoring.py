@@ -82,7 +82,7 @@ def prepare(served: Served, inputs: list[Any], params: Params, salt: bytes, inpu
 
     import pandas as pd
 
-    from pipelines.collect import EXTENSIONS, deidentify_image
+    from pipelines.deid.files import EXTENSIONS, deidentify_image
     from pipelines.deid.keys import content_hash, keyed_hash
     from pipelines.errors import DeidentificationError
     from pipelines.data.images import ImageProblem, dicom_header_refusal

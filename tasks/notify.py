@@ -13,6 +13,7 @@ from typing import Any
 
 from pipelines.config import load_params
 from pipelines.errors import mask_credentials
+from pipelines.values import now_iso
 from pipelines.workspace import Layout
 
 log = logging.getLogger("medloop.notify")
@@ -53,7 +54,7 @@ def on_retrain_failure(flow: Any, flow_run: Any, state: Any) -> None:
     from pipelines.ops import report, runs
 
     params_file = str((flow_run.parameters or {}).get("params_file", "params.yaml"))
-    reason = _reason(state)
+    reason = mask_credentials(_reason(state))  # a driver error may echo a connection URL
     title = f"medloop retrain run {flow_run.name} {state.name.lower()}"
     notify(params_file, title, reason)
     try:
@@ -62,7 +63,7 @@ def on_retrain_failure(flow: Any, flow_run: Any, state: Any) -> None:
         summary = {
             "model": params.model.name, "outcome": state.name.lower(), "reason": reason,
             "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name,
-            "finished_at": _now(),
+            "finished_at": now_iso(),
         }
         if getattr(flow_run, "start_time", None):  # a failed run started too: the cooldown counts it
             summary["started_at"] = flow_run.start_time.isoformat(timespec="seconds")
@@ -84,9 +85,3 @@ def _reason(state: Any) -> str:
     if isinstance(error, BaseException):
         return f"{type(error).__name__}: {error}"
     return state.message or "no reason recorded"
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -28,8 +28,9 @@ def train_job_variables(params: Params) -> dict:
 
 
 @task(name="train-job", task_run_name="train on {workspace}")
-def train_job_task(workspace: str) -> dict:
-    """Run the train stage as its own flow run on ``schedule.train_work_pool`` and wait for it.
+def train_job_task(workspace: str, flow_run_id: str | None = None) -> dict:
+    """Run the train stage as its own flow run on ``schedule.train_work_pool`` and wait for it;
+    ``flow_run_id`` (the nightly retrain's) goes into the training run's lineage.
 
     Returns:
         ``ran`` (True: the job ran ``dvc repro train``, which may have found nothing to do) and
@@ -45,7 +46,7 @@ def train_job_task(workspace: str) -> dict:
     name = f"{TRAIN_FLOW}/{train_deployment_name(params)}"
     progress.emit("train", "running")
     started = time.perf_counter()
-    flow_run = run_deployment(name=name, parameters={"params_file": str(layout.params_file)},
+    flow_run = run_deployment(name=name, parameters={"params_file": str(layout.params_file), "flow_run_id": flow_run_id or ""},
                               job_variables=train_job_variables(params), timeout=None)
     seconds = time.perf_counter() - started
     state = flow_run.state

@@ -178,8 +178,13 @@ def test_an_unreachable_scheduler_is_named(tmp_path):
 def test_compute_settings_are_checked():
     raw = image_params()
     raw["compute"]["scheduler"] = "10.0.0.5"
-    with pytest.raises(Exception, match="is not an address like tcp://host:8786"):
+    with pytest.raises(Exception, match="is not an address like tls://host:8786"):
         parse_params(raw)
+    raw["compute"]["scheduler"] = "tcp://10.0.0.5:8786"
+    with pytest.raises(Exception, match="is plain TCP to another host: .* images before de-identification"):
+        parse_params(raw)
+    raw["compute"]["scheduler"] = "tls://10.0.0.5:8786"
+    assert parse_params(raw).compute.scheduler == "tls://10.0.0.5:8786"
     raw = image_params()
     raw["compute"]["workers"] = 0
     with pytest.raises(Exception, match="compute.workers"):

@@ -277,7 +277,7 @@ def test_gradcam_heat_map_of_each_image_as_the_model_saw_it(image_workspace):
     import mlflow
     from PIL import Image
 
-    from pipelines.collect import deidentify_image
+    from pipelines.deid.files import deidentify_image
     from pipelines.model.gradcam import gradcam, overlay_png
     from pipelines.registry.tracking import configure
 

@@ -110,6 +110,11 @@ def test_a_multi_worker_cluster_is_named_or_refused(monkeypatch):
                                                 "task": {"type": "worker", "index": 2}}))
     assert train.worker_cluster(spec) == (["a:1", "b:1", "c:1"], 2)  # TF_CONFIG wins
 
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1"]},
+                                                "task": {"type": "chief", "index": 0}}))
+    with pytest.raises(MedloopError, match=r"names a 'chief' task or cluster roles \['chief', 'worker'\]"):
+        train.worker_cluster(spec)  # a chief and worker 0 would both log and save
+
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(MedloopError, match="TF_CONFIG is not a worker cluster"):
         train.worker_cluster(spec)

@@ -57,8 +57,7 @@ def test_the_gpu_request_reaches_the_job_manifest(tmp_path):
     import jsonschema
     from prefect.utilities.templating import apply_values
 
-    if not TEMPLATE.is_file():
-        pytest.skip("infra/k8s/work-pool-base-job-template.json comes with the production infra branch")
+    assert TEMPLATE.is_file(), "infra/k8s/ must ship the Prefect Kubernetes work pool's base job template"
     template = json.loads(TEMPLATE.read_text())
     schema = template["variables"]
     _, params = params_with(tmp_path, train_work_pool="gpu-pool", train_gpus=2)

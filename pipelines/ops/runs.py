@@ -106,14 +106,14 @@ def record(params: Params, layout: Layout, summary: dict[str, Any]) -> str:
     """Record a retrain run's summary as an MLflow run (tags for every decision, the summary as
     the artifact ``retrain/summary.json``) and in the ``runs.jsonl`` cache; the record's run id."""
     from pipelines.registry.client import connect
+    from pipelines.registry.tracking import data_hashes, new_experiment_location
     from pipelines.values import now_iso
-    from pipelines.registry.tracking import artifact_location, data_hashes
 
     client = connect(params, layout)
     name = records_experiment(params)
     experiment = client.get_experiment_by_name(name)
     experiment_id = (experiment.experiment_id if experiment is not None
-                     else client.create_experiment(name, artifact_location=artifact_location(params, layout)))
+                     else client.create_experiment(name, artifact_location=new_experiment_location(params, layout)))
     promotion = summary.get("promotion") or {}
     finished = summary.get("finished_at") or now_iso()
     started = summary.get("started_at") or finished
@@ -205,6 +205,9 @@ def _reader(params: Params, layout: Layout) -> "MlflowClient | None":
         return None  # and MLflow is not even imported
     import mlflow
 
+    from pipelines.secrets import export_file_secrets
+
+    export_file_secrets()  # MLFLOW_TRACKING_PASSWORD_FILE, as configure does
     mlflow.set_tracking_uri(uri)  # for the runs:/ artifact URIs too
     return mlflow.MlflowClient(uri)
 

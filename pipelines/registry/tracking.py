@@ -65,12 +65,18 @@ def configure(params: Params, layout: Layout) -> str:
     name = params.tracking.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        # A tracking server keeps artifacts where it is configured (proxied: --artifacts-destination);
-        # a local folder named here would put them on this machine, out of everyone else's reach.
-        served = tracking_uri(params, layout).startswith(("http://", "https://"))
-        location = params.tracking.artifact_root if "://" in params.tracking.artifact_root else None
-        return mlflow.create_experiment(name, artifact_location=location if served else artifact_location(params, layout))
+        return mlflow.create_experiment(name, artifact_location=new_experiment_location(params, layout))
     return experiment.experiment_id
+
+
+def new_experiment_location(params: Params, layout: Layout) -> str | None:
+    """Where a new experiment keeps its artifacts: the workspace's artifact root, except with a
+    tracking server, which keeps them where it is configured (proxied: --artifacts-destination)
+    unless params name a remote root; a local folder named there would put them on this
+    machine, out of everyone else's reach."""
+    if tracking_uri(params, layout).startswith(("http://", "https://")):
+        return params.tracking.artifact_root if "://" in params.tracking.artifact_root else None
+    return artifact_location(params, layout)
 
 
 def flow_run_env(flow_run_id: str | None) -> dict[str, str]:
