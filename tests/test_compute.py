@@ -165,12 +165,15 @@ def test_an_item_that_kills_every_worker_fails_the_stage_and_publishes_nothing(t
 
 
 def test_an_unreachable_scheduler_is_named(tmp_path):
+    import dask
+
     from conftest import free_port
 
     spec = parse_params(image_params()).compute.model_copy(
         update={"scheduler": f"tcp://127.0.0.1:{free_port()}"})
-    with pytest.raises(ComputeError, match=r"cannot reach the Dask scheduler tcp://127\.0\.0\.1:\d+ named by "
-                                           r"compute\.scheduler"):
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), \
+            pytest.raises(ComputeError, match=r"cannot reach the Dask scheduler tcp://127\.0\.0\.1:\d+ named by "
+                                              r"compute\.scheduler"):
         with item_map(spec, "clean"):
             pass
 

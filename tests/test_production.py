@@ -87,6 +87,10 @@ def world(tmp_path_factory):
                                     root / "weed.log", s3_url + "/healthz"))
         import boto3
 
+        # boto3's default session keeps the credentials it first found (an earlier test's): this
+        # world's clients, in this process, must read the keys set above.
+        boto3.DEFAULT_SESSION = None
+        stack.callback(setattr, boto3, "DEFAULT_SESSION", None)
         s3 = boto3.client("s3", endpoint_url=s3_url)
         for bucket in BUCKETS:
             s3.create_bucket(Bucket=bucket)

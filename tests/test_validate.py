@@ -38,7 +38,8 @@ def _common(validate_section: dict[str, Any]) -> dict[str, Any]:
         "deid": {"salt_env": "MEDLOOP_DEID_SALT"},
         "validate": validate_section,
         "storage": {"dvc_remote": "../remote"},
-        **{section: shipped[section] for section in ("train", "tracking", "evaluate", "promote", "schedule", "serving", "monitoring", "retrain_policy")},
+        **{section: shipped[section] for section in ("train", "tracking", "evaluate", "promote", "schedule", "serving", "monitoring", "retrain_policy",
+                                                  "compute")},
     }
 
 

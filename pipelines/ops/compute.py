@@ -12,7 +12,7 @@ and in which order, stays with the stage, so the outputs are byte-identical whic
   more than it saves; collect stays in this process).
 - ``workers: N`` (N > 1): a Dask ``LocalCluster`` of N worker processes, one thread each, made
   for the stage and closed after it.
-- ``scheduler: tcp://host:8786``: the Dask cluster behind that scheduler (its workers need
+- ``scheduler: tls://host:8786``: the Dask cluster behind that scheduler (its workers need
   medloop installed and the workspace's files at the same paths, e.g. a shared volume).
 
 A worker that dies is replaced and its items run again (Dask retries a task
@@ -129,11 +129,12 @@ def _describe(spec: Any) -> str:
 
 @contextmanager
 def _dask_client(spec: Any, stage: str) -> Iterator[Any]:
+    import dask
     from distributed import Client, LocalCluster
 
     if spec.scheduler:
-        try:
-            client = Client(spec.scheduler, timeout="30s")
+        try:  # Dask's own connect timeout (30 s unless DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT says)
+            client = Client(spec.scheduler, timeout=dask.config.get("distributed.comm.timeouts.connect"))
         except (OSError, TimeoutError) as exc:
             raise ComputeError(
                 f"{stage}: cannot reach the Dask scheduler {spec.scheduler} named by compute.scheduler "
