@@ -42,7 +42,8 @@ def serve_uis(layout: Layout, mlflow_port: int, prefect_port: int | None, consol
             "MLflow", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri(params, layout),
                        "--default-artifact-root", artifact_location(params, layout), "--host", "127.0.0.1",
                        "--port", str(mlflow_port), "--workers", "1"],
-            env, logs / "mlflow-ui.log", mlflow_url + "/health")))
+            # medloop runs no MLflow jobs (GenAI evaluation, trace rollups): no idle job-runner processes
+            {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, logs / "mlflow-ui.log", mlflow_url + "/health")))
         if prefect_port is not None:
             prefect_url = f"http://127.0.0.1:{prefect_port}"
             children.append(("Prefect", start_server("Prefect", prefect_server_command(prefect_port), env,

@@ -104,7 +104,8 @@ def world(tmp_path_factory):
         mlflow_url, prefect_url = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api"
         mlflow_env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
                       "MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret-0123456789",
-                      "MLFLOW_S3_UPLOAD_EXTRA_ARGS": json.dumps({"ServerSideEncryption": "AES256"})}
+                      "MLFLOW_S3_UPLOAD_EXTRA_ARGS": json.dumps({"ServerSideEncryption": "AES256"}),
+                      "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # as infra/: medloop runs no MLflow jobs
         mlflow_command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                           "--backend-store-uri", databases["mlflow"], "--artifacts-destination", "s3://mlflow/artifacts",
                           "--serve-artifacts", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"]
@@ -141,6 +142,11 @@ def world(tmp_path_factory):
             env.setenv("MLFLOW_TRACKING_PASSWORD", MEDLOOP_PASSWORD)
             env.setenv("PREFECT_API_URL", prefect_url)
             env.setenv("PREFECT_HOME", str(prefect_home))
+            # This process's own Prefect client too (the session's test harness, when a flow test
+            # started it, is set aside while this world lives).
+            from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: prefect_url, PREFECT_HOME: str(prefect_home)}))
 
             # The workspace: production endpoints, collect's source a prefix of the S3 bucket.
             params = passing_params()
