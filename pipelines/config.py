@@ -418,8 +418,9 @@ class TrainSpec(Strict):
     mixed_precision: Literal["auto", "on", "off"]
     deterministic: bool
     calibration: Literal["temperature", "platt", "isotonic", "none"]
-    distribution: Literal["none", "mirrored", "multi_worker"]
-    workers: list[str]
+    # Defaults: a workspace made before multi-worker training existed keeps its behaviour.
+    distribution: Literal["none", "mirrored", "multi_worker"] = "mirrored"
+    workers: list[str] = Field(default_factory=list)
 
     @field_validator("workers")
     @classmethod
@@ -448,8 +449,8 @@ class ComputeSpec(Strict):
     this machine only, because collect sends images before de-identification and the salt.
     """
 
-    workers: int = Field(ge=1)
-    scheduler: str | None
+    workers: int = Field(default=1, ge=1)
+    scheduler: str | None = None
 
     @field_validator("scheduler")
     @classmethod
@@ -554,8 +555,8 @@ class ScheduleSpec(Strict):
     work_pool: str = Field(min_length=1)
     deployment: str = Field(min_length=1)
     notify_url_env: str | None = None
-    train_work_pool: str | None
-    train_gpus: int = Field(ge=0)
+    train_work_pool: str | None = None  # default: train where the other stages run (as before)
+    train_gpus: int = Field(default=0, ge=0)
 
     @field_validator("cron")
     @classmethod
@@ -692,7 +693,7 @@ class Params(Strict):
     validate_: ValidateSpec = Field(alias="validate")
     preprocess: PreprocessSpec
     train: TrainSpec
-    compute: ComputeSpec
+    compute: ComputeSpec = Field(default_factory=ComputeSpec)  # older workspaces: serial, as before
     tracking: TrackingSpec
     evaluate: EvaluateSpec
     promote: PromoteSpec
