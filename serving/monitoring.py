@@ -6,6 +6,7 @@ reference (`pipelines.monitoring.drift`)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter, Depends
 
@@ -27,17 +28,18 @@ async def monitoring(_who: Caller = Depends(caller("review")), service: Service 
     shadows = await asyncio.to_thread(store.shadow_performance, name, positive)
     for version in report:
         version["shadow"] = [entry for entry in shadows if entry["served_version"] == version["version"]]
-    drift = await asyncio.to_thread(_drift, service.manager.current, params, service.store_url)
+    drift = await asyncio.to_thread(served_drift, service.manager.current, params, service.store_url)
     return {"model": name, "positive_class": positive, "versions": report, "shadow": service.shadow_status(),
-            "drift": drift}
+            "drift": drift.as_dict() if drift else None}
 
 
-def _drift(served: Served | None, params: Params, store_url: str) -> dict | None:
+def served_drift(served: Served | None, params: Params, store_url: str) -> Any:
     """The served version's input and prediction drift against the reference it carries
-    (`pipelines.monitoring.drift`); None when nothing is served or the version carries no reference."""
+    (a `pipelines.monitoring.drift` report; the API and the monitoring page show the same one);
+    None when nothing is served or the version carries no reference."""
     from pipelines.monitoring import drift
 
     reference = getattr(served.model.unwrap_python_model(), "drift_reference", None) if served else None
     if not reference:
         return None
-    return drift.report_from_store(params, reference, store_url, served.version).as_dict()
+    return drift.report_from_store(params, reference, store_url, served.version)

@@ -441,7 +441,8 @@ def monitoring_report(params: Params, layout: Layout, store: Any, manager: Any) 
     shadow candidate's figures beside each, the served version's drift per statistic, and what
     the retraining policy would decide now (checked, nothing started)."""
     from pipelines.model.metrics import wilson_interval
-    from pipelines.monitoring import drift, policy
+    from pipelines.monitoring import policy
+    from serving.monitoring import served_drift
     from pipelines.workspace import database_url
 
     name, positive = params.model.name, params.model.positive_class
@@ -459,10 +460,7 @@ def monitoring_report(params: Params, layout: Layout, store: Any, manager: Any) 
                              "specificity": f"{confusion['tn']}/{negatives}",
                              "agreement": f"{confusion['tp'] + confusion['tn']}/{version['confirmed']}"}
         version["shadow"] = [entry for entry in shadows if entry["served_version"] == version["version"]]
-    served = manager.current
-    reference = getattr(served.model.unwrap_python_model(), "drift_reference", None) if served else None
-    drift_report = (drift.report_from_store(params, reference, database_url(layout, params.serving.store_url),
-                                            served.version) if reference else None)
+    drift_report = served_drift(manager.current, params, database_url(layout, params.serving.store_url))
     decision = policy.decide(params, layout, drift=drift_report if params.retrain_policy.on_drift else None)
     shadow = manager.shadow.describe() if getattr(manager, "shadow", None) is not None else None
     return {"model": name, "positive_class": positive, "versions": versions, "shadow": shadow,
