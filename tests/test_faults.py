@@ -146,8 +146,9 @@ def wait_for_progress(tally: Tally, more: int, timeout: float = 60) -> None:
 
 def test_postgresql_restarted_under_feedback_load_loses_nothing(served_workspace):
     from fastapi.testclient import TestClient
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine, event, text
 
+    from pipelines.store.db import CONNECT_TIMEOUT_SECONDS, engine_for
     from serving.app import create_app
 
     layout, tokens = served_workspace["layout"], served_workspace["tokens"]
@@ -207,6 +208,13 @@ def test_postgresql_restarted_under_feedback_load_loses_nothing(served_workspace
                 for thread in threads:
                     thread.join(timeout=120)
             metrics = client.get("/metrics").text
+        connect_options: dict = {}
+        probe_engine = engine_for(postgres.url)  # as the service makes it: with a connect timeout
+        event.listen(probe_engine, "do_connect", lambda _d, _r, _a, options: connect_options.update(options))
+        with probe_engine.connect():
+            pass
+        probe_engine.dispose()
+        assert connect_options["connect_timeout"] == CONNECT_TIMEOUT_SECONDS
 
         engine = create_engine(postgres.url)
         try:

@@ -6,7 +6,8 @@
   upgrade to writing (the cause of "database is locked" under load), and foreign keys on. The
   database file is its owner's alone (0600: it holds clinicians' comments and who asked what),
   and so are its ``-wal`` and ``-shm`` files, which SQLite creates with the database file's mode.
-- PostgreSQL (production): by URL, with pre-ping so that a restarted server is reconnected.
+- PostgreSQL (production): by URL, with pre-ping so that a restarted server is reconnected, and a
+  connect timeout (5 s unless the URL sets ``connect_timeout``).
 
 A failure of the connection rather than of the statement (the server stopped, restarting, or out
 of reach) is retried by `retried`, with growing pauses, for as long as the caller allows; after
@@ -39,6 +40,7 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PRIVATE_FILE_MODE = 0o600
+CONNECT_TIMEOUT_SECONDS = 5  # PostgreSQL, unless the URL sets connect_timeout
 
 
 class StoreError(MedloopError):
@@ -59,11 +61,12 @@ class StoreUnavailable(StoreError):
 
 
 def unreachable(exc: BaseException) -> bool:
-    """True when ``exc`` is a failure of the connection, not of the statement: psycopg2 reports a
-    refused connection, a server shutting down or starting up and an administrator's shutdown as
-    OperationalError, a connection already closed as InterfaceError; SQLite's "database is
-    locked" after its busy timeout is an OperationalError too. SQLAlchemy marks a disconnect it
-    detected as ``connection_invalidated``."""
+    """True when ``exc`` says the database cannot take the work now, not that the statement is
+    wrong: psycopg2 reports a refused connection, a server shutting down or starting up and an
+    administrator's shutdown as OperationalError (a deadlock or a serialization failure too, which
+    PostgreSQL's advice is to try again), a connection already closed as InterfaceError; SQLite's
+    "database is locked" after its busy timeout is an OperationalError as well. SQLAlchemy marks a
+    disconnect it detected as ``connection_invalidated``."""
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
     return isinstance(exc, (OperationalError, InterfaceError)) or (
@@ -139,6 +142,10 @@ def engine_for(url: str, **options: Any) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
+    if make_url(url).get_backend_name() == "postgresql" and "connect_timeout" not in make_url(url).query:
+        # A server that is down on another host may drop the connection attempt silently: without a
+        # timeout each try would wait for TCP's (minutes), and no request would get its 503.
+        options.setdefault("connect_args", {}).setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
     return create_engine(url, pool_pre_ping=True, **options)
 
 
