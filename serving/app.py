@@ -136,16 +136,17 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
 def store_unavailable(request: Request, exc: Exception, retry_seconds: float) -> JSONResponse:
     """503 with Retry-After for a request the feedback store could not take (`StoreUnavailable`
     after its retries, or a connection failure anywhere else). The database's own words go to the
-    log (its URL's password masked), not to the client."""
+    log (the store logged its retries' end itself), not to the client."""
     from pipelines.errors import mask_credentials
 
-    log.warning("%s %s: the feedback store is not answering: %s", request.method, request.url.path,
-                mask_credentials(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+    if not isinstance(exc, StoreUnavailable):
+        log.warning("%s %s: the feedback store is not answering: %s", request.method, request.url.path,
+                    mask_credentials(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
     retry_after = min(30, max(1, math.ceil(retry_seconds)))
-    again = ("send it again with the same idempotency key: the feedback is stored exactly once"
-             if request.url.path == "/feedback" else "send it again")
+    again = (f"send it again after {retry_after} s with the same idempotency key: the feedback is stored exactly once"
+             if request.url.path == "/feedback" else f"send it again after {retry_after} s")
     return JSONResponse({"detail": f"the feedback store is not answering (it may be restarting), so this request "
-                                   f"was not completed; {again} after {retry_after} s"},
+                                   f"was not completed; {again}"},
                         status_code=503, headers={"Retry-After": str(retry_after)})
 
 
