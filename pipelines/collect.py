@@ -25,6 +25,7 @@ import logging
 import re
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from pipelines.data import manifest
 from pipelines.config import DEFAULT_PARAMS_FILE, Params, load_params
 from pipelines.deid.keys import content_hash, keyed_hash, load_salt, pseudonym
 from pipelines.deid.files import EXTENSIONS, deidentify_image
-from pipelines.errors import DeidentificationError, MedloopError
+from pipelines.errors import DeidentificationError, DiskFullError, MedloopError, is_disk_full, says_disk_full
 from pipelines.data.sources import open_source
 from pipelines.data.sources.base import ItemUnavailable, SourceState
 from pipelines.ops.compute import item_map
@@ -95,8 +96,8 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
     batch_id = manifest.new_batch_id()
     arrival = utc_now()
     staging = layout.tmp / batch_id
-    staging.mkdir(parents=True)
     try:
+        staging.mkdir(parents=True)
         seen = set(known["item_id"].dropna())
         if params.model.modality == "image":
             rows = _collect_images(source, state, salt, seen, staging, batch_id, params.compute)
@@ -119,14 +120,31 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
         manifest.write_batch(frame, staging)
         layout.batches.mkdir(parents=True, exist_ok=True)
         staging.rename(layout.batches / batch_id)  # publish: one atomic rename
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        log.warning("batch %s: the disk is full while staging it", batch_id, exc_info=True)
+        raise DiskFullError(_disk_full(layout, staging.parent, batch_id, "while writing the batch",
+                                       "Nothing was published")) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    record = layout.raw.with_name(layout.raw.name + ".dvc")
+    recorded = record.read_bytes() if record.exists() else None
+    started = time.time()
     try:
         dvc_file = track(layout, layout.raw)
-    except MedloopError:
-        # Unpublish: data/raw must match the version DVC last recorded.
+    except MedloopError as exc:
+        # Unpublish: data/raw and its record must be the version DVC last recorded. The batch goes
+        # first: on a full disk, that frees the space the record may need to be put back.
         shutil.rmtree(layout.batches / batch_id, ignore_errors=True)
-        raise
+        _put_back(record, recorded)
+        _drop_dvc_leftovers(layout, started)
+        if not says_disk_full(str(exc)):
+            raise
+        log.warning("batch %s: the disk is full while DVC records it: %s", batch_id, exc)
+        raise DiskFullError(_disk_full(layout, layout.root / ".dvc", batch_id,
+                                       "while `dvc add data/raw` copied the batch into the DVC cache",
+                                       "The batch was withdrawn")) from None
     result = CollectResult(
         batch_id=batch_id,
         stored=counts[STORED],
@@ -454,6 +472,48 @@ def _feedback_image(case: dict, export: Path, base: dict, salt: bytes, staging: 
 # ---------------------------------------------------------------------------------------------
 # shared helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _disk_full(layout: Layout, folder: Path, batch_id: str, when: str, outcome: str) -> str:
+    """The one paragraph a person reads when the disk filled up during collect."""
+    try:
+        free = f"{shutil.disk_usage(folder).free // 1024} KiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"collect: the disk holding {folder} is full (no space left on device; {free}) {when} "
+            f"(batch {batch_id}). {outcome}: {layout.raw} and its DVC record are as they were, and the "
+            "same items are collected again on the next run. Free space on that disk and run collect again.")
+
+
+def _put_back(path: Path, content: bytes | None) -> None:
+    """Give ``path`` its earlier content (None: it did not exist), if a failed command changed it;
+    written beside it and renamed over it, so it is never half-written."""
+    now = path.read_bytes() if path.exists() else None
+    if now == content:
+        return
+    if content is None:
+        path.unlink()
+        return
+    spare = path.with_name(path.name + ".restore")
+    spare.write_bytes(content)
+    spare.replace(path)
+
+
+def _drop_dvc_leftovers(layout: Layout, since: float) -> None:
+    """Remove the half-copied files a failed ``dvc add`` left in the workspace's DVC cache.
+
+    DVC copies each file into its cache as ``.<random>.tmp`` and renames it to its hash when the
+    copy is whole; a copy cut short (a full disk) stays behind under its temporary name, never an
+    object, only taking space. Those written since ``since`` are this run's own: DVC holds the
+    workspace's lock while it adds.
+    """
+    cache = layout.root / ".dvc" / "cache"
+    for leftover in cache.glob("files/md5/*/.*.tmp"):
+        try:
+            if leftover.stat().st_mtime >= since - 1.0:  # the file clock may lag time.time() a tick
+                leftover.unlink()
+        except FileNotFoundError:
+            continue
 
 
 def _rejected(item_id: str, reason: str) -> dict:

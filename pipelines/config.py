@@ -620,6 +620,9 @@ class ServingSpec(Strict):
             long without a request; they sign in with their token again.
         tls: the certificate and key to serve HTTPS with; null serves plain HTTP (on 127.0.0.1,
             or behind a proxy that ends TLS).
+        store_retry_seconds: while the feedback store does not answer (a PostgreSQL restart),
+            storing a prediction or feedback is tried again for this long; after that the
+            request is answered 503 with Retry-After, and the client sends it again.
     """
 
     store_url: str
@@ -636,6 +639,7 @@ class ServingSpec(Strict):
     docs: bool = False
     session_idle_minutes: float = Field(default=30.0, gt=0.0, le=24 * 60)
     tls: TlsSpec | None = None
+    store_retry_seconds: float = Field(default=5.0, ge=0.0, le=60.0)
 
 
 class MonitoringSpec(Strict):

@@ -7,7 +7,8 @@ row, field or key and say what is wrong.
 
 from __future__ import annotations
 
-
+import errno
+import os
 import re
 
 _URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^@\s/]+@")
@@ -43,3 +44,24 @@ class DeidentificationError(MedloopError):
 
 class GateError(MedloopError):
     """A quality gate failed; the message lists what failed and where the report is."""
+
+
+class DiskFullError(MedloopError):
+    """A write failed because the disk (or the user's quota) is full. The message names the
+    folder and what was kept: a stage that raises it has left nothing half-written."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# How a tool run as a subprocess (DVC, git, SQLite inside DVC) says it: the C library's words for
+# the two errnos, and SQLite's own ("database or disk is full").
+DISK_FULL_WORDS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "database or disk is full")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an OSError of a full disk or quota (pyarrow's errors carry the errno too)."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def says_disk_full(text: str) -> bool:
+    """True when a tool's error output says the disk or quota is full."""
+    return any(words.lower() in text.lower() for words in DISK_FULL_WORDS)

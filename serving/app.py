@@ -21,12 +21,20 @@ type 415; malformed input 422 naming the field, with at most a short escaped exc
 sent; a field a body does not declare 422; a missing or unknown token 401; a role without the
 permission 403. ``/docs`` and ``/redoc`` are served only with ``serving.docs: true`` (their
 scripts come from a public CDN); ``/openapi.json`` always.
+
+While the feedback store does not answer (a PostgreSQL restart), storing a prediction or feedback
+is tried again for ``serving.store_retry_seconds``; after that, or when any other use of the
+store finds the database unreachable, the answer is 503 with Retry-After and a paragraph that
+says what to do, never a 500: the client sends the same request again (feedback with the same
+idempotency key, which stores it exactly once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -35,12 +43,16 @@ from typing import Callable, Union
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 
+from pipelines.store.db import StoreUnavailable
 from serving import admin, feedback, health, monitoring, pages, predict
 from serving.guards import RequestGuard, validation_problem
 from serving.model import ModelManager
 from serving.schemas import PROBLEMS
 from serving.service import Service
+
+log = logging.getLogger("medloop.serving")
 
 
 def clinicians_pages(service: Service) -> APIRouter:
@@ -97,6 +109,12 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
     # Innermost of the two: measure (below) counts what the guard refuses too.
     app.add_middleware(RequestGuard, max_request_bytes=params.serving.max_request_bytes)
 
+    @app.exception_handler(StoreUnavailable)
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def store_not_answering(request: Request, exc: Exception) -> JSONResponse:
+        return store_unavailable(request, exc, params.serving.store_retry_seconds)
+
     @app.exception_handler(RequestValidationError)
     async def refuse_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own answer repeats the whole input (a 60 MB comment came back in full).
@@ -113,6 +131,23 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
         return response
 
     return app
+
+
+def store_unavailable(request: Request, exc: Exception, retry_seconds: float) -> JSONResponse:
+    """503 with Retry-After for a request the feedback store could not take (`StoreUnavailable`
+    after its retries, or a connection failure anywhere else). The database's own words go to the
+    log (the store logged its retries' end itself), not to the client."""
+    from pipelines.errors import mask_credentials
+
+    if not isinstance(exc, StoreUnavailable):
+        log.warning("%s %s: the feedback store is not answering: %s", request.method, request.url.path,
+                    mask_credentials(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+    retry_after = min(30, max(1, math.ceil(retry_seconds)))
+    again = (f"send it again after {retry_after} s with the same idempotency key: the feedback is stored exactly once"
+             if request.url.path == "/feedback" else f"send it again after {retry_after} s")
+    return JSONResponse({"detail": f"the feedback store is not answering (it may be restarting), so this request "
+                                   f"was not completed; {again}"},
+                        status_code=503, headers={"Retry-After": str(retry_after)})
 
 
 async def _watch(manager: ModelManager, interval: float) -> None:

@@ -42,4 +42,5 @@ class Problem(BaseModel):
 PROBLEMS = {status: {"model": Problem, "description": description} for status, description in {
     401: "no token or an unknown token", 403: "the role may not do this", 404: "no such prediction or case",
     409: "conflicts with what is stored", 413: "request body or batch too large", 415: "content type not accepted",
-    422: "input refused: what is wrong and where"}.items()}
+    422: "input refused: what is wrong and where",
+    503: "the feedback store is not answering (a restart): send the request again after Retry-After seconds"}.items()}

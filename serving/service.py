@@ -40,6 +40,7 @@ class Figures:
     predictions_made: Any
     batch_inputs: Any
     unusable_outputs: Any
+    store_retries: Any
 
     @classmethod
     def create(cls) -> Figures:
@@ -59,6 +60,8 @@ class Figures:
                                    registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
             unusable_outputs=Counter("medloop_unusable_outputs_total", "model outputs that were not a finite "
                                      "probability (refused, never decided)", ["model", "version"], registry=registry),
+            store_retries=Counter("medloop_store_retries_total", "writes to the feedback store tried again because "
+                                  "the database did not answer (a restart)", registry=registry),
         )
 
 
@@ -109,12 +112,12 @@ class Service:
         spec = params.serving
         salt = load_salt(params.deid.salt_env)
         store_url = database_url(layout, spec.store_url)
-        store = FeedbackStore(store_url)
+        figures = Figures.create()
+        store = FeedbackStore(store_url, retry_seconds=spec.store_retry_seconds, on_retry=figures.store_retries.inc)
         tokens = TokenTable(_in_workspace(spec.tokens_file, layout))
         manager = ModelManager(params, layout)
         inputs_dir = layout.state / "serving" / "inputs"  # de-identified uploads, for the feedback export
         inputs_dir.mkdir(parents=True, exist_ok=True)
-        figures = Figures.create()
         # serving.batch_max_size 1 turns micro-batching off: each request is then scored on its own.
         batcher = (MicroBatcher(scoring.probabilities, spec.batch_max_size, spec.batch_max_wait_ms / 1000,
                                 figures.batch_inputs.observe) if spec.batch_max_size > 1 else None)

@@ -127,3 +127,114 @@ def self_signed_certificate(folder, host: str = "127.0.0.1", days: int = 30):
                                           serialization.NoEncryption()))
     os.chmod(keyfile, 0o600)
     return certfile, keyfile
+
+
+class PostgresServer:
+    """A PostgreSQL server of a test's own on 127.0.0.1, which the test may stop, start and
+    restart (the shared server at 127.0.0.1:5432 is not the test's to restart).
+
+    Made with the machine's ``initdb`` and ``pg_ctl`` (Debian's ``/usr/lib/postgresql/<n>/bin``, or
+    ``pg_ctl`` on PATH) in a fresh folder: trust authentication for the ``postgres`` role, TCP
+    only (no Unix socket), fsync off (the data only has to outlive a clean restart, not a power
+    cut; commits are still acknowledged only once PostgreSQL has them). PostgreSQL refuses to run
+    as root, so as root the server runs as the ``postgres`` user (``runuser``), in a folder it owns.
+    Use it through `own_postgres`.
+
+    Attributes:
+        url: the ``postgres`` database, as SQLAlchemy takes it.
+    """
+
+    def __init__(self, folder, bindir, port: int, as_user: list[str]):
+        from pathlib import Path
+
+        self.folder, self.bindir, self.port, self.as_user = Path(folder), Path(bindir), port, as_user
+        self.data = self.folder / "data"
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+
+    def _pg_ctl(self, *args: str) -> None:
+        import subprocess
+
+        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
+                   "-c fsync=off -c full_page_writes=off")
+        command = [*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "log"),
+                   "-w", "-t", "60", *args]
+        if args[-1] in ("start", "restart"):
+            command[-1:-1] = ["-o", options]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, f"pg_ctl {' '.join(args)}: {done.stdout}{done.stderr}"
+
+    def initialise(self) -> None:
+        import subprocess
+
+        done = subprocess.run([*self.as_user, str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust",
+                               "-U", "postgres", "-E", "UTF8", "--no-sync"], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, f"initdb: {done.stdout}{done.stderr}"
+
+    def start(self) -> None:
+        self._pg_ctl("start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: ``fast`` rolls back open transactions and ends every connection."""
+        self._pg_ctl("-m", mode, "stop")
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``: what an operator does to apply a setting or a minor upgrade."""
+        self._pg_ctl("-m", "fast", "restart")
+
+
+def postgres_bindir():
+    """The folder of ``initdb`` and ``pg_ctl``: the newest ``/usr/lib/postgresql/<n>/bin``, else
+    the one on PATH; None when PostgreSQL's server is not installed."""
+    import shutil
+    from pathlib import Path
+
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+                   key=lambda path: int(path.parent.parent.name) if path.parent.parent.name.isdigit() else 0)
+    if found:
+        return found[-1].parent
+    on_path = shutil.which("pg_ctl")
+    return Path(on_path).parent if on_path else None
+
+
+@contextlib.contextmanager
+def own_postgres():
+    """A running `PostgresServer` of the test's own, on a free port; stopped and removed
+    afterwards. Skips the test when PostgreSQL's server programs are not installed (the shared
+    server of the other tests comes from the same packages)."""
+    import os
+    import pwd
+    import shutil
+    import socket
+    import tempfile
+
+    import pytest
+
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed")
+    as_user: list[str] = []
+    # Not under pytest's tmp_path: its folders are 0700, and the server may run as another user.
+    folder = tempfile.mkdtemp(prefix="medloop-pg-")
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(folder)
+            pytest.skip("running as root without a `postgres` user to run PostgreSQL as")
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = PostgresServer(folder, bindir, port, as_user)
+    try:
+        server.initialise()
+        server.start()
+        yield server
+    finally:
+        try:
+            server.stop("immediate")
+        except AssertionError:
+            pass  # already stopped (or never started: initdb's message is the one that matters)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import exists, select
 from sqlalchemy.exc import IntegrityError
 
 from pipelines.errors import MedloopError
-from pipelines.store.db import engine_for, sessions, upgrade
+from pipelines.store.db import engine_for, retried, sessions, upgrade
 from pipelines.store.models import (Adjudication, AdjudicationResolution, CaseView, Deployment, Feedback,
                                     Prediction, ShadowPrediction)
 
@@ -51,11 +51,23 @@ class FeedbackResult:
     adjudication_id: int | None
 
 
-class FeedbackStore:
-    """The store at ``url`` (SQLite file or PostgreSQL), migrated to the newest schema on open."""
+RETRY_SECONDS = 5.0  # the default of serving.store_retry_seconds
 
-    def __init__(self, url: str, **engine_options: Any):
+
+class FeedbackStore:
+    """The store at ``url`` (SQLite file or PostgreSQL), migrated to the newest schema on open.
+
+    Storing a prediction and taking feedback outlive a database restart: while the database does
+    not answer they are tried again for up to ``retry_seconds`` (`pipelines.store.db.retried`),
+    then `pipelines.store.db.StoreUnavailable` is raised. Both are safe to repeat: feedback by
+    its idempotency key, a prediction by its id, chosen before the first try.
+    """
+
+    def __init__(self, url: str, *, retry_seconds: float = RETRY_SECONDS, on_retry: Callable[[], None] | None = None,
+                 **engine_options: Any):
         self.url = url
+        self.retry_seconds = retry_seconds
+        self.on_retry = on_retry
         self.engine = engine_for(url, **engine_options)
         self.revision = upgrade(self.engine)
         self.session = sessions(self.engine)
@@ -71,16 +83,26 @@ class FeedbackStore:
                           probabilities: dict[str, float], decision: str, operating_threshold: float,
                           requested_by: str, input_metadata: dict | None = None,
                           prediction_id: str | None = None) -> str:
-        """Store one prediction; its id (a new UUID unless given)."""
+        """Store one prediction; its id (a new UUID unless given).
+
+        Raises:
+            StoreUnavailable: the database did not answer for ``retry_seconds``.
+        """
         prediction_id = prediction_id or str(uuid.uuid4())
-        with self.session.begin() as session:
-            session.add(Prediction(
-                id=prediction_id, model_name=model_name, model_version=str(model_version),
-                input_sha256=input_sha256, modality=modality, input_metadata=input_metadata or {},
-                probabilities=probabilities, decision=decision, operating_threshold=operating_threshold,
-                requested_by=requested_by,
-            ))
-        return prediction_id
+
+        def store(attempt: int) -> str:
+            with self.session.begin() as session:
+                if attempt and session.get(Prediction, prediction_id) is not None:
+                    return prediction_id  # the earlier try committed before its connection dropped
+                session.add(Prediction(
+                    id=prediction_id, model_name=model_name, model_version=str(model_version),
+                    input_sha256=input_sha256, modality=modality, input_metadata=input_metadata or {},
+                    probabilities=probabilities, decision=decision, operating_threshold=operating_threshold,
+                    requested_by=requested_by,
+                ))
+            return prediction_id
+
+        return self._retried(store, "storing a prediction")
 
     def record_shadow_predictions(self, *, candidate: str, model_name: str, model_version: str | None,
                                   run_id: str | None, operating_threshold: float,
@@ -168,17 +190,29 @@ class FeedbackStore:
         returned. The same key with any field changed is refused, naming only the reviewer's own
         earlier row.
 
+        A post whose connection dropped is tried again with the same key while the database
+        does not answer (for up to ``retry_seconds``): if the first try had committed, the next
+        one finds its row and answers as a replay, so the feedback is stored once.
+
         Raises:
             NotFound: no such prediction.
             Conflict: the reviewer used the idempotency key for different feedback.
+            StoreUnavailable: the database did not answer for ``retry_seconds``.
         """
-        for _attempt in range(2):
-            try:
-                return self._add_feedback(prediction_id, label, reviewer_id, idempotency_key, comment)
-            except IntegrityError:
-                # Another writer stored the same key between our check and our insert.
-                continue
-        return self._add_feedback(prediction_id, label, reviewer_id, idempotency_key, comment)
+
+        def add(_attempt: int) -> FeedbackResult:
+            for _race in range(2):
+                try:
+                    return self._add_feedback(prediction_id, label, reviewer_id, idempotency_key, comment)
+                except IntegrityError:
+                    # Another writer stored the same key between our check and our insert.
+                    continue
+            return self._add_feedback(prediction_id, label, reviewer_id, idempotency_key, comment)
+
+        return self._retried(add, "storing feedback")
+
+    def _retried(self, operation: Callable[[int], Any], what: str) -> Any:
+        return retried(operation, seconds=self.retry_seconds, what=what, url=self.url, on_retry=self.on_retry)
 
     def _add_feedback(self, prediction_id: str, label: str, reviewer_id: str, idempotency_key: str,
                       comment: str | None) -> FeedbackResult:
