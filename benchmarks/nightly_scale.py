@@ -23,7 +23,7 @@ night is then recomputed in full: earlier nights' per-item results removed
 
 The images are small on purpose: synthetic ``--image-size`` px radiographs (default 64, the
 smallest clean accepts; 20% JPEG, the rest DICOM with fake identifiers), while preprocess writes
-the profile's 96x96 shards. Most of the setup is generating and de-identifying DICOM files
+the profile's shards (96x96). Most of the setup is generating and de-identifying DICOM files
 (about 8 ms each, against under 2 ms for a JPEG): ``--archive-jpeg-fraction 1`` makes the
 archive (not the nights) all JPEG, which builds it several times faster; a night on it does the
 same work (earlier images are reused from the cache, whatever their format). What grows with
@@ -62,6 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import BENCH_SALT  # noqa: E402 - benchmarks/common.py
+from pipelines.ops.compute import PARALLEL_FROM  # noqa: E402 - light: the standard library only
 
 DEFAULT_OUT = ROOT / "benchmarks" / "out" / "scale"
 MARKER = ".nightly_scale_out"  # a non-default --out is only wiped when it carries this marker
@@ -239,7 +240,8 @@ def print_nights(rows: list[dict], night_images: int, image_size: int) -> dict:
     def total(figures: dict, part: str = "total") -> float:
         return sum(figures[stage][part] for stage in figures)
 
-    print(f"\nA night of {night_images} new images (synthetic {image_size}x{image_size} radiographs, 96x96 "
+    height, width = yaml.safe_load((ROOT / "params.yaml").read_text())["preprocess"]["image_size"]
+    print(f"\nA night of {night_images} new images (synthetic {image_size}x{image_size} radiographs, {height}x{width} "
           "shards) on a growing archive, seconds,\nas the nightly flow runs each stage "
           "(collect in process with `dvc add data/raw`; then `dvc repro <stage>`):")
     header = f"{'archive':>8} | " + " | ".join(f"{s:>10}" for s in STAGES) + f" | {'data stages':>11}"
@@ -271,6 +273,8 @@ def print_nights(rows: list[dict], night_images: int, image_size: int) -> dict:
                                                 for s in DVC_STAGES)
                   + f"; clean + validate + preprocess {total(reused):.1f} | {total(full):.1f} "
                   f"(x{total(full) / total(reused):.2f})")
+            print(f"  (what reuse spares, decoding, converting and resizing each image, grows with its pixels: "
+                  f"small at {image_size} px, far larger on real radiographs)")
     return growth
 
 
@@ -288,7 +292,7 @@ def engine_throughput(items: int, workers: list[int], out: Path) -> dict:
     from pipelines.data import manifest
     from pipelines.data.sources import open_source
     from pipelines.deid.keys import load_salt
-    from pipelines.ops.compute import PARALLEL_FROM, ItemMap, item_map
+    from pipelines.ops.compute import ItemMap, item_map
 
     params = base_params(out / "engines", image_size=256, patients=max(1, items // 2), images=items, seed=9)
     layout = workspace(out / "engines", params)
@@ -322,9 +326,10 @@ def engine_throughput(items: int, workers: list[int], out: Path) -> dict:
     print(f"\nper-item work over {len(clean_jobs)} images: serial ...", flush=True)
     results["engines"]["serial"] = rate(ItemMap("serial"), 8)
     # compute.workers: 1 on this machine: a pool of its cores for batches of PARALLEL_FROM or more
-    with item_map(params.compute, "benchmark") as engine:
-        print(f"  {engine.description} ...", flush=True)
-        results["engines"][f"local pool, {os.cpu_count()} cores"] = rate(engine, PARALLEL_FROM)
+    with item_map(params.compute, "per-item work") as engine:
+        label = f"workers: 1, {engine.description.removeprefix('per-item work ')}"
+        print(f"  {label} ...", flush=True)
+        results["engines"][label] = rate(engine, PARALLEL_FROM)
     # Collect's jobs carry the images' bytes into the task graph, as collect on Dask does; Dask
     # warns about graphs over 10 MB, which says nothing the figures do not.
     warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
@@ -343,10 +348,11 @@ def print_engines(results: dict) -> None:
     serial = engines["serial"]
     print(f"\nPer-item work, items/s over {results['items']} synthetic 256x256 images "
           "(the pool's and clusters' start not counted), and each over serial:")
-    print(f"{'engine':>22} | " + " | ".join(f"{s:>17}" for s in ENGINE_STAGES))
+    print(f"{'engine':>28} | " + " | ".join(f"{s:>17}" for s in ENGINE_STAGES))
     for engine, figures in engines.items():
-        print(f"{engine:>22} | " + " | ".join(f"{figures[s]:8.1f} (x{figures[s] / serial[s]:5.2f})"
+        print(f"{engine:>28} | " + " | ".join(f"{figures[s]:8.1f} (x{figures[s] / serial[s]:5.2f})"
                                               for s in ENGINE_STAGES))
+    print("(with workers: 1, collect itself stays in this process: its pool figure is what a pool would give)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,6 +391,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      "measured on one archive stays in it")
     if not 0.0 <= args.archive_jpeg_fraction <= 1.0:
         parser.error("--archive-jpeg-fraction must be between 0 and 1")
+    if args.items < PARALLEL_FROM:
+        parser.error(f"--items must be at least {PARALLEL_FROM}: below that, workers: 1 uses no pool of cores")
     if args.image_size < 64:
         parser.error("--image-size must be at least 64 (clean quarantines smaller images)")
     if args.full_recompute_at is None:
