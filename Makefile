@@ -24,7 +24,7 @@ export DVC_NO_ANALYTICS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install browsers compose demo test test-fast bench clean-demo
+.PHONY: install gpu browsers compose demo test test-fast bench clean-demo
 
 # The stamp is rebuilt whenever the pins or the project metadata change.
 $(BIN)/.medloop-installed: pyproject.toml constraints.txt
@@ -34,6 +34,18 @@ $(BIN)/.medloop-installed: pyproject.toml constraints.txt
 	@touch $@
 
 install: $(BIN)/.medloop-installed
+
+# On a GPU machine: the CUDA build of the pinned TensorFlow in place of tensorflow-cpu, at the version
+# constraints.txt pins for tensorflow-cpu (read from there, so the two never differ). Both builds are
+# removed first (they install the same `tensorflow` package), so this can be run again after
+# `make install` has reinstalled tensorflow-cpu (which it does whenever the pins change).
+TENSORFLOW_VERSION = $(shell sed -n 's/^tensorflow[-_]cpu==//p' constraints.txt)
+gpu: install
+	@test -n "$(TENSORFLOW_VERSION)" || { echo "constraints.txt pins no tensorflow-cpu version"; exit 1; }
+	$(BIN)/python -m pip uninstall --quiet --disable-pip-version-check -y tensorflow-cpu tensorflow
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt "tensorflow[and-cuda]==$(TENSORFLOW_VERSION)"
+	$(BIN)/python -c "import tensorflow as tf; print('TensorFlow', tf.__version__, 'GPUs:', tf.config.list_physical_devices('GPU'))"
+	@echo "next: $(BIN)/python benchmarks/gpu_check.py (mixed precision against float32 on these GPUs)"
 
 # chromium and chromium-driver for the browser tests, when /usr/bin/chromedriver is missing (Debian/Ubuntu).
 browsers:

@@ -38,7 +38,7 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -191,11 +191,10 @@ class Device:
 def configure_device(params: Params) -> Device:
     """Seeds and op determinism, the mixed-precision policy and the distribution strategy.
 
-    Float16 compute is used only with a GPU: on a CPU it is slower and gains nothing, so
-    ``mixed_precision: on`` falls back to float32 there (and says so). ``train.distribution``
-    picks the strategy: ``mirrored`` uses every visible GPU through a ``MirroredStrategy`` (one
-    GPU included, so one code path serves one or many), ``none`` the default device, and
-    ``multi_worker`` a ``MultiWorkerMirroredStrategy`` over the processes of `worker_cluster`.
+    The precision and the strategy are `plan_device`'s decision for the visible GPUs: float16
+    compute only with a GPU; ``train.distribution`` ``mirrored`` uses every visible GPU through a
+    ``MirroredStrategy``, ``none`` the default device, and ``multi_worker`` a
+    ``MultiWorkerMirroredStrategy`` over the processes of `worker_cluster`.
     """
     import keras
     import tensorflow as tf
@@ -209,14 +208,13 @@ def configure_device(params: Params) -> Device:
         keras.utils.set_random_seed(spec.seed)
         tf.config.experimental.enable_op_determinism()
     gpus = tf.config.list_physical_devices("GPU")
-    mixed = bool(gpus) and spec.mixed_precision in ("auto", "on")
-    if spec.mixed_precision == "on" and not gpus:
-        log.warning("train.mixed_precision is on, but no GPU is visible: training in float32 "
-                    "(float16 on a CPU is slower and gains nothing)")
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    plan = plan_device(spec, gpus)
+    if plan.warning:
+        log.warning(plan.warning)
+    keras.mixed_precision.set_global_policy(plan.policy)
+    mixed = plan.policy == MIXED_POLICY
     if strategy is None:
-        strategy = (tf.distribute.MirroredStrategy() if gpus and spec.distribution == "mirrored"
-                    else tf.distribute.get_strategy())
+        strategy = tf.distribute.MirroredStrategy() if plan.strategy == MIRRORED else tf.distribute.get_strategy()
     facts = {
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
@@ -224,13 +222,63 @@ def configure_device(params: Params) -> Device:
         "gpu_count": len(gpus),
         "cpu_count": os.cpu_count() or 1,
         # (TensorFlow's class behind MultiWorkerMirroredStrategy is CollectiveAllReduceStrategy)
-        "strategy": "MultiWorkerMirroredStrategy" if spec.distribution == "multi_worker" else type(strategy).__name__,
+        "strategy": MULTI_WORKER if plan.strategy == MULTI_WORKER else type(strategy).__name__,
         "replicas": int(strategy.num_replicas_in_sync),
         "workers": workers,
         "mixed_precision": mixed,
         "deterministic": spec.deterministic,
     }
     return Device(strategy, mixed, facts, workers, index)
+
+
+MIXED_POLICY, FLOAT32_POLICY = "mixed_float16", "float32"
+MIRRORED, MULTI_WORKER, DEFAULT_DEVICE = "MirroredStrategy", "MultiWorkerMirroredStrategy", "default"
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What `configure_device` sets up for given settings and GPUs.
+
+    Attributes:
+        policy: the Keras dtype policy, ``mixed_float16`` (float16 compute, float32 weights and
+            output layer) or ``float32``.
+        strategy: ``MirroredStrategy`` (one replica per GPU of this host),
+            ``MultiWorkerMirroredStrategy`` (the workers of `worker_cluster`) or ``default`` (the
+            default device alone).
+        warning: what to tell the person when a setting cannot be honoured here, else None.
+    """
+
+    policy: str
+    strategy: str
+    warning: str | None = None
+
+
+def plan_device(spec: Any, gpus: Sequence[Any]) -> DevicePlan:
+    """The precision and strategy for ``train`` settings on a host with these GPUs.
+
+    A pure decision, apart from TensorFlow so it can be checked for any host: float16 compute
+    only with a GPU (``mixed_precision`` ``auto`` or ``on``; on a CPU float16 is slower and gains
+    nothing, so ``on`` falls back to float32 with a warning), and a ``MirroredStrategy`` when
+    ``distribution`` is ``mirrored`` and there is at least one GPU (one GPU included, so one code
+    path serves one or many).
+
+    Args:
+        spec: ``params.train``.
+        gpus: the visible GPUs (``tf.config.list_physical_devices("GPU")``); only their number
+            matters.
+    """
+    mixed = bool(gpus) and spec.mixed_precision in ("auto", "on")
+    warning = None
+    if spec.mixed_precision == "on" and not gpus:
+        warning = ("train.mixed_precision is on, but no GPU is visible: training in float32 "
+                   "(float16 on a CPU is slower and gains nothing)")
+    if spec.distribution == "multi_worker":
+        strategy = MULTI_WORKER
+    elif gpus and spec.distribution == "mirrored":
+        strategy = MIRRORED
+    else:
+        strategy = DEFAULT_DEVICE
+    return DevicePlan(MIXED_POLICY if mixed else FLOAT32_POLICY, strategy, warning)
 
 
 WORKER_INDEX_VARIABLE = "MEDLOOP_WORKER_INDEX"
