@@ -1,5 +1,5 @@
-"""The nightly retrain: feedback export -> collect -> clean -> validate -> preprocess -> train -> evaluate -> promote
--> deploy -> commit, tag and push -> report.
+"""The nightly retrain: feedback export -> collect -> clean -> validate -> preprocess -> train -> evaluate -> DVC
+push -> promote -> deploy -> commit and tag -> report.
 
 The DVC stages run as ``dvc repro <stage>`` so that DVC's own caching, lock file and lineage are in
 force: a stage whose deps and params did not change is skipped by DVC (changing only training
@@ -26,6 +26,7 @@ from tasks.notify import notify, on_retrain_failure
 from tasks.train_job import train_job_task
 from tasks.retrain import (
     MODEL_STAGES,
+    close_abandoned_task,
     commit_task,
     deploy_task,
     feedback_export_task,
@@ -64,6 +65,7 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
     summary: dict = {"model": params.model.name, "workspace": workspace, "flow_run_id": str(flow_run.id or ""),
                      "trigger": reason, "started_at": now_iso(), "seconds": {}}
     with exclusive(layout):
+        close_abandoned_task(workspace)  # a training killed on an earlier night left its MLflow run open
         exported = feedback_export_task(workspace)
         summary["feedback_export"] = exported
         summary["seconds"]["feedback"] = exported["seconds"]
@@ -74,10 +76,11 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
             for step in (*DATA_STAGES, *MODEL_STAGES, "promote", "deploy"):
                 progress.emit(step, "skipped")
             if exported["export_id"]:
-                # The feedback is versioned at once, even on a night with nothing to retrain.
+                # The feedback is versioned at once, even on a night with nothing to retrain: on
+                # the DVC remote first, so no commit names data the remote lacks.
+                push_seconds = push_task(workspace)
                 published = commit_task(workspace, runs.feedback_commit_message(exported), None)
-                if published["new_commit"]:
-                    published["push_seconds"] = push_task(workspace)
+                published["push_seconds"] = push_seconds
                 summary["publish"] = published
             progress.emit("publish", "done" if exported["export_id"] else "skipped")
             return _finish(summary, "nothing-changed", started)
@@ -94,6 +97,12 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
         metrics = read_json(layout.metrics_json, "run evaluate")
         summary["metrics"] = metrics.get("test", {})
 
+        # The night's data and model go to the DVC remote before anything is promoted: a
+        # champion's data is always on the remote, and a push that fails (retried first) fails
+        # the night with the registry and the champion untouched. The workspace's versions are
+        # what the commit below records, so every commit's data is on the remote, and a failed
+        # push leaves nothing committed for a later night to make up.
+        push_seconds = push_task(workspace)
         promotion = promote_task(workspace)
         summary["promotion"] = promotion
         summary["champion_metrics"] = promotion.get("champion_metrics")
@@ -109,11 +118,8 @@ def retrain(params_file: str = "params.yaml", reason: str = "nightly schedule") 
         outcome = runs.outcome(promotion)
         message = runs.commit_message(params.model.name, outcome, promotion, collected)
         published = commit_task(workspace, message, git_tag_name(params.model.name, version) if version else None)
-        publish_seconds = published["commit_seconds"]
-        # Pushed on every run that got this far (a no-op when the remote is complete), so a push
-        # that failed on an earlier night is made up for.
-        published["push_seconds"] = push_task(workspace)
-        publish_seconds += published["push_seconds"]
+        published["push_seconds"] = push_seconds
+        publish_seconds = published["commit_seconds"] + push_seconds
         if published["commit"] and promotion.get("run_id") and (published["new_commit"] or version):
             publish_seconds += record_commit_task(workspace, promotion["run_id"], version, published["commit"],
                                                   published["git_tag"], reason)

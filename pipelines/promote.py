@@ -42,6 +42,7 @@ from pipelines.registry.client import (append_history, champion as champion_of, 
                                        rescorer, version_of_run, version_with_alias)
 from pipelines.values import now_iso
 from pipelines.registry.gates import Decision, evaluate_gates
+from pipelines.registry.interrupted import answering
 from pipelines.registry.tags import (CHAMPION, CLASSES, DECISION, FROZEN_TEST_SET_SHA256, METRICS, MODALITY,
                                      OPERATING_THRESHOLD, OVERRIDDEN_AT, POSITIVE_CLASS, PREFIX, PREVIOUS_CHAMPION,
                                      PROMOTED_VERSION, PROMOTION_ACTOR, PROMOTION_AT, PROMOTION_PREFIX,
@@ -173,6 +174,13 @@ def run(
 
     champion = champion_of(client, name)
     registered = version_of_run(client, name, run_id)
+    if registered is not None and mlflow_run.data.tags.get(DECISION) is None:
+        # The decision is recorded on the run last: without it, a promotion of this run stopped
+        # half-way (the tracking server went away).
+        finished = _finish_interrupted(client, name, run_id, registered, champion)
+        if finished is not None:
+            return finished
+        registered = version_of_run(client, name, run_id)  # None unless it was registered by hand
     if registered is not None:
         # A retried task, or a night with nothing retrained: never register the same run twice.
         serving = champion is not None and str(champion.version) == registered
@@ -349,11 +357,14 @@ def judge_once(params: Params, layout: Layout, *, actor: str) -> dict[str, Any]:
         may have been rolled back since).
     """
     run_id = read_json(layout.train_json, "run the train stage before promoting", PromotionError).get("run_id")
-    earlier = earlier_decision(params, layout, run_id)
-    if earlier is not None:
-        return {**earlier, "action": "unchanged", "passed": False,
-                "reason": f"run {run_id} was already judged ({earlier['action']}) on {earlier.get('at')}"}
-    return run(params, layout, actor=actor, rescore=rescorer(params, layout)).as_dict()
+    with answering(params, layout, f"judging run {run_id} for promotion",
+                   "The champion is still a version whose promotion was complete; the next run of promote "
+                   "finishes or redoes what this one began."):
+        earlier = earlier_decision(params, layout, run_id)
+        if earlier is not None:
+            return {**earlier, "action": "unchanged", "passed": False,
+                    "reason": f"run {run_id} was already judged ({earlier['action']}) on {earlier.get('at')}"}
+        return run(params, layout, actor=actor, rescore=rescorer(params, layout)).as_dict()
 
 
 def default_actor() -> str:
@@ -441,14 +452,50 @@ def _register_and_crown(
     client.set_registered_model_alias(name, CHAMPION, version)
     append_history(client, name, {"version": version, "alias": CHAMPION, "action": action,
                                    "actor": actor, "reason": reason, "at": at, "replaced": former})
-    client.set_tag(run_id, DECISION, action)
+    _record_on_run(client, run_id, action, version, actor, at)
+    log.info("%s v%s is champion (%s by %s)", name, version, action, actor)
+    return PromotionResult(action, True, name, run_id, version, former, decision, actor, reason, at)
+
+
+def _finish_interrupted(client: "MlflowClient", name: str, run_id: str, version: str,
+                        champion) -> PromotionResult | None:
+    """A promotion of ``run_id`` that stopped after registering ``version`` (the tracking server
+    went away). Made champion already: the record is finished (history, the run's tags) and the
+    result is the promotion's. Not champion: the version was never served and its decision never
+    recorded, so it is deleted and None returned: the run is judged again, against the champion
+    of now. (A version registered by hand, without promote's tags, is left alone.)"""
+    if champion is None or str(champion.version) != version:
+        if client.get_model_version(name, version).tags.get(DECISION) is None:
+            return None
+        client.delete_model_version(name, version)
+        log.warning("%s v%s was registered from run %s by a promotion that stopped before making it champion; "
+                    "it was never served and is deleted, and the run is judged again", name, version, run_id)
+        return None
+    tags = champion.tags
+    action, actor = tags.get(DECISION, "promoted"), tags.get(PROMOTION_ACTOR, "medloop")
+    at, reason = tags.get(PROMOTION_AT) or now_iso(), tags.get(PROMOTION_REASON, "")
+    entries = client_history(client, name)
+    if entries and entries[-1].get("version") == version:
+        former = entries[-1].get("replaced")
+    else:
+        previous = version_with_alias(client, name, PREVIOUS_CHAMPION)
+        former = str(previous.version) if previous is not None and str(previous.version) != version else None
+        append_history(client, name, {"version": version, "alias": CHAMPION, "action": action, "actor": actor,
+                                       "reason": reason, "at": at, "replaced": former})
+    _record_on_run(client, run_id, action, version, actor, at)
+    log.warning("%s v%s was made champion by a promotion that stopped before recording it; the record is "
+                "finished", name, version)
+    return PromotionResult(action, True, name, run_id, version, former, None, actor, reason, at)
+
+
+def _record_on_run(client: "MlflowClient", run_id: str, action: str, version: str, actor: str, at: str) -> None:
+    """The decision on the run, written last: a run without it was never fully promoted."""
     client.set_tag(run_id, PROMOTED_VERSION, version)
     client.set_tag(run_id, PROMOTION_ACTOR, actor)
     client.set_tag(run_id, PROMOTION_AT, at)
     if action != "override":
         client.set_tag(run_id, VERDICTS, "[]")
-    log.info("%s v%s is champion (%s by %s)", name, version, action, actor)
-    return PromotionResult(action, True, name, run_id, version, former, decision, actor, reason, at)
+    client.set_tag(run_id, DECISION, action)
 
 
 def _version_tags(mlflow_run, metrics: dict, decision: Decision | None, action: str, actor: str,

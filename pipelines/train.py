@@ -46,6 +46,8 @@ import pandas as pd
 from pipelines.model import calibration
 from pipelines.data import inputs
 from pipelines.registry import tracking
+from pipelines.registry.interrupted import (answering, clear_training_run, close_abandoned_training_run,
+                                       mark_training_run)
 from pipelines.registry.tags import (ARCHITECTURE, CALIBRATION, DATA_PROCESSED, DEVICE_PREFIX, ENV_PREFIX, STAGE,
                                      WEIGHTS_SHA256)
 from pipelines.config import Params
@@ -73,7 +75,22 @@ class TrainResult:
 
 
 def run(params: Params, layout: Layout) -> TrainResult:
-    """Fit the model of ``params.train`` on ``data/processed`` and track it in MLflow."""
+    """Fit the model of ``params.train`` on ``data/processed`` and track it in MLflow.
+
+    An MLflow run that an earlier training left open (it was killed, or its tracking server went
+    away mid-upload) is ended first (`pipelines.registry.client.close_abandoned_training_run`).
+
+    Raises:
+        TrackingUnavailable: the tracking server did not answer; no model was registered and the
+            run this training opened is ended by the next one.
+    """
+    with answering(params, layout, "training",
+                   "No model was registered from it and the champion is unchanged; the next night trains again "
+                   "and ends the MLflow run this one left open."):
+        return _train(params, layout)
+
+
+def _train(params: Params, layout: Layout) -> TrainResult:
     import keras
     import mlflow
 
@@ -102,9 +119,11 @@ def run(params: Params, layout: Layout) -> TrainResult:
             return TrainResult("", params.train.architecture, weights_digest(model), fitted.best_epoch,
                                fitted.epochs_run, fitted.best_val_auroc, parameter_count(model), "")
 
+        close_abandoned_training_run(params, layout)
         experiment_id = tracking.configure(params, layout)
         run_name = f"{params.train.architecture}-{params.digest()[:8]}"
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as active:
+            mark_training_run(layout, active.info.run_id)
             environment = {ENV_PREFIX + key: value for key, value in tracking.environment_facts().items()}
             mlflow.set_tags({**tracking.lineage_tags(params, layout), **_device_tags(device.facts), **environment,
                              STAGE: "train", ARCHITECTURE: params.train.architecture})
@@ -138,6 +157,7 @@ def run(params: Params, layout: Layout) -> TrainResult:
             model_info = log_pyfunc(params, layout, _input_example(params, layout, summary), reference,
                                     calibrator)
             run_id = active.info.run_id
+        clear_training_run(layout)  # MLflow ended the run: nothing is left open
 
         record = {
             "run_id": run_id,

@@ -13,6 +13,7 @@ from pipelines.registry.tracking import flow_run_env
 from pipelines.ops.versioning import commit, repro
 from pipelines.workspace import Layout
 from tasks import progress
+from tasks.retries import retry_policy
 
 DATA_STAGES = ("clean", "validate", "preprocess")
 NETWORK_SOURCES = {"sql", "s3"}
@@ -40,7 +41,7 @@ def collect_task(workspace: str, night: int | None = None) -> dict:
     return {**result, "seconds": round(seconds, 3)}
 
 
-@task(name="collect-from-network", retries=3, retry_delay_seconds=[10, 60, 300])
+@task(name="collect-from-network", **retry_policy(3, 10, 60, 300))
 def collect_with_retries(workspace: str, night: int | None) -> dict:
     return collect_once.fn(workspace, night)
 

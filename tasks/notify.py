@@ -49,8 +49,9 @@ def notify(params_file: str, title: str, body: str, *, failure: bool = True) -> 
 
 
 def on_retrain_failure(flow: Any, flow_run: Any, state: Any) -> None:
-    """Prefect hook (failed or crashed retrain run): log the reason, notify, record it (an MLflow
-    record and the run log, `pipelines.ops.runs.record`) so ``medloop status`` shows it."""
+    """Prefect hook (failed or crashed retrain run): log the reason, notify, end the MLflow run of a
+    training that died (`pipelines.registry.interrupted.close_abandoned_training_run`), record it
+    (an MLflow record and the run log, `pipelines.ops.runs.record`) so ``medloop status`` shows it."""
     from pipelines.ops import report, runs
 
     params_file = str((flow_run.parameters or {}).get("params_file", "params.yaml"))
@@ -71,6 +72,9 @@ def on_retrain_failure(flow: Any, flow_run: Any, state: Any) -> None:
         log.error("could not record the failed run: %s", exc)
         return
     try:
+        from pipelines.registry.interrupted import close_abandoned_training_run
+
+        close_abandoned_training_run(params, layout)  # a killed training's MLflow run, ended now
         runs.record(params, layout, summary)
     except Exception as exc:  # noqa: BLE001 - MLflow may be what failed: the run log still says so
         log.error("could not record the failed run in MLflow: %s", exc)

@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 from pipelines.monitoring import policy
 from pipelines.config import load_params
 from pipelines.workspace import Layout
+from tasks.retries import retry_policy
 
 
 @task(name="check-policy")
@@ -27,7 +28,7 @@ def check_task(workspace: str, next_nightly: Any) -> policy.PolicyDecision:
     return decision
 
 
-@task(name="start-retrain", retries=2, retry_delay_seconds=10)
+@task(name="start-retrain", **retry_policy(2, 10))
 def start_retrain_task(workspace: str, reason: str) -> str:
     """Start a run of the workspace's retrain deployment now, with the reason as its parameter;
     returns the flow run id (the run itself is the worker's)."""

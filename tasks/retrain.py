@@ -23,9 +23,10 @@ from pipelines.registry.tracking import tracking_uri
 from pipelines.ops.versioning import commit, head_commit, push, tag
 from pipelines.workspace import Layout
 from tasks import progress
+from tasks.retries import retry_policy
 
 MODEL_STAGES = ("train", "evaluate")
-REGISTRY_RETRIES = {"retries": 3, "retry_delay_seconds": [5, 30, 120]}
+REGISTRY_RETRIES = retry_policy(3, 5, 30, 120)
 
 
 @task(name="feedback-export", **REGISTRY_RETRIES)
@@ -40,6 +41,24 @@ def feedback_export_task(workspace: str) -> dict[str, Any]:
     progress.emit("feedback", "done" if result["export_id"] else "skipped", stored=result["exported"])
     get_run_logger().info("feedback export: %s", result)
     return {**result, "seconds": round(time.perf_counter() - started, 3)}
+
+
+@task(name="close-abandoned-training")
+def close_abandoned_task(workspace: str) -> str | None:
+    """End the MLflow run of a training that died with it open (killed, or its tracking server gone
+    mid-upload): `pipelines.registry.interrupted.close_abandoned_training_run`. A tracking server
+    that does not answer is logged, not raised: the night goes on, and the next one tries again."""
+    from pipelines.registry.interrupted import TrackingUnavailable, close_abandoned_training_run
+
+    layout = Layout.at(workspace)
+    try:
+        closed = close_abandoned_training_run(load_params(layout.params_file), layout)
+    except TrackingUnavailable as exc:
+        get_run_logger().warning("%s", exc)
+        return None
+    if closed:
+        get_run_logger().warning("the MLflow run %s of a training that died is marked FAILED", closed)
+    return closed
 
 
 @task(name="plan")
@@ -93,7 +112,7 @@ def commit_task(workspace: str, message: str, git_tag: str | None) -> dict[str, 
             "commit_seconds": round(time.perf_counter() - started, 3)}
 
 
-@task(name="dvc-push", retries=3, retry_delay_seconds=[10, 60, 300])
+@task(name="dvc-push", **retry_policy(3, 10, 60, 300))
 def push_task(workspace: str) -> float:
     """Upload the data versions to the DVC remote; the wall time of the push."""
     started = time.perf_counter()

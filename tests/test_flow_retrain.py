@@ -217,3 +217,18 @@ def test_one_run_at_a_time_per_workspace(tmp_path):
                 pass
     with exclusive(layout):  # released when the holder is done
         pass
+
+
+def test_retry_delays_are_the_tasks_own_unless_the_environment_names_them(monkeypatch):
+    from tasks.retrain import promote_task, push_task
+    from tasks.retries import RETRY_DELAYS_ENV
+
+    monkeypatch.delenv(RETRY_DELAYS_ENV, raising=False)
+    assert (list(promote_task.retry_delay_seconds), list(push_task.retry_delay_seconds)) == ([5, 30, 120], [10, 60, 300])
+    monkeypatch.setenv(RETRY_DELAYS_ENV, "0.5,1")
+    delays = promote_task.retry_delay_seconds
+    assert [delays[min(retry, len(delays) - 1)] for retry in range(3)] == [0.5, 1.0, 1.0]  # as Prefect looks them up
+    assert promote_task.retries == 3  # the number of retries stays the task's own
+    monkeypatch.setenv(RETRY_DELAYS_ENV, "soon")
+    with pytest.raises(ValueError, match=r"MEDLOOP_RETRY_DELAYS='soon' is not a comma-separated list of seconds"):
+        len(promote_task.retry_delay_seconds)

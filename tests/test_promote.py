@@ -325,3 +325,45 @@ def test_history_survives_more_entries_than_one_tag_holds(workspace):
     assert all(len(value) <= 5000 for value in tags.values())
     assert int(tags[HISTORY_PAGES]) >= 2
     assert [e["version"] for e in promote.history(params, layout)] == [str(n) for n in range(60)]
+
+
+def test_a_promotion_the_tracking_server_cut_short_is_redone_or_finished_by_the_next(workspace):
+    """The registry states a promotion leaves when its tracking server goes away half-way (made
+    here with MLflow's own calls, in promote's order): a version registered but never made
+    champion is never served, so the next promote deletes it and judges the run again; a version
+    made champion whose decision never reached the run gets the rest of its record."""
+    import mlflow
+
+    from pipelines.registry.client import get_run, logged_model
+    from pipelines.registry.tags import CHAMPION, DECISION, PREVIOUS_CHAMPION
+
+    params, layout = workspace
+    name = params.model.name
+    candidate(params, layout)
+    assert promote.run(params, layout).version == "1"
+    client = mlflow.MlflowClient()
+
+    def register_as_promote_begins(run_id: str) -> str:
+        _, source = logged_model(client, get_run(client, run_id, params, layout))
+        return str(mlflow.register_model(source, name, tags={DECISION: "promoted"}).version)
+
+    # Cut after the version was registered, before any alias moved.
+    second_run = candidate(params, layout)
+    assert register_as_promote_begins(second_run) == "2"
+    redone = promote.run(params, layout)
+    assert (redone.action, redone.version, redone.previous_version) == ("promoted", "3", "1")
+    client, versions = registry(params)
+    assert versions == [1, 3] and aliases(client, params) == {CHAMPION: "3", PREVIOUS_CHAMPION: "1"}
+    assert client.get_run(second_run).data.tags[DECISION] == "promoted"
+
+    # Cut after the champion alias moved, before the history and the run's decision.
+    third_run = candidate(params, layout)
+    version = register_as_promote_begins(third_run)
+    client.set_registered_model_alias(name, PREVIOUS_CHAMPION, "3")
+    client.set_registered_model_alias(name, CHAMPION, version)
+    finished = promote.run(params, layout)
+    assert (finished.action, finished.passed, finished.version, finished.previous_version) == ("promoted", True, "4", "3")
+    assert registry(params)[1] == [1, 3, 4]
+    assert client.get_run(third_run).data.tags["medloop.promotion.version"] == "4"
+    assert [entry["version"] for entry in promote.history(params, layout)] == ["1", "3", "4"]
+    assert promote.run(params, layout).action == "unchanged"  # judged now: never again

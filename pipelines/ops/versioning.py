@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 from pipelines.config import StorageSpec
-from pipelines.errors import WorkspaceError
+from pipelines.errors import WorkspaceError, mask_credentials
 from pipelines.workspace import Layout
 
 REMOTE_NAME = "storage"
@@ -61,8 +62,23 @@ def configure_remote(layout: Layout, storage: StorageSpec) -> str:
 
 
 def push(layout: Layout, *targets: str) -> None:
-    """Upload tracked data to the default remote."""
-    dvc(layout, "push", "--quiet", *targets)
+    """Upload tracked data to the default remote.
+
+    Raises:
+        PushFailed: DVC could not upload it (the remote did not answer, refused, or is full); the
+            message names the remote and carries DVC's words.
+    """
+    done = dvc(layout, "push", *targets, check=False)  # not --quiet: it hides DVC's error too
+    if done.returncode != 0:
+        listed = dvc(layout, "remote", "list", check=False).stdout.split()
+        remote = listed[listed.index(REMOTE_NAME) + 1] if REMOTE_NAME in listed[:-1] else "(the default remote)"
+        output = f"{done.stderr}\n{done.stdout}"
+        errors = [line.removeprefix("ERROR: ").removeprefix("unexpected error - ")
+                  for line in output.splitlines() if line.startswith("ERROR: ")]
+        detail = "; ".join(errors) or output.strip()
+        raise PushFailed(mask_credentials(
+            f"the data could not be pushed to the DVC remote {remote}: {detail}\nIt stays in this workspace's DVC "
+            f"cache; `dvc push` in {layout.root} sends it once the remote answers."))
 
 
 def tool_env() -> dict[str, str]:
@@ -161,6 +177,10 @@ def head_commit(layout: Layout) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+class PushFailed(WorkspaceError):
+    """The DVC remote did not take the data."""
+
+
 class StageFailed(WorkspaceError):
     """A DVC stage's command exited with an error (a failed gate among them)."""
 
@@ -169,7 +189,23 @@ class StageFailed(WorkspaceError):
         super().__init__(f"stage {stage!r} failed; nothing downstream ran.\n{detail}")
 
 
+_KILLED = re.compile(r"exited with -(\d+)\s*$", re.MULTILINE)
+
+
+# Not the stage's own words: DVC's wrapper and skip lines, and TensorFlow's start-up chatter.
+_NOISE = re.compile(r"ERROR: failed to reproduce|Running stage|> python|.*didn't change, skipping$|.* is cached - skipping"
+                    r"|WARNING: All log messages before absl|[IWE]\d{4} \d\d:\d\d:\d\d")
+
+
 def _stage_message(output: str) -> str:
-    # Keep the stage's own words, not DVC's generic "failed to reproduce" wrapper lines.
-    lines = [line for line in output.splitlines() if not line.startswith(("ERROR: failed to reproduce", "Running stage", "> python"))]
+    lines = [line for line in output.splitlines() if not _NOISE.match(line)]
+    killed = _KILLED.search(output)
+    if killed:  # DVC's words for a stage process ended by a signal: say what that means
+        number = int(killed.group(1))
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        lines.append(f"Its process was killed by {name} (signal {number}): out of memory, or stopped by a person "
+                     "or the system. dvc.lock was not updated, so the next run starts the stage again.")
     return "\n".join(lines[-40:])

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pipelines.config import Params
 from pipelines.errors import MedloopError
 from pipelines.registry.tags import CHAMPION, HISTORY, HISTORY_PAGES
+from pipelines.registry.interrupted import no_answer
 from pipelines.registry.tracking import configure, display_uri
 from pipelines.workspace import Layout
 
@@ -97,7 +98,9 @@ def get_run(client: "MlflowClient", run_id: str, params: Params, layout: Layout,
 
     try:
         return client.get_run(run_id)
-    except MlflowException:
+    except MlflowException as exc:
+        if no_answer(exc):  # a server that is down has not lost the run
+            raise
         raise error(f"run {run_id} is not in the tracking store {display_uri(params, layout)}") from None
 
 
@@ -111,6 +114,10 @@ def logged_model(client: "MlflowClient", mlflow_run: "Run",
     for output in sorted(outputs, key=lambda o: o.step, reverse=True):
         logged = client.get_logged_model(output.model_id)
         if logged.name == MODEL_ARTIFACT:
+            if str(logged.status) in ("PENDING", "FAILED"):
+                # Its upload never finished: a version of it could lack artifacts.
+                raise error(f"run {run_id}'s logged model {logged.model_id} is {logged.status}: its upload did not "
+                            "finish, so it is not registered; re-run train")
             return logged.model_id, f"models:/{logged.model_id}"
     # A model saved among the run's own artifacts (MLflow 2 layout).
     if any(item.path.endswith("MLmodel") for item in client.list_artifacts(run_id, MODEL_ARTIFACT)):
