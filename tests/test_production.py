@@ -433,9 +433,11 @@ def tally(request):
     counts = {"injected": 0, "recovered": 0, "lost": 0}
     yield counts
     reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None and counts["injected"]:
-        reporter.write_line(f"\nfaults in a night: {counts['injected']} injected, {counts['recovered']} recovered, "
-                            f"{counts['lost']} lost")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if reporter is not None and capture is not None and counts["injected"]:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nfaults in a night: {counts['injected']} injected, {counts['recovered']} "
+                                f"recovered, {counts['lost']} lost")
 
 
 @pytest.fixture
@@ -529,6 +531,8 @@ def kill_training_at(epoch: int) -> Callable[[dict], None]:
     return listener
 
 
+# promote's task is run on its own (outside a flow), where Prefect's API log handler has no flow run
+@pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send logs to the API")
 def test_faults_in_the_middle_of_nights_leave_nothing_half_written(faulty, tally, tmp_path):
     """Four faults, one after another, each injected for real: the training process killed with
     SIGKILL mid-fit; the MLflow server killed as the model's upload begins; the S3 store killed as
@@ -583,6 +587,9 @@ def test_faults_in_the_middle_of_nights_leave_nothing_half_written(faulty, tally
     assert cut.is_failed()
     assert "stage 'train' failed" in cut.message and "did not answer while training" in cut.message, cut.message
     assert_one_paragraph(cut.message)
+    # Started again without botocore's retries inside the server: while S3 is down (part 3) the
+    # failed night's record fails at once instead of after the server's own backoff.
+    servers["mlflow"].env["AWS_MAX_ATTEMPTS"] = "1"
     servers["mlflow"].start()
     assert unchanged()
     abandoned = json.loads((layout.state / TRAINING_RUN_FILE).read_text())["run_id"]  # MLflow was down for the hook
