@@ -78,7 +78,7 @@ def run(params: Params, layout: Layout) -> TrainResult:
     """Fit the model of ``params.train`` on ``data/processed`` and track it in MLflow.
 
     An MLflow run that an earlier training left open (it was killed, or its tracking server went
-    away mid-upload) is ended first (`pipelines.registry.client.close_abandoned_training_run`).
+    away mid-upload) is ended first (`pipelines.registry.interrupted.close_abandoned_training_run`).
 
     Raises:
         TrackingUnavailable: the tracking server did not answer; no model was registered and the

@@ -34,7 +34,6 @@ class TrackingUnavailable(MedloopError):
     """The tracking server did not answer: stopped, unreachable, or gone in the middle of a request."""
 
 
-
 # MLflow's REST client words a request that got no answer (refused, reset, timed out, the server
 # gone mid-request) this way, after its own retries; an answer with an error status is worded otherwise.
 _NO_ANSWER = re.compile(r"API request to \S+ failed with (timeout )?exception")
