@@ -442,9 +442,9 @@ def tally(request):
 
 @pytest.fixture
 def faulty(world, monkeypatch):
-    """The world, with retries that wait a second instead of minutes (the same number of them), and
-    MLflow's client without its own minutes of retries on a server that is gone."""
-    monkeypatch.setenv("MEDLOOP_RETRY_DELAYS", "0.5")
+    """The world, with retries that do not wait minutes (the same number of them), and MLflow's
+    client without its own minutes of retries on a server that is gone."""
+    monkeypatch.setenv("MEDLOOP_RETRY_DELAYS", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries, in DVC's push
