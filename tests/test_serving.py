@@ -203,8 +203,8 @@ def test_predict_feedback_adjudication_and_reload(served_workspace):
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_fifty_clients_five_thousand_feedback_posts(served_workspace, backend, request):
-    """50 concurrent clients send 5,000 feedback posts, 10% of them repeating an earlier
+def test_fifty_clients_two_thousand_feedback_posts(served_workspace, backend, request):
+    """50 concurrent clients send 2,000 feedback posts, 10% of them repeating an earlier
     idempotency key: no request fails and exactly the unique ones are stored."""
     from pipelines.store.feedback import FeedbackStore
 
@@ -220,9 +220,9 @@ def test_fifty_clients_five_thousand_feedback_posts(served_workspace, backend, r
         predicted = httpx.post(base + "/predict", json={"instances": [instance(layout, s / 10) for s in range(50)]},
                                headers=bearer(tokens["clinician"]), timeout=60).json()["predictions"]
         ids = [p["prediction_id"] for p in predicted]
-        unique = 4500
+        unique = 1800
         posts = [(ids[n % 50], f"load-{n}") for n in range(unique)]
-        posts += [posts[n * 9] for n in range(500)]  # 10% of the posts repeat an earlier key
+        posts += [posts[n * 9] for n in range(200)]  # 10% of the posts repeat an earlier key
         label = load(layout).model.classes[1]
         statuses: list[int] = []
 
@@ -237,9 +237,9 @@ def test_fifty_clients_five_thousand_feedback_posts(served_workspace, backend, r
             await asyncio.gather(*(client(worker) for worker in range(50)))
 
         asyncio.run(run_all())
-        assert len(statuses) == 5000
+        assert len(statuses) == 2000
         assert set(statuses) <= {200, 201}, sorted(set(statuses))
-        assert statuses.count(201) == unique and statuses.count(200) == 500
+        assert statuses.count(201) == unique and statuses.count(200) == 200
     finally:
         stop(process)
     store = FeedbackStore(store_url)
