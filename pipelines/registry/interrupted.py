@@ -151,10 +151,13 @@ def close_abandoned_training_run(params: Params, layout: Layout) -> str | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs. A zombie does not: a killed training whose parent died
+    with it waits, unreaped, for an init that may never reap it (a container's PID 1)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
