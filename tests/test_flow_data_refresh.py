@@ -26,6 +26,11 @@ def test_nights_then_nothing_new(tmp_path, prefect_server):
     assert log[0] == f"data: batch {second['collect']['batch_id']}"
     assert log[1] == f"data: batch {first['collect']['batch_id']}"
     assert git(layout, "status", "--porcelain").stdout.strip() == ""
+    # Pushed before it was committed: every committed data version is on the remote.
+    from pipelines.ops.versioning import dvc
+
+    cloud = dvc(layout, "status", "--cloud", "--all-commits", "--json").stdout
+    assert cloud.strip() in ("", "{}"), cloud
 
 
 @pytest.mark.slow
