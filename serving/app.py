@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from pipelines.store.db import StoreUnavailable
 from serving import admin, feedback, health, monitoring, pages, predict
-from serving.guards import RequestGuard, validation_problem
+from serving.guards import RequestGuard, store_outage, validation_problem
 from serving.model import ModelManager
 from serving.schemas import PROBLEMS
 from serving.service import Service
@@ -134,15 +133,8 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
 
 
 def store_unavailable(request: Request, exc: Exception, retry_seconds: float) -> JSONResponse:
-    """503 with Retry-After for a request the feedback store could not take (`StoreUnavailable`
-    after its retries, or a connection failure anywhere else). The database's own words go to the
-    log (the store logged its retries' end itself), not to the client."""
-    from pipelines.errors import mask_credentials
-
-    if not isinstance(exc, StoreUnavailable):
-        log.warning("%s %s: the feedback store is not answering: %s", request.method, request.url.path,
-                    mask_credentials(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
-    retry_after = min(30, max(1, math.ceil(retry_seconds)))
+    """503 with Retry-After for a request the feedback store could not take (`serving.guards.store_outage`)."""
+    retry_after = store_outage(request.method, request.url.path, exc, retry_seconds)
     again = (f"send it again after {retry_after} s with the same idempotency key: the feedback is stored exactly once"
              if request.url.path == "/feedback" else f"send it again after {retry_after} s")
     return JSONResponse({"detail": f"the feedback store is not answering (it may be restarting), so this request "

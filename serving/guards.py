@@ -12,6 +12,9 @@
   the text. The parsed document rides along in the request scope (`parsed_json`), so an
   endpoint that reads its body by hand need not parse it twice.
 
+`store_outage` is what every route says when the feedback store is not answering (a restart):
+the Retry-After seconds, the database's own words to the log and never to the client.
+
 `validation_problem` turns FastAPI's request validation errors into one short paragraph that
 names each field and at most a short, escaped excerpt of what was sent (`excerpt`).
 """
@@ -19,6 +22,8 @@ names each field and at most a short, escaped excerpt of what was sent (`excerpt
 from __future__ import annotations
 
 import json
+import logging
+import math
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,6 +32,30 @@ MAX_JSON_DEPTH = 32  # the deepest request medloop takes is 3 ({"instances": [{.
 MAX_NUMBER_CHARS = 40  # digits, sign, point and exponent of one JSON number
 EXCERPT_CHARS = 40  # the most of a sent value an error answer repeats
 PARSED_JSON = "medloop.parsed_json"  # request scope key of the parsed body
+
+log = logging.getLogger("medloop.serving")
+
+
+def store_errors() -> tuple[type[BaseException], ...]:
+    """What the feedback store raises when its database is not answering: `StoreUnavailable`
+    after the store's own retries, or a connection failure outside them."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    from pipelines.store.db import StoreUnavailable
+
+    return StoreUnavailable, OperationalError, InterfaceError
+
+
+def store_outage(method: str, path: str, exc: BaseException, retry_seconds: float) -> int:
+    """Log a request the feedback store could not take (masked, one line; the store logged the end
+    of its own retries itself) and return the Retry-After seconds to answer it with."""
+    from pipelines.errors import mask_credentials
+    from pipelines.store.db import StoreUnavailable
+
+    if not isinstance(exc, StoreUnavailable):
+        log.warning("%s %s: the feedback store is not answering: %s", method, path,
+                    mask_credentials(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+    return min(30, max(1, math.ceil(retry_seconds)))
 
 
 class BadJson(ValueError):

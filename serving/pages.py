@@ -47,6 +47,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from pipelines.config import Params
 from pipelines.workspace import Layout
 from serving.auth import Caller, TokenTable
+from serving.guards import store_errors, store_outage
 
 log = logging.getLogger("medloop.serving.pages")
 
@@ -156,6 +157,15 @@ def router(params: Params, layout: Layout, store: Any, manager: Any, tokens: Tok
                 return secured(RedirectResponse(target, status_code=303))
             session = sessions.get(request.cookies.get(SESSION_COOKIE))
             return render(request, "error.html", session, status=refusal.status, detail=refusal.detail)
+        except store_errors() as exc:  # the store restarting: a page that says so, not the API's JSON
+            retry_after = store_outage(request.method, request.url.path, exc, params.serving.store_retry_seconds)
+            done = ("Send the form again (a label is kept once, however often its form is sent)"
+                    if request.method == "POST" else "Reload the page")
+            response = render(request, "error.html", sessions.get(request.cookies.get(SESSION_COOKIE)), status=503,
+                              detail=f"The feedback store is not answering (it may be restarting), so this could "
+                                     f"not be completed. {done} in {retry_after} seconds.")
+            response.headers["Retry-After"] = str(retry_after)
+            return response
 
     # ------------------------------------------------------------------ static files, sign-in
 

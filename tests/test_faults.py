@@ -163,6 +163,11 @@ def test_postgresql_restarted_under_feedback_load_loses_nothing(served_workspace
                                 json={"instances": [in_range_instance(params.tabular.features, s / 5) for s in range(20)]})
             assert first.status_code == 200, first.text
             prediction_ids = [p["prediction_id"] for p in first.json()["predictions"]]
+            form = client.get("/pages/signin")  # a clinician on the pages too
+            csrf = form.text.split('name="csrf" value="')[1].split('"')[0]
+            signed = client.post("/pages/signin", data={"csrf": csrf, "token": tokens["clinician"], "next": ""},
+                                 follow_redirects=False)
+            assert signed.status_code == 303, signed.text
 
             tally, stop = Tally(), threading.Event()
             deadline = time.monotonic() + 240
@@ -191,6 +196,11 @@ def test_postgresql_restarted_under_feedback_load_loses_nothing(served_workspace
                                                  json={"instances": [in_range_instance(params.tabular.features)]})
                 assert refused_prediction.status_code == 503, refused_prediction.text
                 assert check_unavailable(refused_prediction, "/predict") is None
+                # The clinicians' pages say so on a page of their own, not with the API's JSON.
+                page = client.get("/pages/worklist")
+                assert page.status_code == 503 and page.headers["content-type"].startswith("text/html"), page.text
+                assert page.headers["Retry-After"] == str(RETRY_SECONDS)
+                assert "The feedback store is not answering" in page.text and "Reload the page" in page.text
                 # ... and the same post, sent again as the server comes back, is stored once (the
                 # store's own retries usually carry it over the start; else the client's next try).
                 again: dict = {}
