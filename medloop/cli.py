@@ -638,6 +638,15 @@ def _console():
     return Console()
 
 
+def _print_error(label: str, text: str) -> None:
+    """``label`` in red, then ``text`` as it is: not read as Rich markup (a path or list in square
+    brackets stays), and not wrapped mid-word (a long path stays whole to copy; the terminal wraps)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]{label}[/] {escape(text)}", highlight=False)
+
+
 def main() -> None:
     """Entry point: run the app, turning medloop's own errors into one clear paragraph."""
     from pipelines.errors import MedloopError
@@ -650,9 +659,7 @@ def main() -> None:
     except MedloopError as exc:
         if _state["debug"]:
             raise
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        _print_error("error:", str(exc))
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -666,11 +673,7 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if _state["debug"]:
             raise
-        Console = __import__("rich.console", fromlist=["Console"]).Console
-        Console(stderr=True).print(
-            f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc}\n(run with --debug for the traceback)",
-            highlight=False,
-        )
+        _print_error("unexpected error:", f"{type(exc).__name__}: {exc}\n(run with --debug for the traceback)")
         sys.exit(2)
 
 
