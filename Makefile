@@ -67,11 +67,13 @@ compose:
 demo: install
 	$(BIN)/medloop demo --workspace $(WORKSPACE) --nights $(NIGHTS)
 
+# Two test processes (pytest-xdist), a module at a time: the suite waits on servers and subprocesses
+# about half of the time, so two processes on two cores take about 60% of one's wall time.
 test: install browsers compose
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=30
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/data_stages.py
