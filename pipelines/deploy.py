@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 from pipelines.config import Params
 from pipelines.errors import MedloopError
+from pipelines.registry.interrupted import answering
 from pipelines.registry.client import append_history, champion as champion_of, connect, is_registered
 from pipelines.registry.tags import CHAMPION, DEPLOYED
 from pipelines.values import now_iso
@@ -69,7 +70,18 @@ def run(params: Params, layout: Layout, version: str | None = None, *, actor: st
 
     Raises:
         DeployError: the model is not registered, has no champion, or has no such version.
+        TrackingUnavailable: the tracking server did not answer (deploying again finishes it).
     """
+    with answering(params, layout, f"deploying {params.model.name} v{version or '(the champion)'}",
+                   "The deployment is recorded in the registry last, so deploying again (`medloop deploy`) "
+                   "finishes it."):
+        result = _deploy(params, layout, version, actor, flow_run_id)
+    if result.action == "deployed":
+        tell_service(params)
+    return result
+
+
+def _deploy(params: Params, layout: Layout, version: str | None, actor: str, flow_run_id: str | None) -> DeployResult:
     from mlflow.exceptions import MlflowException
 
     client = connect(params, layout)
@@ -100,9 +112,7 @@ def run(params: Params, layout: Layout, version: str | None = None, *, actor: st
                                    "actor": actor, "reason": "in service", "at": at, "replaced": deployed})
     client.set_registered_model_tag(name, DEPLOYED, json.dumps(record))
     log.info("%s v%s deployed (replacing %s) by %s", name, version, deployed or "nothing", actor)
-    result = DeployResult("deployed", name, version, deployed, actor, at)
-    tell_service(params)
-    return result
+    return DeployResult("deployed", name, version, deployed, actor, at)
 
 
 def tell_service(params: Params) -> bool:

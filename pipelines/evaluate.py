@@ -53,6 +53,7 @@ from pipelines.stage import stage_main
 from pipelines.data.inputs import processed_summary
 from pipelines.registry.tags import (CALIBRATION, FROZEN_TEST_SET_SHA256, OPERATING_THRESHOLD, THRESHOLD_SOURCE,
                                      WEIGHTS_SHA256)
+from pipelines.registry.interrupted import answering
 from pipelines.registry.tracking import configure, display_uri, dumps, lineage_tags
 from pipelines.values import json_ready, number
 from pipelines.workspace import Layout, read_json
@@ -148,7 +149,10 @@ def run(params: Params, layout: Layout) -> EvaluateResult:
         explanations=explanations, trained=trained,
     )
     layout.model_card.write_text(card)
-    log_to_mlflow(params, layout, trained["run_id"], report)
+    with answering(params, layout, f"logging the evaluation to run {trained['run_id']}",
+                   "The reports are written, but the stage did not finish: dvc.lock does not record it, so the "
+                   "next night evaluates again."):
+        log_to_mlflow(params, layout, trained["run_id"], report)
     log.info("evaluate: test AUROC %s at operating threshold %s", report["test"]["auroc"], threshold)
     return EvaluateResult(
         metrics_file=str(layout.metrics_json),

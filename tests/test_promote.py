@@ -367,3 +367,29 @@ def test_a_promotion_the_tracking_server_cut_short_is_redone_or_finished_by_the_
     assert client.get_run(third_run).data.tags["medloop.promotion.version"] == "4"
     assert [entry["version"] for entry in promote.history(params, layout)] == ["1", "3", "4"]
     assert promote.run(params, layout).action == "unchanged"  # judged now: never again
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_paragraph_in_deploy_and_lineage(workspace, monkeypatch):
+    """Deploying, and naming the night's commit on its run, against a tracking server that is not
+    there: one paragraph that names the server, what was being done and what that left."""
+    from conftest import free_port
+    from pipelines import deploy
+    from pipelines.registry import lineage
+    from pipelines.registry.interrupted import TrackingUnavailable
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own minutes of retries
+    params, layout = workspace
+    gone = f"http://127.0.0.1:{free_port()}"
+    params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"uri": gone})})
+
+    with pytest.raises(TrackingUnavailable) as refused:
+        deploy.run(params, layout, "1")
+    message = str(refused.value)
+    assert message.startswith(f"the MLflow tracking server {gone} did not answer while deploying")
+    assert "connection refused" in message and "`medloop deploy`" in message and "Traceback" not in message
+
+    with pytest.raises(TrackingUnavailable) as unnamed:
+        lineage.record_commit(params, layout, "a" * 32, "1", "c" * 40, "breast-cancer-mlp-v1")
+    message = str(unnamed.value)
+    assert "did not answer while naming commit cccccccccccc" in message
+    assert "(tag breast-cancer-mlp-v1) is made" in message and "do not name it yet" in message

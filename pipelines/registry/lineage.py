@@ -16,6 +16,7 @@ from typing import Any
 from pipelines.config import Params
 from pipelines.errors import MedloopError
 from pipelines.registry.client import champion as champion_of, connect, is_registered
+from pipelines.registry.interrupted import answering
 from pipelines.registry.tags import (CHAMPION, CLINICIAN_LABEL_BATCH_COUNT, CLINICIAN_LABEL_BATCHES, CLINICIAN_LABELS,
                                      COMMIT, DATA_FEEDBACK, DATA_FROZEN_TEST_SET, DATA_PROCESSED, DATA_RAW, DECISION,
                                      DEVICE_PREFIX, ENV_PREFIX, FLOW_RUN_ID, GIT_COMMIT, GIT_TAG, METRICS,
@@ -36,14 +37,21 @@ def git_tag_name(model_name: str, version: str) -> str:
 def record_commit(params: Params, layout: Layout, run_id: str, version: str | None, commit: str,
                   git_tag: str | None, trigger: str | None = None) -> None:
     """Write the commit (and its tag) that holds a run's ``dvc.lock``, and what started the flow
-    run (``trigger``), onto the run and the version."""
-    client = connect(params, layout)
-    tags = {COMMIT: commit, GIT_TAG: git_tag, TRIGGER: trigger}
-    for key, value in tags.items():
-        if value:
-            client.set_tag(run_id, key, value)
-            if version is not None:
-                client.set_model_version_tag(params.model.name, version, key, value)
+    run (``trigger``), onto the run and the version.
+
+    Raises:
+        TrackingUnavailable: the tracking server did not answer; the commit stands, unnamed in MLflow.
+    """
+    made = f"The commit {commit[:12]}{f' (tag {git_tag})' if git_tag else ''} is made and holds the night's data"
+    with answering(params, layout, f"naming commit {commit[:12]} on run {run_id}",
+                   f"{made}, but the MLflow run{' and version ' + version if version else ''} do not name it yet."):
+        client = connect(params, layout)
+        tags = {COMMIT: commit, GIT_TAG: git_tag, TRIGGER: trigger}
+        for key, value in tags.items():
+            if value:
+                client.set_tag(run_id, key, value)
+                if version is not None:
+                    client.set_model_version_tag(params.model.name, version, key, value)
 
 
 def version_lineage(params: Params, layout: Layout, version: str | None = None) -> dict[str, Any]:
