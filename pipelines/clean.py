@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,11 +245,12 @@ def _reuse_or_clean(params: Params, layout: Layout, images_dir: Path, jobs: list
     cache = ItemCache.open(layout.state, "clean", [sys.modules[__name__], images, image_metadata],
                            params.clean.image.model_dump(mode="json"))
     outcomes: list[dict | None] = []
+    previous = layout.clean / "images"  # last night's output (a persistent DVC output)
     for job in jobs:
         hit = cache.get(job[2])  # the stored file's content hash
         if hit is not None:
             header, png = hit
-            Path(images_dir, f"{job[2]}.png").write_bytes(png)
+            _keep_or_write(previous / f"{job[2]}.png", Path(images_dir, f"{job[2]}.png"), png)
         outcomes.append(None if hit is None else header)
     missing = [position for position, outcome in enumerate(outcomes) if outcome is None]
     with item_map(params.compute, "clean") as items:
@@ -259,6 +261,18 @@ def _reuse_or_clean(params: Params, layout: Layout, images_dir: Path, jobs: list
             cache.put(jobs[position][2], outcome, Path(images_dir, f"{jobs[position][2]}.png").read_bytes())
     log.info("clean: images %s", cache.describe())
     return outcomes  # type: ignore[return-value]
+
+
+def _keep_or_write(previous: Path, target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target``; where last night's output holds the same bytes, link that file
+    instead, so that it keeps its inode and times and DVC need not hash it again."""
+    try:
+        if previous.stat().st_size == len(data) and previous.read_bytes() == data:
+            os.link(previous, target)
+            return
+    except OSError:
+        pass  # not there, or no hard links on this file system: write it
+    target.write_bytes(data)
 
 
 def clean_one_image(job: tuple) -> dict:

@@ -203,10 +203,15 @@ def test_a_night_reuses_earlier_nights_work_and_writes_what_a_full_recompute_wri
     for _ in range(2):
         collect.run(load(layout), layout)
     clean_and_preprocess(layout)  # nights 1 and 2: everything computed, and kept
+    before = {path.name: path.stat().st_ino for path in (layout.clean / "images").iterdir()}
     collect.run(load(layout), layout)
     caplog.clear()
     with caplog.at_level("INFO", logger="medloop"):
         incremental = clean_and_preprocess(layout)
+    # Last night's cleaned images are the same files (linked, not rewritten): DVC need not hash them again.
+    after = {path.name: path.stat().st_ino for path in (layout.clean / "images").iterdir()}
+    assert before and all(after[name] == inode for name, inode in before.items() if name in after)
+    assert len(set(before) & set(after)) >= 20
     messages = [record.getMessage() for record in caplog.records]
     new_items = int((manifest_of(layout)["batch_id"] == manifest_of(layout)["batch_id"].max()).sum())
     clean_line = next(m for m in messages if m.startswith("clean: images "))
