@@ -42,11 +42,9 @@ from typing import Callable, Union
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
 
-from pipelines.store.db import StoreUnavailable
 from serving import admin, feedback, health, monitoring, pages, predict
-from serving.guards import RequestGuard, store_outage, validation_problem
+from serving.guards import RequestGuard, store_errors, store_outage, validation_problem
 from serving.model import ModelManager
 from serving.schemas import PROBLEMS
 from serving.service import Service
@@ -108,11 +106,11 @@ def create_app(params_file: str | Path, *, reload_seconds: float | None = None) 
     # Innermost of the two: measure (below) counts what the guard refuses too.
     app.add_middleware(RequestGuard, max_request_bytes=params.serving.max_request_bytes)
 
-    @app.exception_handler(StoreUnavailable)
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(InterfaceError)
     async def store_not_answering(request: Request, exc: Exception) -> JSONResponse:
         return store_unavailable(request, exc, params.serving.store_retry_seconds)
+
+    for error in store_errors():  # the same list the pages answer with a page of their own
+        app.add_exception_handler(error, store_not_answering)
 
     @app.exception_handler(RequestValidationError)
     async def refuse_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
