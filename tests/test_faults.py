@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from conftest import in_range_instance, load, make_workspace, serving_settings, tabular_params
-from tests_support import own_postgres
+from tests_support import own_postgres, sign_in_to_pages
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -163,10 +163,7 @@ def test_postgresql_restarted_under_feedback_load_loses_nothing(served_workspace
                                 json={"instances": [in_range_instance(params.tabular.features, s / 5) for s in range(20)]})
             assert first.status_code == 200, first.text
             prediction_ids = [p["prediction_id"] for p in first.json()["predictions"]]
-            form = client.get("/pages/signin")  # a clinician on the pages too
-            csrf = form.text.split('name="csrf" value="')[1].split('"')[0]
-            signed = client.post("/pages/signin", data={"csrf": csrf, "token": tokens["clinician"], "next": ""},
-                                 follow_redirects=False)
+            signed = sign_in_to_pages(client, tokens["clinician"])  # a clinician on the pages too
             assert signed.status_code == 303, signed.text
 
             tally, stop = Tally(), threading.Event()

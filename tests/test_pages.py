@@ -20,7 +20,7 @@ import pandas as pd
 
 from conftest import load, serving_settings
 from test_serving import start_service, stop
-from tests_support import breast_cancer_frame
+from tests_support import breast_cancer_frame, sign_in_to_pages
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -268,9 +268,7 @@ def test_the_admin_sees_models_and_the_access_log(world, browser, artifacts):
 def signed_in_client(world, role: str) -> tuple[httpx.Client, httpx.Response]:
     """A client signed in as ``role`` through the sign-in form, and the sign-in's answer."""
     client = httpx.Client(base_url=world["base"], timeout=30)
-    form = client.get("/pages/signin")
-    csrf = form.text.split('name="csrf" value="')[1].split('"')[0]
-    answer = client.post("/pages/signin", data={"csrf": csrf, "token": world["tokens"][role], "next": ""})
+    answer = sign_in_to_pages(client, world["tokens"][role])
     assert answer.status_code == 303, answer.text
     return client, answer
 

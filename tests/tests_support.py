@@ -16,6 +16,14 @@ def breast_cancer_frame(n: int = 40, seed: int = 5) -> pd.DataFrame:
     return reader.full_table().head(n).reset_index(drop=True)
 
 
+def sign_in_to_pages(client, token: str):
+    """Sign ``client`` (httpx or Starlette's TestClient) in to the clinicians' pages through the
+    sign-in form, with its CSRF token and cookie; the sign-in's answer (303 when it worked)."""
+    form = client.get("/pages/signin")
+    csrf = form.text.split('name="csrf" value="')[1].split('"')[0]
+    return client.post("/pages/signin", data={"csrf": csrf, "token": token, "next": ""}, follow_redirects=False)
+
+
 POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 
