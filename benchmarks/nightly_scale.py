@@ -13,8 +13,9 @@ preprocess through ``dvc repro``; all of this is setup and not timed), a night o
 new images is collected and taken through the data stages (timed), and the archive, now
 holding that night too, is filled up to the next size, and so on. The night is timed stage by
 stage exactly as the nightly flow runs it (`tasks.data`): collect in this process
-(``collect.run``, which ends with ``dvc add data/raw``), then ``dvc repro <stage>`` for clean,
-validate and preprocess (`pipelines.ops.versioning.repro`'s command). Each stage's time is split
+(``collect.run``, which ends with ``dvc add data/raw``), then ``dvc repro --single-item <stage>``
+for clean, validate and preprocess (`tasks.data.stage_task`'s command: each stage alone, the ones
+before it having just run). Each stage's time is split
 into the stage's own command and DVC's bookkeeping around it (checking deps, hashing and caching
 outputs, the lock file; collect's ``dvc add``), read from the time stamps of the lines DVC and
 the stage print. At the sizes named by ``--full-recompute-at`` (default: the smallest) the same
@@ -166,7 +167,7 @@ class GrowingArchive:
 
 
 def dvc_repro(layout, stage: str, *, force: bool = False) -> dict:
-    """``dvc repro <stage>`` as the nightly flow runs it (`pipelines.ops.versioning.repro`), or
+    """``dvc repro --single-item <stage>`` as the nightly flow runs it (`tasks.data.stage_task`), or
     forced for that stage alone; seconds in all, of the stage's command, and of DVC around it.
 
     The command's time runs from DVC's ``> python -m pipelines.<stage>`` line to the last line
@@ -175,7 +176,7 @@ def dvc_repro(layout, stage: str, *, force: bool = False) -> dict:
     """
     from pipelines.ops.versioning import tool_env
 
-    command = [sys.executable, "-m", "dvc", "repro", *(["--force", "--single-item"] if force else []), stage]
+    command = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), "--single-item", stage]
     env = {**tool_env(), "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=layout.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -243,7 +244,7 @@ def print_nights(rows: list[dict], night_images: int, image_size: int) -> dict:
     height, width = yaml.safe_load((ROOT / "params.yaml").read_text())["preprocess"]["image_size"]
     print(f"\nA night of {night_images} new images (synthetic {image_size}x{image_size} radiographs, {height}x{width} "
           "shards) on a growing archive, seconds,\nas the nightly flow runs each stage "
-          "(collect in process with `dvc add data/raw`; then `dvc repro <stage>`):")
+          "(collect in process with `dvc add data/raw`; then `dvc repro --single-item <stage>`):")
     header = f"{'archive':>8} | " + " | ".join(f"{s:>10}" for s in STAGES) + f" | {'data stages':>11}"
     print(header)
     for row in rows:

@@ -56,13 +56,18 @@ def collect_once(workspace: str, night: int | None) -> dict:
 
 @task(name="dvc-stage", task_run_name="dvc repro {stage}")
 def stage_task(workspace: str, stage: str, flow_run_id: str | None = None) -> dict:
-    """``dvc repro <stage>``: ``ran`` (False when DVC found its inputs unchanged and skipped it)
-    and ``seconds`` (wall time of the DVC command). The stage processes get ``flow_run_id`` in
-    their environment and tag their MLflow runs with it."""
+    """``dvc repro --single-item <stage>``: ``ran`` (False when DVC found its inputs unchanged
+    and skipped it) and ``seconds`` (wall time of the DVC command). The stage processes get
+    ``flow_run_id`` in their environment and tag their MLflow runs with it.
+
+    Only this stage is checked and run: the flows run the stages in order after collect's
+    ``dvc add data/raw``, so the ones upstream are already up to date, and checking them again
+    would walk every file of the archive once more per stage (`pipelines.ops.versioning.repro`).
+    """
     progress.emit(stage, "running")
     started = time.perf_counter()
     try:
-        ran = repro(Layout.at(workspace), stage, on_line=progress.stage_line(stage),
+        ran = repro(Layout.at(workspace), stage, on_line=progress.stage_line(stage), alone=True,
                     extra_env=flow_run_env(flow_run_id))
     except Exception:
         progress.emit(stage, "failed")

@@ -104,7 +104,7 @@ def _run(command: list[str], cwd: Path, *, check: bool, tool: str) -> subprocess
 
 
 def repro(layout: Layout, stage: str, on_line: Callable[[str], None] | None = None, *, force: bool = False,
-          extra_env: dict[str, str] | None = None) -> bool:
+          alone: bool = False, extra_env: dict[str, str] | None = None) -> bool:
     """``dvc repro <stage>`` (and what it depends on); True when something was rerun.
 
     Args:
@@ -112,6 +112,11 @@ def repro(layout: Layout, stage: str, on_line: Callable[[str], None] | None = No
         stage: the stage to bring up to date.
         on_line: called with each line the stage prints, as it prints it (progress displays).
         force: rerun the stage and every stage upstream of it even when nothing changed.
+        alone: check and run this stage only (``--single-item``), for a caller that has just
+            brought every stage upstream of it up to date, in order, as the nightly flows do.
+            DVC would otherwise check each upstream stage's deps and outs again, walking and
+            looking up every file of ``data/raw`` and ``data/clean`` once more per stage; the
+            lock file still records the hashes of what this stage read.
         extra_env: variables given to the DVC process (and so to the stage commands) on top of
             `tool_env`, e.g. the flow run id (`pipelines.registry.tracking.flow_run_env`); this
             process's own environment is never changed.
@@ -119,7 +124,8 @@ def repro(layout: Layout, stage: str, on_line: Callable[[str], None] | None = No
     Raises:
         StageFailed: the stage command failed; the message carries its own error output.
     """
-    command = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), stage]
+    command = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []),
+               *(["--single-item"] if alone else []), stage]
     try:
         process = subprocess.Popen(command, cwd=layout.root, env={**tool_env(), **(extra_env or {})}, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
