@@ -9,8 +9,9 @@ same bytes as a full recompute. The outputs are published only when complete:
 
 - ``data/clean/records.parquet``: one row per usable item, labels normalised to
   ``model.classes``; for images the decoded metadata (size, channels, intensity statistics) and
-  a lossless PNG in the configured channels under ``data/clean/images/``; for tables the typed
-  features.
+  a lossless PNG in the configured channels under ``data/clean/images/`` with its SHA-256
+  (``image_sha256``: what preprocess keys its reuse on, without reading every PNG again); for
+  tables the typed features.
 - ``data/clean/intake.parquet``: every collected item, accepted or not, with the reason.
 - ``reports/quarantine.csv``: every item that was not accepted, with its source and the reason
   (unreadable, unknown label, duplicate, wrong type, a DICOM whose header breaks
@@ -56,7 +57,7 @@ RECORD_BASE_COLUMNS = [
 CLINICIAN = "clinician"
 IMAGE_COLUMNS = [
     "image_path", "width", "height", "channels", "mean_intensity", "std_intensity",
-    "min_intensity", "max_intensity", "conversion",
+    "min_intensity", "max_intensity", "conversion", "image_sha256",
 ]
 
 
@@ -195,10 +196,11 @@ def _clean_images(params: Params, layout: Layout, out: Path, verdicts: Verdicts)
     images_dir = out / "images"
     images_dir.mkdir()
     todo = verdicts.raw.index[verdicts.accepted]
+    chosen = verdicts.raw.loc[todo]
+    raw, target = str(layout.raw), str(images_dir)  # plain strings: this runs once per item of the archive
     jobs = [
-        (str(layout.raw / verdicts.raw.at[i, "record_id"]), str(images_dir), verdicts.raw.at[i, "content_hash"],
-         spec.channels, spec.min_side, spec.max_pixels, spec.dicom)
-        for i in todo
+        (os.path.join(raw, record_id), target, digest, spec.channels, spec.min_side, spec.max_pixels, spec.dicom)
+        for record_id, digest in zip(chosen["record_id"].tolist(), chosen["content_hash"].tolist())
     ]
     outcomes = _reuse_or_clean(params, layout, images_dir, jobs)
     metadata: dict[int, dict] = {}
@@ -245,13 +247,14 @@ def _reuse_or_clean(params: Params, layout: Layout, images_dir: Path, jobs: list
     cache = ItemCache.open(layout.state, "clean", [sys.modules[__name__], images, image_metadata],
                            params.clean.image.model_dump(mode="json"))
     outcomes: list[dict | None] = []
-    previous = layout.clean / "images"  # last night's output (a persistent DVC output)
+    previous = str(layout.clean / "images")  # last night's output (a persistent DVC output)
     for job in jobs:
-        hit = cache.get(job[2])  # the stored file's content hash
-        if hit is not None:
-            header, png = hit
-            _keep_or_write(previous / f"{job[2]}.png", Path(images_dir, f"{job[2]}.png"), png)
-        outcomes.append(None if hit is None else header)
+        digest = job[2]  # the stored file's content hash
+        header = cache.header(digest)
+        if header is not None:
+            name = f"{digest}.png"
+            _keep_or_write(os.path.join(previous, name), os.path.join(job[1], name), header, cache, digest)
+        outcomes.append(header)
     missing = [position for position, outcome in enumerate(outcomes) if outcome is None]
     with item_map(params.compute, "clean") as items:
         computed = items.map(clean_one_image, [jobs[position] for position in missing], chunksize=32)
@@ -263,16 +266,23 @@ def _reuse_or_clean(params: Params, layout: Layout, images_dir: Path, jobs: list
     return outcomes  # type: ignore[return-value]
 
 
-def _keep_or_write(previous: Path, target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target``; where last night's output holds the same bytes, link that file
-    instead, so that it keeps its inode and times and DVC need not hash it again."""
+def _keep_or_write(previous: str, target: str, header: dict, cache: ItemCache, key: str) -> None:
+    """Put the cached PNG of ``key`` at ``target``. Where last night's output holds the same bytes
+    (its SHA-256 is the cached one's: read and compared, not assumed), link that file instead, so
+    that it keeps its inode and times and DVC need not hash it again; only otherwise is the
+    cached copy read."""
     try:
-        if previous.stat().st_size == len(data) and previous.read_bytes() == data:
+        with open(previous, "rb") as existing:
+            same = hashlib.sha256(existing.read()).hexdigest() == header["image_sha256"]
+        if same:
             os.link(previous, target)
             return
     except OSError:
         pass  # not there, or no hard links on this file system: write it
-    target.write_bytes(data)
+    hit = cache.get(key)
+    if hit is None:  # the entry went away since its header was read (a concurrent prune)
+        raise MedloopError(f"clean: the cached result of {key[:12]} disappeared while in use; run clean again")
+    Path(target).write_bytes(hit[1])
 
 
 def clean_one_image(job: tuple) -> dict:
@@ -293,7 +303,8 @@ def clean_one_image(job: tuple) -> dict:
         return {"problem": f"could not decode the image ({type(exc).__name__}); the traceback is in the log"}
     pixels = image.pixels
     name = f"images/{digest}.png"
-    Path(images_dir, f"{digest}.png").write_bytes(encode_png(pixels))
+    png = encode_png(pixels)
+    Path(images_dir, f"{digest}.png").write_bytes(png)
     shape = "x".join(str(d) for d in pixels.shape).encode()
     return {
         "pixel_hash": hashlib.sha256(shape + pixels.tobytes()).hexdigest(),
@@ -303,6 +314,7 @@ def clean_one_image(job: tuple) -> dict:
         "channels": int(pixels.shape[2]),
         **intensity_stats(pixels),
         "conversion": image.conversion,
+        "image_sha256": hashlib.sha256(png).hexdigest(),
         "header_warnings": list(image.header_warnings),
     }
 

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -323,7 +324,10 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
     out_dir = out / "images"
     out_dir.mkdir()
     usable = items[items["split"].isin(SPLITS)].reset_index(drop=True)
-    jobs = [(str(layout.clean / p), height, width) for p in usable["image_path"]]
+    clean = str(layout.clean)  # a string, not a Path: this runs once per item of the archive
+    jobs = [(os.path.join(clean, p), height, width) for p in usable["image_path"].tolist()]
+    keys = usable["image_sha256"].tolist()  # each cleaned PNG's SHA-256, from clean's records
+    labels, record_ids = usable["label_index"].tolist(), usable["record_id"].tolist()
 
     shard_size = params.preprocess.shard_size
     shards: dict[str, list[str]] = {}
@@ -339,11 +343,10 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
                 shards[split].append(name)
                 chosen = positions[shard * shard_size : (shard + 1) * shard_size]
                 # One shard's pixels in memory at a time, however large the data set.
-                shard_jobs = [jobs[position] for position in chosen]
-                pixels = _reuse_or_prepare(shard_jobs, engine, cache)
+                pixels = _reuse_or_prepare([jobs[p] for p in chosen], [keys[p] for p in chosen], engine, cache)
                 with tf.io.TFRecordWriter(str(out / name)) as writer:
                     for position, image in zip(chosen, pixels):
-                        writer.write(_example(image, usable, position).SerializeToString())
+                        writer.write(_example(image, labels[position], record_ids[position]).SerializeToString())
                 shard_of[chosen] = name
     log.info("preprocess: images %s", cache.describe())
     usable["shard"] = shard_of
@@ -358,10 +361,10 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
     }
 
 
-def _reuse_or_prepare(jobs: list[tuple], engine: Any, cache: ItemCache) -> list[bytes]:
+def _reuse_or_prepare(jobs: list[tuple], keys: list[str], engine: Any, cache: ItemCache) -> list[bytes]:
     """`prepare_image` for every job, reusing earlier nights' pixels of the same cleaned file
-    (keyed by its bytes' hash), the same size and the same code; the rest on the engine."""
-    keys = [hashlib.sha256(Path(job[0]).read_bytes()).hexdigest() for job in jobs]
+    (keyed by its bytes' SHA-256, which clean recorded), the same size and the same code; the
+    rest on the engine."""
     pixels: list[bytes | None] = []
     for key in keys:
         hit = cache.get(key)
@@ -394,13 +397,13 @@ def normalise_intensity(pixels: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(stretched), 0, 255).astype(np.uint8)
 
 
-def _example(pixels: bytes, usable: pd.DataFrame, position: int):
+def _example(pixels: bytes, label: int, record_id: str):
     import tensorflow as tf
 
     return tf.train.Example(features=tf.train.Features(feature={
         "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[pixels])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(usable.at[position, "label_index"])])),
-        "record_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[usable.at[position, "record_id"].encode()])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+        "record_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(record_id).encode()])),
     }))
 
 

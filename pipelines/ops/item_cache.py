@@ -34,6 +34,7 @@ class ItemCache:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self._folder = str(folder)
         self.hits = 0
         self.misses = 0
 
@@ -62,15 +63,27 @@ class ItemCache:
 
     def get(self, key: str) -> tuple[dict, bytes] | None:
         """The header and bytes stored under ``key``, or None."""
-        path = self._path(key)
         try:
-            data = path.read_bytes()
+            with open(self._location(key), "rb") as entry:
+                data = entry.read()
         except FileNotFoundError:
             self.misses += 1
             return None
         length = int.from_bytes(data[:HEADER_LENGTH], "big")
         self.hits += 1
         return json.loads(data[HEADER_LENGTH:HEADER_LENGTH + length]), data[HEADER_LENGTH + length:]
+
+    def header(self, key: str) -> dict | None:
+        """The header stored under ``key`` (its bytes are not read), or None."""
+        try:
+            with open(self._location(key), "rb") as entry:
+                length = int.from_bytes(entry.read(HEADER_LENGTH), "big")
+                header = json.loads(entry.read(length))
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return header
 
     def put(self, key: str, header: dict, payload: bytes = b"") -> None:
         """Store a result (written under a temporary name and renamed: never half an entry)."""
@@ -85,6 +98,10 @@ class ItemCache:
         return f"{self.misses} computed, {self.hits} reused from earlier nights"
 
     def _path(self, key: str) -> Path:
-        if len(key) < 8 or not all(ch in "0123456789abcdef" for ch in key):
+        return Path(self._location(key))
+
+    def _location(self, key: str) -> str:
+        # A string, not a Path: this runs for every item of the archive each night.
+        if len(key) < 8 or key.strip("0123456789abcdef"):
             raise ValueError(f"an item cache key is a hex digest, not {key[:20]!r}")
-        return self.folder / key[:2] / key
+        return os.path.join(self._folder, key[:2], key)
