@@ -279,10 +279,10 @@ def _keep_or_write(previous: str, target: str, header: dict, cache: ItemCache, k
             return
     except OSError:
         pass  # not there, or no hard links on this file system: write it
-    hit = cache.get(key)
-    if hit is None:  # the entry went away since its header was read (a concurrent prune)
+    png = cache.payload(key)
+    if png is None:  # the entry went away since its header was read (a concurrent prune)
         raise MedloopError(f"clean: the cached result of {key[:12]} disappeared while in use; run clean again")
-    Path(target).write_bytes(hit[1])
+    Path(target).write_bytes(png)
 
 
 def clean_one_image(job: tuple) -> dict:

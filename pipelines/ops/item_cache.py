@@ -63,27 +63,18 @@ class ItemCache:
 
     def get(self, key: str) -> tuple[dict, bytes] | None:
         """The header and bytes stored under ``key``, or None."""
-        try:
-            with open(self._location(key), "rb") as entry:
-                data = entry.read()
-        except FileNotFoundError:
-            self.misses += 1
-            return None
-        length = int.from_bytes(data[:HEADER_LENGTH], "big")
-        self.hits += 1
-        return json.loads(data[HEADER_LENGTH:HEADER_LENGTH + length]), data[HEADER_LENGTH + length:]
+        return self._counted(self._read(key, payload=True))
 
     def header(self, key: str) -> dict | None:
         """The header stored under ``key`` (its bytes are not read), or None."""
-        try:
-            with open(self._location(key), "rb") as entry:
-                length = int.from_bytes(entry.read(HEADER_LENGTH), "big")
-                header = json.loads(entry.read(length))
-        except FileNotFoundError:
-            self.misses += 1
-            return None
-        self.hits += 1
-        return header
+        entry = self._counted(self._read(key, payload=False))
+        return None if entry is None else entry[0]
+
+    def payload(self, key: str) -> bytes | None:
+        """The bytes stored under ``key``, or None; for an entry whose `header` was already read
+        (and counted as reused), so it is not counted again."""
+        entry = self._read(key, payload=True)
+        return None if entry is None else entry[1]
 
     def put(self, key: str, header: dict, payload: bytes = b"") -> None:
         """Store a result (written under a temporary name and renamed: never half an entry)."""
@@ -96,6 +87,22 @@ class ItemCache:
 
     def describe(self) -> str:
         return f"{self.misses} computed, {self.hits} reused from earlier nights"
+
+    def _counted(self, entry: tuple[dict, bytes] | None) -> tuple[dict, bytes] | None:
+        if entry is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return entry
+
+    def _read(self, key: str, *, payload: bool) -> tuple[dict, bytes] | None:
+        try:
+            with open(self._location(key), "rb") as entry:
+                length = int.from_bytes(entry.read(HEADER_LENGTH), "big")
+                header = json.loads(entry.read(length))
+                return header, entry.read() if payload else b""
+        except FileNotFoundError:
+            return None
 
     def _path(self, key: str) -> Path:
         return Path(self._location(key))
