@@ -216,14 +216,48 @@ def salted():
             os.environ["MEDLOOP_DEID_SALT"] = previous
 
 
+# How long the end of the session waits for Prefect's log and event workers to send what they
+# hold. Prefect's own harness (`prefect_test_harness`) waits without a limit: on CI (2026-12-01)
+# its drain never returned and the session hung in its teardown until pytest-timeout failed it
+# 900 s later.
+PREFECT_DRAIN_S = 60
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
-    """One Prefect server for every flow test of the session: Prefect's test harness (a local
-    server on a temporary SQLite database), the API of every flow run in this process."""
-    from prefect.testing.utilities import prefect_test_harness
+    """One Prefect server for every flow test of the session, as Prefect's test harness makes it
+    (a subprocess server on a temporary SQLite database, the API of every flow run in this
+    process), with a bounded end: the log and event workers get ``PREFECT_DRAIN_S`` to drain,
+    then the server stops whether or not they have, with a warning when one has not."""
+    import tempfile
+    import warnings
 
-    with prefect_test_harness(server_startup_timeout=120):
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.server.database.dependencies import temporary_database_interface
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="medloop-prefect-"))
+        stack.enter_context(temporary_database_interface())
+        stack.enter_context(temporary_settings(
+            {PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{folder}/prefect.db"}))
+        server = SubprocessASGIServer()  # no port: the default server, the one Prefect's own code asks for
+        server.start(timeout=120)
+        stack.callback(server.stop)
+        stack.enter_context(temporary_settings({PREFECT_API_URL: server.api_url}))
+        # Threads whose context was copied before these settings (none should be) see them too.
+        global_settings = prefect.context.GLOBAL_SETTINGS_CONTEXT
+        prefect.context.GLOBAL_SETTINGS_CONTEXT = prefect.context.get_settings_context()
+        stack.callback(setattr, prefect.context, "GLOBAL_SETTINGS_CONTEXT", global_settings)
         yield
+        stuck = [worker.__name__ for worker in (APILogWorker, EventsWorker)
+                 if worker.drain_all(timeout=PREFECT_DRAIN_S, at_exit=False)[1]]
+        if stuck:
+            warnings.warn(f"Prefect's {' and '.join(stuck)} did not drain in {PREFECT_DRAIN_S} s; "
+                          "the test server stops without waiting for them")
 
 
 @pytest.fixture(scope="session")
