@@ -233,11 +233,10 @@ def prefect_server():
     import warnings
 
     import prefect.context
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.server.database.dependencies import temporary_database_interface
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+    from tests_support import drain_prefect_workers
 
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="medloop-prefect-"))
@@ -253,8 +252,7 @@ def prefect_server():
         prefect.context.GLOBAL_SETTINGS_CONTEXT = prefect.context.get_settings_context()
         stack.callback(setattr, prefect.context, "GLOBAL_SETTINGS_CONTEXT", global_settings)
         yield
-        stuck = [worker.__name__ for worker in (APILogWorker, EventsWorker)
-                 if worker.drain_all(timeout=PREFECT_DRAIN_S, at_exit=False)[1]]
+        stuck = drain_prefect_workers(PREFECT_DRAIN_S)
         if stuck:
             warnings.warn(f"Prefect's {' and '.join(stuck)} did not drain in {PREFECT_DRAIN_S} s; "
                           "the test server stops without waiting for them")

@@ -33,8 +33,8 @@ from typing import Callable
 import pytest
 import yaml
 
-from conftest import SALT, free_port, in_range_instance, load, make_workspace, passing_params
-from tests_support import breast_cancer_frame, daily_cron_away_from_now, fresh_postgres_database
+from conftest import PREFECT_DRAIN_S, SALT, free_port, in_range_instance, load, make_workspace, passing_params
+from tests_support import breast_cancer_frame, daily_cron_away_from_now, drain_prefect_workers, fresh_postgres_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -276,6 +276,9 @@ def world(tmp_path_factory):
             yield {"layout": layout, "root": root, "s3": s3, "s3_url": s3_url, "mlflow_url": mlflow_url,
                    "prefect_url": prefect_url, "databases": databases, "servers": servers, "proxies": proxies}
         finally:
+            # This process's Prefect log and event workers are bound to this world's server: they
+            # send what they hold while it is up, and the next flow in the process starts new ones.
+            drain_prefect_workers(PREFECT_DRAIN_S)
             for server in reversed(servers.values()):
                 server.stop()
 

@@ -246,3 +246,17 @@ def own_postgres():
         except AssertionError:
             pass  # already stopped (or never started: initdb's message is the one that matters)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def drain_prefect_workers(timeout: float) -> list[str]:
+    """Send what this process's Prefect log and event workers hold, waiting at most ``timeout``
+    seconds for each; the names of those that had not finished.
+
+    Each worker is one per process, bound to the API it first sent to: a test world with its own
+    Prefect server drains them before stopping that server, so that later flows in the process
+    start fresh workers bound to their own server (not retries against a server that is gone)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    return [worker.__name__ for worker in (APILogWorker, EventsWorker)
+            if worker.drain_all(timeout=timeout, at_exit=False)[1]]
