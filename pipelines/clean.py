@@ -71,6 +71,8 @@ class CleanResult:
 
 def run(params: Params, layout: Layout) -> CleanResult:
     """Clean every collected item; see the module docstring for the outputs."""
+    if layout.batches.is_dir():
+        manifest.check_index(layout)  # what DVC knows of data/raw (clean's dependency) is the truth
     raw = manifest.read(layout)
     if raw.empty:
         raise MedloopError(f"{layout.raw}: nothing collected yet; run `medloop collect` first")
@@ -292,6 +294,8 @@ def clean_one_image(job: tuple) -> dict:
     path, images_dir, digest, channels, min_side, max_pixels, dicom_header = job
     try:
         data = Path(path).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:  # the manifest (clean's DVC dependency) pins it
+            return {"problem": "stored file changed since collect: its SHA-256 is not the manifest's content_hash"}
         image = decode_image(data, channels=channels, min_side=min_side, max_pixels=max_pixels,
                              dicom_header=dicom_header)
     except ImageProblem as exc:

@@ -96,6 +96,9 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
     batch_id = manifest.new_batch_id()
     arrival = utc_now()
     staging = layout.tmp / batch_id
+    index_file = manifest.index_path(layout)
+    indexed = index_file.read_bytes() if index_file.exists() else None
+    written = None  # the new index, until it is in place
     try:
         staging.mkdir(parents=True)
         seen = set(known["item_id"].dropna())
@@ -109,7 +112,7 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
         counts = _count(rows)
         if not counts["new"]:
             log.info("nothing new from %s (%d already collected)", source.name, counts["already"])
-            return CollectResult(None, 0, 0, 0, counts["already"], None)
+            return CollectResult(None, 0, 0, 0, counts["already"], index_batches(layout))
         parts = [manifest.conform(f) for f in rows.get("frames", [])]
         if rows["manifest"]:
             parts.insert(0, manifest.conform(pd.DataFrame(rows["manifest"])))
@@ -118,8 +121,10 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
         frame["arrival_time"] = arrival
         frame["source"] = frame["source"].fillna(source.name)
         manifest.write_batch(frame, staging)
+        written = manifest.write_index(manifest.batch_index(layout, {batch_id: staging}), layout.tmp)
         layout.batches.mkdir(parents=True, exist_ok=True)
-        staging.rename(layout.batches / batch_id)  # publish: one atomic rename
+        staging.rename(layout.batches / batch_id)  # publish: one atomic rename, then the index's
+        manifest.publish_index(layout, written)
     except OSError as exc:
         if not is_disk_full(exc):
             raise
@@ -128,6 +133,8 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
                                        "Nothing was published")) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if written is not None:
+            written.unlink(missing_ok=True)
     record = layout.raw.with_name(layout.raw.name + ".dvc")
     recorded = record.read_bytes() if record.exists() else None
     started = time.time()
@@ -137,6 +144,7 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
         # Unpublish: data/raw and its record must be the version DVC last recorded. The batch goes
         # first: on a full disk, that frees the space the record may need to be put back.
         shutil.rmtree(layout.batches / batch_id, ignore_errors=True)
+        _put_back(index_file, indexed)
         _put_back(record, recorded)
         _drop_dvc_leftovers(layout, started)
         if not says_disk_full(str(exc)):
@@ -483,6 +491,23 @@ def _disk_full(layout: Layout, folder: Path, batch_id: str, when: str, outcome: 
     return (f"collect: the disk holding {folder} is full (no space left on device; {free}) {when} "
             f"(batch {batch_id}). {outcome}: {layout.raw} and its DVC record are as they were, and the "
             "same items are collected again on the next run. Free space on that disk and run collect again.")
+
+
+def index_batches(layout: Layout) -> str | None:
+    """When ``data/raw/index.json`` does not describe the batches (a workspace collected before
+    the index existed, or a batch restored by hand), write it and record data/raw with DVC; the
+    ``.dvc`` file then, else None. Collect runs it on a night with nothing new, and a refresh of
+    the workspace's code (`medloop init`) too."""
+    if not layout.batches.is_dir() or manifest.index_is_current(layout):
+        return None
+    layout.tmp.mkdir(parents=True, exist_ok=True)
+    written = manifest.write_index(manifest.batch_index(layout), layout.tmp)
+    try:
+        manifest.publish_index(layout, written)
+    finally:
+        written.unlink(missing_ok=True)
+    log.info("indexed the batches already collected (%s)", manifest.index_path(layout))
+    return track(layout, layout.raw).relative_to(layout.root).as_posix()
 
 
 def _put_back(path: Path, content: bytes | None) -> None:

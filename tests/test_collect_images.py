@@ -7,9 +7,11 @@ with a note of the conversion. The previous data version always stays intact.
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +21,7 @@ from PIL import Image
 from conftest import image_params, load, make_workspace
 from pipelines import clean, collect
 from pipelines.data import manifest
+from pipelines.errors import MedloopError
 from tests_support import chest_dicom, pydicom_test_file
 
 MIN_SIDE = 64
@@ -191,6 +194,34 @@ def test_synthetic_source_releases_nights_and_strips_identifiers(tmp_path):
     assert set(raw["label_provenance"]) == {"dataset"}
     outcome = clean.run(params, layout)
     assert outcome.quarantined == 0
+
+
+def test_the_index_pins_data_raw_for_clean(tmp_path):
+    """Clean depends on data/raw/index.json, not on every stored file (dvc.yaml): collect keeps it
+    true, clean checks it against the batches and each image it decodes against the manifest."""
+    layout = make_workspace(tmp_path, image_params())
+    params = load(layout)
+    first = collect.run(params, layout)
+    index = json.loads(manifest.index_path(layout).read_text())["batches"]
+    assert list(index) == [first.batch_id] and set(index[first.batch_id]) == {"manifest.parquet"}
+    # A workspace collected before the index existed: a night with nothing new writes and records it.
+    manifest.index_path(layout).unlink()
+    again = collect.run(params, layout, night=1)
+    assert not again.changed and again.dvc_file == "data/raw.dvc"
+    assert json.loads(manifest.index_path(layout).read_text())["batches"] == index
+    # A batch changed by hand: a clear error that names it, before anything is written.
+    batch_manifest = layout.batches / first.batch_id / "manifest.parquet"
+    kept = batch_manifest.read_bytes()
+    pd.read_parquet(batch_manifest).head(3).to_parquet(batch_manifest, index=False)
+    with pytest.raises(MedloopError, match=rf"batch {first.batch_id} changed since collect indexed it \(manifest.parquet\)"):
+        clean.run(params, layout)
+    batch_manifest.write_bytes(kept)
+    # A stored image changed by hand: quarantined, with the reason, when clean decodes it.
+    stored = layout.raw / manifest.read(layout)["record_id"].iloc[0]
+    stored.write_bytes(stored.read_bytes() + b"\0")
+    outcome = clean.run(params, layout)
+    assert outcome.quarantined == 1
+    assert "stored file changed since collect" in Path(outcome.quarantine).read_text()
 
 
 def test_explicit_night_is_collected_once(tmp_path):

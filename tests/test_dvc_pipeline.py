@@ -40,7 +40,7 @@ def test_stages_cache_and_rerun_only_what_changed(tmp_path):
     assert ran_stages(layout) == ["clean", "validate", "preprocess"]
     lock = yaml.safe_load((layout.root / "dvc.lock").read_text())
     clean_deps = {dep["path"] for dep in lock["stages"]["clean"]["deps"]}
-    assert {"data/raw", "pipelines/clean.py", "pipelines/data/images.py"} <= clean_deps
+    assert {"data/raw/index.json", "pipelines/clean.py", "pipelines/data/images.py"} <= clean_deps
     assert set(lock["stages"]["preprocess"]["params"]["params.yaml"]) >= {"preprocess", "model.classes"}
 
 

@@ -6,10 +6,20 @@ Each collect run that finds something new writes one batch folder,
 not be stored (unreadable, impossible to de-identify, vanished) still get a row, with
 ``status = "rejected"`` and the reason, so clean can put them on the quarantine list: nothing
 disappears without a trace.
+
+``data/raw/index.json`` pins the archive in one small file: for each batch, the SHA-256 of each
+file at its top (``manifest.parquet``, a table's ``rows.parquet``); the images below are pinned
+by their ``content_hash`` in the manifest. Clean depends on this file instead of the whole of
+``data/raw``, so DVC need not walk every stored image of the archive several times a night; clean
+checks the index against the batches (`check_index`) and each image it decodes against its
+content hash, so the pin is verified, never assumed. Collect writes it with each batch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable
@@ -17,10 +27,12 @@ from typing import Iterable
 import pandas as pd
 
 from pipelines.config import METADATA_SUBGROUPS
+from pipelines.errors import MedloopError
 from pipelines.values import utc_now
 from pipelines.workspace import Layout
 
 MANIFEST_FILE = "manifest.parquet"
+INDEX_FILE = "index.json"
 
 # column -> pandas dtype; the order is the order on disk
 COLUMNS: dict[str, str] = {
@@ -98,3 +110,67 @@ def stored_rows(layout: Layout, record_ids: Iterable[str] | None = None) -> pd.D
         part.index = group["record_id"].to_numpy()
         parts.append(part)
     return pd.concat(parts) if parts else pd.DataFrame()
+
+
+def index_path(layout: Layout) -> Path:
+    return layout.raw / INDEX_FILE
+
+
+def batch_index(layout: Layout, extra: dict[str, Path] | None = None) -> dict:
+    """The index of the batches in ``data/raw`` (and ``extra``: batch id -> a folder not yet
+    published): ``{"batches": {batch id: {file name: SHA-256}}}`` for the files at each batch's
+    top, in sorted order."""
+    folders = {path.name: path for path in layout.batches.iterdir() if path.is_dir()} if layout.batches.is_dir() else {}
+    folders.update(extra or {})
+    batches = {}
+    for batch_id in sorted(folders):
+        files = sorted(path for path in folders[batch_id].iterdir() if path.is_file())
+        batches[batch_id] = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
+    return {"batches": batches}
+
+
+def write_index(index: dict, folder: Path) -> Path:
+    """Write ``index`` into ``folder`` (beside its final place, for an atomic rename); the file."""
+    path = folder / f"{INDEX_FILE}.{os.getpid()}"
+    path.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def publish_index(layout: Layout, written: Path) -> None:
+    """Put an index `write_index` wrote in its place, in one rename."""
+    os.replace(written, index_path(layout))
+
+
+def index_is_current(layout: Layout) -> bool:
+    path = index_path(layout)
+    try:
+        return json.loads(path.read_text()) == batch_index(layout)
+    except (OSError, ValueError):
+        return False
+
+
+def check_index(layout: Layout) -> None:
+    """Raise a clear error unless ``data/raw/index.json`` describes the batches as they are."""
+    path = index_path(layout)
+    if not path.is_file():
+        raise MedloopError(f"{path}: missing; `medloop collect` writes it (run it once: it indexes the "
+                           "batches already collected even when nothing is new)")
+    try:
+        recorded = json.loads(path.read_text())["batches"]
+    except (ValueError, KeyError, TypeError):
+        raise MedloopError(f"{path}: not an index of batches; run `medloop collect` to write it again") from None
+    actual = batch_index(layout)["batches"]
+    for batch_id in sorted(set(recorded) | set(actual)):
+        if batch_id not in actual:
+            problem = "is listed in the index but not in data/raw/batches"
+        elif batch_id not in recorded:
+            problem = "is in data/raw/batches but not in the index"
+        elif recorded[batch_id] != actual[batch_id]:
+            names = sorted(name for name in set(recorded[batch_id]) | set(actual[batch_id])
+                           if recorded[batch_id].get(name) != actual[batch_id].get(name))
+            problem = f"changed since collect indexed it ({', '.join(names)})"
+        else:
+            continue
+        raise MedloopError(f"{path}: batch {batch_id} {problem}. data/raw changes only through `medloop "
+                           "collect`; restore the batch (`dvc checkout data/raw`) or run `medloop collect`, "
+                           "which indexes the batches as they are")

@@ -70,6 +70,10 @@ def create_workspace(target: str | Path, params_file: str | Path | None = None) 
     if not gitignore.exists():
         gitignore.write_text(WORKSPACE_GITIGNORE)
     configure_remote(layout, params.storage)
+    if not fresh:
+        from pipelines.collect import index_batches
+
+        index_batches(layout)  # clean's dependency (dvc.yaml), for data collected by earlier code
     git(layout, "add", "-A")
     if git(layout, "status", "--porcelain").stdout.strip():
         git(layout, "-c", "user.name=medloop", "-c", "user.email=medloop@localhost",
