@@ -14,8 +14,12 @@
 - Images are resized and contrast-normalised once and written as TFRecord shards of raw uint8
   pixels, which tf.data reads without decoding. An image an earlier night prepared with the same
   size and code is reused (`pipelines.ops.item_cache`); new ones are prepared on the engine
-  ``compute`` names (`pipelines.ops.compute`). The shards are written every night in the
-  split's order, so they are the same bytes as a full recompute, and published only when complete. Tabular features are imputed and scaled with
+  ``compute`` names (`pipelines.ops.compute`). The shards (``images/<split>-<n>.tfrecord``)
+  hold each split's items in record-id order, which starts with the batch id, so a night's new
+  items come last; a shard whose items, labels and code are those of last night's shard of the
+  same name is hard-linked from last night's output (a persistent DVC output, so DVC need not
+  hash it again), the others are written. Either way they are the same bytes as a full
+  recompute, published only when complete. Tabular features are imputed and scaled with
   statistics fitted on the training split only; the statistics are saved for serving.
 
 Outputs: ``data/processed/`` (``index.parquet``, ``preprocess.json``, ``images/*.tfrecord`` or
@@ -333,22 +337,31 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
     shards: dict[str, list[str]] = {}
     shard_of = np.empty(len(usable), dtype=object)
     cache = ItemCache.open(layout.state, "preprocess", [sys.modules[__name__]], {"image_size": [height, width]})
+    previous = previous_shards(layout.processed, cache.version)
+    members = shard_members(usable)
+    kept = 0
     with item_map(params.compute, "preprocess") as engine:
         for split in SPLITS:
             positions = np.flatnonzero(usable["split"].to_numpy() == split)
             count = max(1, -(-len(positions) // shard_size))
             shards[split] = []
             for shard in range(count):
-                name = f"images/{split}-{shard:05d}-of-{count:05d}.tfrecord"
+                # Items sort by record id, which starts with the batch id: a night's new items
+                # come last in their split, and the shards before theirs keep their members.
+                name = f"images/{split}-{shard:05d}.tfrecord"
                 shards[split].append(name)
                 chosen = positions[shard * shard_size : (shard + 1) * shard_size]
+                shard_of[chosen] = name
+                if previous.get(name) == members_digest(members[chosen]) and _link(layout.processed / name, out / name):
+                    kept += 1
+                    continue
                 # One shard's pixels in memory at a time, however large the data set.
                 pixels = _reuse_or_prepare([jobs[p] for p in chosen], [keys[p] for p in chosen], engine, cache)
                 with tf.io.TFRecordWriter(str(out / name)) as writer:
                     for position, image in zip(chosen, pixels):
                         writer.write(_example(image, labels[position], record_ids[position]).SerializeToString())
-                shard_of[chosen] = name
-    log.info("preprocess: images %s", cache.describe())
+    log.info("preprocess: images %s; %d of %d shards kept from the last run (same items, labels and code)",
+             cache.describe(), kept, sum(len(names) for names in shards.values()))
     usable["shard"] = shard_of
     index = items.merge(usable[["record_id", "shard"]], on="record_id", how="left")
     index.to_parquet(out / "index.parquet", index=False)
@@ -356,9 +369,47 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
         "image": {"height": height, "width": width, "channels": channels, "dtype": "uint8",
                   "normalisation": "per-image contrast stretch of the 0.5-99.5 percentile range to 0-255"},
         "shards": shards,
+        "shard_version": cache.version,
         "tfrecord_features": {"image": "bytes (raw uint8, row-major HxWxC)", "label": "int64",
                               "record_id": "bytes"},
     }
+
+
+def shard_members(items: pd.DataFrame) -> np.ndarray:
+    """What decides a shard's bytes, one string per item: record id, label index and the cleaned
+    image's SHA-256 (the pixels, given the shard version: the code and the image size)."""
+    return (items["record_id"].astype(str) + "\t" + items["label_index"].astype(str) + "\t"
+            + items["image_sha256"].astype(str)).to_numpy()
+
+
+def members_digest(members: np.ndarray) -> str:
+    return hashlib.sha256("\n".join(members).encode()).hexdigest()
+
+
+def previous_shards(processed: Path, version: str) -> dict[str, str]:
+    """The shards of the last run's ``data/processed`` (a persistent DVC output) and the digest of
+    their members, when written with the same code and image size; else nothing."""
+    try:
+        summary = json.loads((processed / "preprocess.json").read_text())
+        if summary.get("shard_version") != version:
+            return {}
+        index = pd.read_parquet(processed / "index.parquet", columns=["record_id", "label_index", "image_sha256", "shard"])
+    except (OSError, ValueError, KeyError):
+        return {}
+    index = index[index["shard"].notna()]
+    members = shard_members(index)
+    return {name: members_digest(members[positions])
+            for name, positions in index.groupby("shard", sort=False).indices.items()}
+
+
+def _link(previous: Path, target: Path) -> bool:
+    """Hard-link last run's shard into the new output: it keeps its inode and times, so DVC need
+    not hash it again. False where that cannot be done (then it is written)."""
+    try:
+        os.link(previous, target)
+    except OSError:
+        return False
+    return True
 
 
 def _reuse_or_prepare(jobs: list[tuple], keys: list[str], engine: Any, cache: ItemCache) -> list[bytes]:

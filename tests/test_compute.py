@@ -198,12 +198,13 @@ def test_compute_settings_are_checked():
 def test_a_night_reuses_earlier_nights_work_and_writes_what_a_full_recompute_writes(tmp_path, caplog):
     raw = image_params()
     raw["source"].update(nights=3, images_per_night=12, image_size=64, jpeg_fraction=0.0)
-    raw["preprocess"]["image_size"] = [32, 32]
+    raw["preprocess"].update(image_size=[32, 32], shard_size=4)
     layout = make_workspace(tmp_path, raw)
     for _ in range(2):
         collect.run(load(layout), layout)
     clean_and_preprocess(layout)  # nights 1 and 2: everything computed, and kept
     before = {path.name: path.stat().st_ino for path in (layout.clean / "images").iterdir()}
+    shards_before = {path.name: path.stat().st_ino for path in (layout.processed / "images").iterdir()}
     collect.run(load(layout), layout)
     caplog.clear()
     with caplog.at_level("INFO", logger="medloop"):
@@ -218,8 +219,16 @@ def test_a_night_reuses_earlier_nights_work_and_writes_what_a_full_recompute_wri
     computed, reused = (int(word) for word in re.findall(r"(\d+) (?:computed|reused)", clean_line))
     assert 0 < computed <= new_items and reused >= 20  # only what the third night brought
     assert any(m.startswith("preprocess: images ") and " reused" in m for m in messages)
+    # The shards before the night's new items keep their members: linked from last night's output.
+    preprocess_line = next(m for m in messages if m.startswith("preprocess: images "))
+    kept, total = (int(n) for n in re.search(r"(\d+) of (\d+) shards kept", preprocess_line).groups())
+    shards_after = {path.name: path.stat().st_ino for path in (layout.processed / "images").iterdir()}
+    linked = [name for name, inode in shards_before.items() if shards_after.get(name) == inode]
+    assert 0 < kept < total and len(linked) == kept, (preprocess_line, linked)
 
-    shutil.rmtree(layout.state / "cache")  # a full recompute, as a fresh clone does
+    # A full recompute, as a fresh clone does: no cache, no earlier outputs to link.
+    for folder in (layout.state / "cache", layout.clean, layout.processed):
+        shutil.rmtree(folder)
     assert clean_and_preprocess(layout) == incremental
 
     # A changed setting is a new cache version: nothing stale is read.
@@ -230,7 +239,7 @@ def test_a_night_reuses_earlier_nights_work_and_writes_what_a_full_recompute_wri
     with caplog.at_level("INFO", logger="medloop"):
         clean_and_preprocess(layout)
     preprocess_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("preprocess: images"))
-    assert preprocess_line.endswith(" 0 reused from earlier nights")
+    assert " 0 reused from earlier nights; 0 of " in preprocess_line
 
 
 def manifest_of(layout):

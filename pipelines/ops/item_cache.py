@@ -61,6 +61,11 @@ class ItemCache:
         folder.mkdir(parents=True, exist_ok=True)
         return cls(folder)
 
+    @property
+    def version(self) -> str:
+        """The hash of the settings and code this cache's results were computed with."""
+        return self.folder.name
+
     def get(self, key: str) -> tuple[dict, bytes] | None:
         """The header and bytes stored under ``key``, or None."""
         return self._counted(self._read(key, payload=True))
