@@ -339,7 +339,7 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
     cache = ItemCache.open(layout.state, "preprocess", [sys.modules[__name__]], {"image_size": [height, width]})
     previous = previous_shards(layout.processed, cache.version)
     members = shard_members(usable)
-    kept = 0
+    kept, sizes = 0, {}
     with item_map(params.compute, "preprocess") as engine:
         for split in SPLITS:
             positions = np.flatnonzero(usable["split"].to_numpy() == split)
@@ -354,12 +354,13 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
                 shard_of[chosen] = name
                 if previous.get(name) == members_digest(members[chosen]) and _link(layout.processed / name, out / name):
                     kept += 1
-                    continue
-                # One shard's pixels in memory at a time, however large the data set.
-                pixels = _reuse_or_prepare([jobs[p] for p in chosen], [keys[p] for p in chosen], engine, cache)
-                with tf.io.TFRecordWriter(str(out / name)) as writer:
-                    for position, image in zip(chosen, pixels):
-                        writer.write(_example(image, labels[position], record_ids[position]).SerializeToString())
+                else:
+                    # One shard's pixels in memory at a time, however large the data set.
+                    pixels = _reuse_or_prepare([jobs[p] for p in chosen], [keys[p] for p in chosen], engine, cache)
+                    with tf.io.TFRecordWriter(str(out / name)) as writer:
+                        for position, image in zip(chosen, pixels):
+                            writer.write(_example(image, labels[position], record_ids[position]).SerializeToString())
+                sizes[name] = os.path.getsize(out / name)
     log.info("preprocess: images %s; %d of %d shards kept from the last run (same items, labels and code)",
              cache.describe(), kept, sum(len(names) for names in shards.values()))
     usable["shard"] = shard_of
@@ -370,6 +371,7 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
                   "normalisation": "per-image contrast stretch of the 0.5-99.5 percentile range to 0-255"},
         "shards": shards,
         "shard_version": cache.version,
+        "shard_bytes": sizes,
         "tfrecord_features": {"image": "bytes (raw uint8, row-major HxWxC)", "label": "int64",
                               "record_id": "bytes"},
     }
@@ -388,18 +390,28 @@ def members_digest(members: np.ndarray) -> str:
 
 def previous_shards(processed: Path, version: str) -> dict[str, str]:
     """The shards of the last run's ``data/processed`` (a persistent DVC output) and the digest of
-    their members, when written with the same code and image size; else nothing."""
+    their members, when written with the same code and image size; else nothing. A shard whose
+    file is not the size that run recorded (cut short, changed by hand) is left out: rewritten."""
     try:
         summary = json.loads((processed / "preprocess.json").read_text())
         if summary.get("shard_version") != version:
             return {}
+        sizes = summary["shard_bytes"]
         index = pd.read_parquet(processed / "index.parquet", columns=["record_id", "label_index", "image_sha256", "shard"])
     except (OSError, ValueError, KeyError):
         return {}
     index = index[index["shard"].notna()]
     members = shard_members(index)
     return {name: members_digest(members[positions])
-            for name, positions in index.groupby("shard", sort=False).indices.items()}
+            for name, positions in index.groupby("shard", sort=False).indices.items()
+            if _size(processed / name) == sizes.get(name)}
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def _link(previous: Path, target: Path) -> bool:

@@ -225,6 +225,11 @@ def test_a_night_reuses_earlier_nights_work_and_writes_what_a_full_recompute_wri
     shards_after = {path.name: path.stat().st_ino for path in (layout.processed / "images").iterdir()}
     linked = [name for name, inode in shards_before.items() if shards_after.get(name) == inode]
     assert 0 < kept < total and len(linked) == kept, (preprocess_line, linked)
+    # A kept shard cut short (by hand, a bad disk) is not linked again: it is written whole.
+    victim = layout.processed / "images" / linked[0]
+    victim.write_bytes(victim.read_bytes()[:-10])
+    preprocess.run(load(layout), layout)
+    assert outputs(layout) == incremental
 
     # A full recompute, as a fresh clone does: no cache, no earlier outputs to link.
     for folder in (layout.state / "cache", layout.clean, layout.processed):
