@@ -219,7 +219,8 @@ def salted():
 # How long the end of the session waits for Prefect's log and event workers to send what they
 # hold. Prefect's own harness (`prefect_test_harness`) waits without a limit: on CI (2026-12-01)
 # its drain never returned and the session hung in its teardown until pytest-timeout failed it
-# 900 s later.
+# 900 s later. The cause was a world that stopped its own Prefect server while this process's
+# workers were bound to it (tests/test_production.py now drains them first); the limit stays.
 PREFECT_DRAIN_S = 60
 
 
