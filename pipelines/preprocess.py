@@ -352,7 +352,8 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
                 shards[split].append(name)
                 chosen = positions[shard * shard_size : (shard + 1) * shard_size]
                 shard_of[chosen] = name
-                if previous.get(name) == members_digest(members[chosen]) and _link(layout.processed / name, out / name):
+                if (name in previous and previous[name] == members_digest(members[chosen])
+                        and _link(layout.processed / name, out / name)):
                     kept += 1
                 else:
                     # One shard's pixels in memory at a time, however large the data set.

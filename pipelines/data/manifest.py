@@ -142,11 +142,12 @@ def publish_index(layout: Layout, written: Path) -> None:
 
 
 def index_is_current(layout: Layout) -> bool:
-    path = index_path(layout)
+    """Whether ``data/raw/index.json`` describes the batches as they are (`check_index` passes)."""
     try:
-        return json.loads(path.read_text()) == batch_index(layout)
-    except (OSError, ValueError):
+        check_index(layout)
+    except MedloopError:
         return False
+    return True
 
 
 def check_index(layout: Layout) -> None:
@@ -157,7 +158,9 @@ def check_index(layout: Layout) -> None:
                            "batches already collected even when nothing is new)")
     try:
         recorded = json.loads(path.read_text())["batches"]
-    except (ValueError, KeyError, TypeError):
+        if not all(isinstance(files, dict) for files in recorded.values()):
+            raise TypeError("a batch's entry is not a table of files")
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise MedloopError(f"{path}: not an index of batches; run `medloop collect` to write it again") from None
     actual = batch_index(layout)["batches"]
     for batch_id in sorted(set(recorded) | set(actual)):
