@@ -4,8 +4,8 @@ Collect reads the outside world, so it is a task and not a DVC stage. It is incr
 whose keyed content hash is already in the manifest is not collected again, so running collect
 twice with nothing new changes nothing. New items are de-identified in memory, written into a
 staging folder with their batch manifest, and published by one rename, so a failure half-way
-leaves the previous data version exactly as it was. Then ``dvc add data/raw`` records the new
-version.
+leaves the previous data version exactly as it was. Then ``dvc add`` records the new batch and
+the index (`record_batches`): the new version.
 
 Items that cannot be stored (unreadable, impossible to de-identify, vanished from the source,
 duplicated within the batch) are still recorded in the manifest as ``rejected`` or
@@ -39,7 +39,7 @@ from pipelines.errors import DeidentificationError, DiskFullError, MedloopError,
 from pipelines.data.sources import open_source
 from pipelines.data.sources.base import ItemUnavailable, SourceState
 from pipelines.ops.compute import item_map
-from pipelines.ops.versioning import track
+from pipelines.ops.versioning import dvc
 from pipelines.values import utc_now
 from pipelines.workspace import Layout
 
@@ -59,7 +59,8 @@ class CollectResult:
         rejected: items recorded but not stored (reason in the manifest).
         duplicates: items repeated within this batch (recorded, not stored twice).
         already_collected: items skipped because an earlier batch has them.
-        dvc_file: the ``.dvc`` file that tracks data/raw.
+        dvc_file: the ``.dvc`` file of ``data/raw/index.json``, which pins every batch (when
+            DVC recorded something).
     """
 
     batch_id: str | None
@@ -135,23 +136,23 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
         shutil.rmtree(staging, ignore_errors=True)
         if written is not None:
             written.unlink(missing_ok=True)
-    record = layout.raw.with_name(layout.raw.name + ".dvc")
-    recorded = record.read_bytes() if record.exists() else None
+    records = _raw_records(layout, [batch_id])
     started = time.time()
     try:
-        dvc_file = track(layout, layout.raw)
+        dvc_file = record_batches(layout, [batch_id])
     except MedloopError as exc:
-        # Unpublish: data/raw and its record must be the version DVC last recorded. The batch goes
-        # first: on a full disk, that frees the space the record may need to be put back.
+        # Unpublish: data/raw and its records must be the version DVC last recorded. The batch goes
+        # first: on a full disk, that frees the space the records may need to be put back.
         shutil.rmtree(layout.batches / batch_id, ignore_errors=True)
         _put_back(index_file, indexed)
-        _put_back(record, recorded)
+        for path, content in records.items():
+            _put_back(path, content)
         _drop_dvc_leftovers(layout, started)
         if not says_disk_full(str(exc)):
             raise
         log.warning("batch %s: the disk is full while DVC records it: %s", batch_id, exc)
         raise DiskFullError(_disk_full(layout, layout.root / ".dvc", batch_id,
-                                       "while `dvc add data/raw` copied the batch into the DVC cache",
+                                       f"while `dvc add data/raw/batches/{batch_id}` copied the batch into the DVC cache",
                                        "The batch was withdrawn")) from None
     result = CollectResult(
         batch_id=batch_id,
@@ -494,11 +495,17 @@ def _disk_full(layout: Layout, folder: Path, batch_id: str, when: str, outcome: 
 
 
 def index_batches(layout: Layout) -> str | None:
-    """When ``data/raw/index.json`` does not describe the batches (a workspace collected before
-    the index existed, or a batch restored by hand), write it and record data/raw with DVC; the
-    ``.dvc`` file then, else None. Collect runs it on a night with nothing new, and a refresh of
-    the workspace's code (`medloop init`) too."""
-    if not layout.batches.is_dir() or manifest.index_is_current(layout):
+    """When ``data/raw/index.json`` or DVC's records do not describe the batches (a workspace
+    collected before the index or per-batch records existed, or a batch restored by hand), write
+    the index and record the batches with DVC; the index's ``.dvc`` file then, else None. Collect
+    runs it on a night with nothing new, and a refresh of the workspace's code (`medloop init`)
+    too."""
+    if not layout.batches.is_dir():
+        return None
+    batches = manifest.batch_ids(layout)
+    recorded = sorted(path.stem for path in layout.batches.glob("*.dvc"))
+    if (manifest.index_is_current(layout) and recorded == batches and layout.raw_record.is_file()
+            and not layout.raw_folder_record.exists()):
         return None
     layout.tmp.mkdir(parents=True, exist_ok=True)
     written = manifest.write_index(manifest.batch_index(layout), layout.tmp)
@@ -507,7 +514,42 @@ def index_batches(layout: Layout) -> str | None:
     finally:
         written.unlink(missing_ok=True)
     log.info("indexed the batches already collected (%s)", manifest.index_path(layout))
-    return track(layout, layout.raw).relative_to(layout.root).as_posix()
+    gone = [batch for batch in recorded if batch not in batches]
+    if gone:  # the folder went (as `dvc add data/raw` recorded a deletion before): drop its record
+        dvc(layout, "remove", "--quiet", *(layout.batch_record(batch).relative_to(layout.root).as_posix()
+                                          for batch in gone))
+    return record_batches(layout, batches).relative_to(layout.root).as_posix()
+
+
+def record_batches(layout: Layout, batch_ids: list[str]) -> Path:
+    """``dvc add`` the named batches, each in its own ``data/raw/batches/<id>.dvc``, and the index
+    (``data/raw/index.json.dvc``), in one DVC call; the index's record.
+
+    A batch never changes once collected, so recording it alone lets a night's ``dvc add`` hash
+    only that night's files (DVC walked and looked up every file of ``data/raw`` each night when
+    it was one record). A workspace recorded that way (``data/raw.dvc``) is moved over first:
+    that record goes (`dvc remove` keeps the files; DVC's cache already holds them) and every
+    batch is recorded.
+    """
+    legacy = layout.raw_folder_record
+    if legacy.exists():
+        dvc(layout, "remove", "--quiet", legacy.relative_to(layout.root).as_posix())
+        batch_ids = manifest.batch_ids(layout)
+        log.info("data/raw: recorded batch by batch from now on (%d batches; data/raw.dvc removed)", len(batch_ids))
+    targets = [layout.batches / batch for batch in batch_ids] + [manifest.index_path(layout)]
+    dvc(layout, "add", *(path.relative_to(layout.root).as_posix() for path in targets))  # not --quiet: it hides DVC's error too
+    return layout.raw_record
+
+
+def _raw_records(layout: Layout, batch_ids: list[str]) -> dict[Path, bytes | None]:
+    """The small files a `record_batches` of ``batch_ids`` may change, with their content now
+    (None: not there), to put back if it fails; all batches' when data/raw is still one record."""
+    if layout.raw_folder_record.exists():
+        batch_ids = manifest.batch_ids(layout) + batch_ids
+    paths = [layout.raw_folder_record, layout.root / "data" / ".gitignore", layout.raw / ".gitignore",
+             layout.batches / ".gitignore", layout.raw_record,
+             *(layout.batch_record(batch) for batch in batch_ids)]
+    return {path: path.read_bytes() if path.exists() else None for path in dict.fromkeys(paths)}
 
 
 def _put_back(path: Path, content: bytes | None) -> None:

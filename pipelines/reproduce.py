@@ -244,7 +244,16 @@ def _registered_metrics(params: Params, layout: Layout, version: str) -> dict:
 
 def _pull_inputs(copy: Layout, workspace: Layout, commit: str) -> None:
     """``dvc pull`` the collected data and the frozen test set into the worktree's own cache."""
-    targets = [path for path in INPUTS if _tracked(copy, path)]
+    for path in INPUTS:
+        targets = _pull_targets(copy, path)
+        if targets:
+            # One input a call: given data/raw's `.dvc` files and a stage's output (data/splits)
+            # in one `dvc pull`, DVC 3.67 fetched the output and data/raw/index.json but none of
+            # the batch folders, and still exited 0.
+            _pull(copy, workspace, commit, targets)
+
+
+def _pull(copy: Layout, workspace: Layout, commit: str, targets: list[str]) -> None:
     done = dvc(copy, "pull", *targets, check=False)
     if done.returncode == 0:
         return
@@ -260,11 +269,17 @@ def _pull_inputs(copy: Layout, workspace: Layout, commit: str) -> None:
     raise ReproduceError(f"`dvc pull` failed for commit {commit[:12]} (remote: {remote}):\n{output[-2000:]}")
 
 
-def _tracked(copy: Layout, path: str) -> bool:
+def _pull_targets(copy: Layout, path: str) -> list[str]:
+    """What to name to ``dvc pull`` for ``path`` at the checked-out commit: the path itself when a
+    ``.dvc`` file or the lock file records it whole; the ``.dvc`` files below it when it is
+    recorded in parts (data/raw, batch by batch); nothing when it is not recorded."""
     if (copy.root / f"{path}.dvc").is_file():
-        return True
+        return [path]
     lock = copy.root / "dvc.lock"
-    return lock.is_file() and f"path: {path}\n" in lock.read_text()
+    if lock.is_file() and f"path: {path}\n" in lock.read_text():
+        return [path]
+    folder = copy.root / path
+    return sorted(record.relative_to(copy.root).as_posix() for record in folder.rglob("*.dvc")) if folder.is_dir() else []
 
 
 def _object_paths(md5s: list[str], roots: list[Path]) -> dict[str, str]:

@@ -39,6 +39,21 @@ class Layout:
         return self.raw / "batches"
 
     @property
+    def raw_record(self) -> Path:
+        """DVC's record of ``data/raw/index.json``, which pins every batch: its hash is the
+        archive's version. Each batch has its own record beside its folder (`batch_record`)."""
+        return self.raw / "index.json.dvc"
+
+    def batch_record(self, batch_id: str) -> Path:
+        return self.batches / f"{batch_id}.dvc"
+
+    @property
+    def raw_folder_record(self) -> Path:
+        """``data/raw.dvc``: how workspaces collected before per-batch records recorded data/raw
+        (one folder, hashed whole by every ``dvc add``); collect moves them over."""
+        return self.root / "data" / "raw.dvc"
+
+    @property
     def feedback(self) -> Path:
         return self.root / "data" / "feedback"
 

@@ -61,7 +61,7 @@ def stage_task(workspace: str, stage: str, flow_run_id: str | None = None) -> di
     ``flow_run_id`` in their environment and tag their MLflow runs with it.
 
     Only this stage is checked and run: the flows run the stages in order after collect's
-    ``dvc add data/raw``, so the ones upstream are already up to date, and checking them again
+    ``dvc add`` of its batch, so the ones upstream are already up to date, and checking them again
     would walk every file of the archive once more per stage (`pipelines.ops.versioning.repro`).
     """
     progress.emit(stage, "running")

@@ -22,6 +22,7 @@ from conftest import image_params, load, make_workspace
 from pipelines import clean, collect
 from pipelines.data import manifest
 from pipelines.errors import MedloopError
+from pipelines.ops.versioning import dvc, git
 from tests_support import chest_dicom, pydicom_test_file
 
 MIN_SIDE = 64
@@ -167,7 +168,7 @@ def test_collect_twice_with_nothing_new_changes_nothing(tmp_path, folder_source)
     params = image_params(kind="image_folder", path=str(folder_source))
     layout = make_workspace(tmp_path, params)
     first = collect.run(load(layout), layout)
-    dvc_file = layout.root / "data" / "raw.dvc"
+    dvc_file = layout.raw_record
     before = dvc_file.read_text()
     second = collect.run(load(layout), layout)
     assert first.changed and not second.changed
@@ -175,7 +176,7 @@ def test_collect_twice_with_nothing_new_changes_nothing(tmp_path, folder_source)
     assert second.already_collected == first.stored + first.rejected + first.duplicates
     # new arrivals are appended as a new batch; old batches untouched
     write(folder_source, "train/PNEUMONIA/person900_virus_1.png", png(radiograph(900)))
-    old = {p: p.read_bytes() for p in layout.batches.rglob("*") if p.is_file()}
+    old = {p: p.read_bytes() for p in layout.batches.glob("*/**/*") if p.is_file()}  # the batches, not their records
     third = collect.run(load(layout), layout)
     assert third.stored == 1
     assert all(p.read_bytes() == data for p, data in old.items())
@@ -204,11 +205,27 @@ def test_the_index_pins_data_raw_for_clean(tmp_path):
     first = collect.run(params, layout)
     index = json.loads(manifest.index_path(layout).read_text())["batches"]
     assert list(index) == [first.batch_id] and set(index[first.batch_id]) == {"manifest.parquet"}
-    # A workspace collected before the index existed: a night with nothing new writes and records it.
+    # DVC records each batch alone, and the index: a night's `dvc add` hashes that night's files.
+    assert layout.batch_record(first.batch_id).is_file() and layout.raw_record.is_file()
+    # A workspace collected before the index and per-batch records existed (data/raw recorded as
+    # one folder): a night with nothing new writes the index and moves the records over.
+    dvc(layout, "remove", "--quiet", layout.batch_record(first.batch_id).relative_to(layout.root).as_posix(),
+        layout.raw_record.relative_to(layout.root).as_posix())
+    manifest.index_path(layout).unlink()
+    git(layout, "rm", "-r", "--cached", "--quiet", "data/raw")  # what DVC's autostage put there
+    dvc(layout, "add", "--quiet", "data/raw")
+    assert layout.raw_folder_record.is_file()
+    second = collect.run(params, layout)
+    assert second.changed and second.dvc_file == "data/raw/index.json.dvc"
+    assert not layout.raw_folder_record.exists()
+    assert sorted(path.stem for path in layout.batches.glob("*.dvc")) == [first.batch_id, second.batch_id]
+    records = [path.relative_to(layout.root).as_posix() for path in layout.raw.rglob("*.dvc")]
+    assert dvc(layout, "status", *records).stdout.strip() == "Data and pipelines are up to date."
     manifest.index_path(layout).unlink()
     again = collect.run(params, layout, night=1)
-    assert not again.changed and again.dvc_file == "data/raw.dvc"
-    assert json.loads(manifest.index_path(layout).read_text())["batches"] == index
+    assert not again.changed and again.dvc_file == "data/raw/index.json.dvc"
+    index = json.loads(manifest.index_path(layout).read_text())["batches"]
+    assert list(index) == [first.batch_id, second.batch_id]
     # A batch changed by hand: a clear error that names it, before anything is written.
     batch_manifest = layout.batches / first.batch_id / "manifest.parquet"
     kept = batch_manifest.read_bytes()

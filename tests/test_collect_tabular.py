@@ -30,9 +30,10 @@ def test_builtin_source_releases_one_night_per_collect_and_then_nothing(tmp_path
     params = load(layout)
     sizes = [collect.run(params, layout).stored for _ in range(4)]
     assert sum(sizes) == 569 and all(size > 100 for size in sizes)
-    dvc_file = layout.root / "data" / "raw.dvc"
+    dvc_file = layout.raw_record
     before = dvc_file.read_text()
     batches = sorted(p.name for p in layout.batches.iterdir())
+    assert len([name for name in batches if name.endswith(".dvc")]) == 4  # DVC records each batch alone
     again = collect.run(params, layout)
     assert not again.changed and again.stored == 0
     assert dvc_file.read_text() == before
@@ -91,7 +92,7 @@ def test_undeclared_identifier_column_is_refused_and_nothing_written(tmp_path):
     rows = breast_cancer_rows(10)
     layout, path = csv_workspace(tmp_path, rows)
     collect.run(load(layout), layout)
-    before = (layout.root / "data" / "raw.dvc").read_text()
+    before = (layout.raw_record).read_text()
     rows["ssn"] = "123-45-6789"
     rows.to_csv(path, index=False)
     with pytest.raises(DeidentificationError) as error:
@@ -99,8 +100,8 @@ def test_undeclared_identifier_column_is_refused_and_nothing_written(tmp_path):
     message = str(error.value)
     assert "'ssn' not declared in params" in message and str(path) in message
     assert "look(s) like an identifier" in message
-    assert (layout.root / "data" / "raw.dvc").read_text() == before
-    assert len(list(layout.batches.iterdir())) == 1
+    assert (layout.raw_record).read_text() == before
+    assert len([path for path in layout.batches.iterdir() if path.is_dir()]) == 1
     assert not any(layout.tmp.iterdir())
 
 

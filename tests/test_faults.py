@@ -309,18 +309,29 @@ def md5(path: Path) -> str:
 
 
 def recorded_raw(layout) -> dict[str, str]:
-    """The files of data/raw as DVC last recorded them (data/raw.dvc and its ``.dir`` object in
-    the cache): relative path -> md5."""
+    """The files of data/raw as DVC last recorded them (each batch's ``.dvc`` file and its ``.dir``
+    object in the cache, and the index's): relative path -> md5."""
     import yaml
 
-    record = yaml.safe_load((layout.root / "data" / "raw.dvc").read_text())
-    digest = record["outs"][0]["md5"]
-    listing = json.loads((layout.root / ".dvc" / "cache" / "files" / "md5" / digest[:2] / digest[2:]).read_text())
-    return {entry["relpath"]: entry["md5"] for entry in listing}
+    recorded = {}
+    for record in layout.batches.glob("*.dvc"):
+        digest = yaml.safe_load(record.read_text())["outs"][0]["md5"]
+        listing = json.loads((layout.root / ".dvc" / "cache" / "files" / "md5" / digest[:2] / digest[2:]).read_text())
+        recorded.update({f"batches/{record.stem}/{entry['relpath']}": entry["md5"] for entry in listing})
+    recorded["index.json"] = yaml.safe_load((layout.raw / "index.json.dvc").read_text())["outs"][0]["md5"]
+    return recorded
 
 
 def raw_files(layout) -> dict[str, str]:
-    return {path.relative_to(layout.raw).as_posix(): md5(path) for path in layout.raw.rglob("*") if path.is_file()}
+    """The data files of data/raw (not DVC's records and git's ignore lists beside them)."""
+    return {path.relative_to(layout.raw).as_posix(): md5(path) for path in layout.raw.rglob("*")
+            if path.is_file() and path.suffix != ".dvc" and path.name != ".gitignore"}
+
+
+def raw_records(layout) -> dict[str, bytes]:
+    """DVC's records of data/raw and git's ignore lists: relative path -> bytes."""
+    return {path.relative_to(layout.root).as_posix(): path.read_bytes() for path in layout.root.joinpath("data").rglob("*")
+            if path.is_file() and (path.suffix == ".dvc" or path.name == ".gitignore")}
 
 
 def assert_nothing_half_written(layout, before: dict, error) -> None:
@@ -333,7 +344,7 @@ def assert_nothing_half_written(layout, before: dict, error) -> None:
     assert "same items are collected again on the next run" in message and "Traceback" not in message
     assert "\n" not in message, "one paragraph"
     assert raw_files(layout) == before["raw"] == recorded_raw(layout)
-    assert (layout.root / "data" / "raw.dvc").read_bytes() == before["record"]
+    assert raw_records(layout) == before["record"]
     assert not layout.tmp.exists() or list(layout.tmp.iterdir()) == []
     cache = layout.root / ".dvc" / "cache" / "files" / "md5"
     for path in cache.rglob("*"):
@@ -358,7 +369,7 @@ def test_a_full_disk_during_collect_leaves_nothing_half_written(tmp_path, monkey
         layout = make_workspace(disk, raw)
         params = load(layout)
         assert collect.run(params, layout).stored == 285  # night 1, on a disk with room
-        before = {"raw": raw_files(layout), "record": (layout.root / "data" / "raw.dvc").read_bytes()}
+        before = {"raw": raw_files(layout), "record": raw_records(layout)}
 
         if mounted:
             # A real full disk: every write fails with ENOSPC, wherever it comes from (pyarrow,

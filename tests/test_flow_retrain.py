@@ -61,7 +61,7 @@ def test_promote_then_nothing_changed_then_a_training_param_change(tmp_path, pre
     assert git(layout, "rev-list", "-n", "1", f"{name}-v1").stdout.strip() == head
     assert git(layout, "status", "--porcelain").stdout.strip() == ""
     committed = git(layout, "show", "--name-only", "--format=", "HEAD").stdout.split()
-    assert "dvc.lock" in committed and "data/raw.dvc" in committed
+    assert "dvc.lock" in committed and "data/raw/index.json.dvc" in committed
     # Data pushed: every object of this data version is on the remote.
     remote = tmp_path / "ws-remote"
     assert remote.is_dir() and any(p.is_file() for p in remote.rglob("*"))
@@ -94,7 +94,7 @@ def test_promote_then_nothing_changed_then_a_training_param_change(tmp_path, pre
     assert shown["flow_run_id"] == first["flow_run_id"] and shown["promotion"]["decision"] == "promoted"
     assert shown["gates"] and all(gate["passed"] for gate in shown["gates"])
     # The data version is the one the tagged commit holds.
-    assert shown["data"]["raw"] and shown["data"]["raw"] in git(layout, "show", f"{name}-v1:data/raw.dvc").stdout
+    assert shown["data"]["raw"] and shown["data"]["raw"] in git(layout, "show", f"{name}-v1:data/raw/index.json.dvc").stdout
     assert shown["params_hash"] and shown["params"]
     # The run's Prefect artifact says what happened.
     with get_client(sync_client=True) as prefect:

@@ -92,8 +92,8 @@ def test_the_loop_round_trip(tmp_path, prefect_server, monkeypatch):
         # v2's lineage names that data version: the committed .dvc hashes at its tag.
         lineage = version_lineage(load(layout), layout, "2")
         assert lineage["git_tag"] == f"{name}-v2" and lineage["trigger"] == "test: night 2"
-        for folder in ("raw", "feedback"):
-            committed = git(layout, "show", f"{name}-v2:data/{folder}.dvc").stdout
+        for folder, record in (("raw", "data/raw/index.json.dvc"), ("feedback", "data/feedback.dvc")):
+            committed = git(layout, "show", f"{name}-v2:{record}").stdout
             assert lineage["data"][folder] and lineage["data"][folder] in committed
 
         # Deploy told the service; it now answers with v2.

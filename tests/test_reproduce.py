@@ -78,9 +78,12 @@ def test_an_object_missing_from_the_remote_is_named(versions):
 
     layout = versions["layout"]
     # Take one collected item of version 1's data out of the remote.
-    raw = yaml.safe_load(git(layout, "show", "breast-cancer-mlp-v1:data/raw.dvc").stdout)["outs"][0]["md5"]
-    manifest = versions["remote"] / "files" / "md5" / raw[:2] / raw[2:]
-    entry = next(item for item in __import__("json").loads(manifest.read_text()) if "batches" in item["relpath"])
+    tag = "breast-cancer-mlp-v1"
+    [record, *_] = [name for name in git(layout, "ls-tree", "--name-only", f"{tag}:data/raw/batches").stdout.split()
+                    if name.endswith(".dvc")]  # DVC records each batch alone
+    batch = yaml.safe_load(git(layout, "show", f"{tag}:data/raw/batches/{record}").stdout)["outs"][0]["md5"]
+    manifest = versions["remote"] / "files" / "md5" / batch[:2] / batch[2:]
+    entry = __import__("json").loads(manifest.read_text())[0]
     victim = versions["remote"] / "files" / "md5" / entry["md5"][:2] / entry["md5"][2:]
     kept = versions["tmp"] / "kept-object"
     shutil.move(victim, kept)

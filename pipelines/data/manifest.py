@@ -13,6 +13,10 @@ by their ``content_hash`` in the manifest. Clean depends on this file instead of
 ``data/raw``, so DVC need not walk every stored image of the archive several times a night; clean
 checks the index against the batches (`check_index`) and each image it decodes against its
 content hash, so the pin is verified, never assumed. Collect writes it with each batch.
+
+DVC records each batch on its own (``data/raw/batches/<batch_id>.dvc``) and the index beside it
+(``data/raw/index.json.dvc``, `Layout.raw_record`), so a night's ``dvc add`` hashes that night's batch, not every
+file of the archive; a batch never changes once collected.
 """
 
 from __future__ import annotations
@@ -116,6 +120,11 @@ def index_path(layout: Layout) -> Path:
     return layout.raw / INDEX_FILE
 
 
+def batch_ids(layout: Layout) -> list[str]:
+    """The batches in ``data/raw/batches``, oldest first."""
+    return sorted(path.name for path in layout.batches.iterdir() if path.is_dir()) if layout.batches.is_dir() else []
+
+
 def batch_index(layout: Layout, extra: dict[str, Path] | None = None) -> dict:
     """The index of the batches in ``data/raw`` (and ``extra``: batch id -> a folder not yet
     published): ``{"batches": {batch id: {file name: SHA-256}}}`` for the files at each batch's
@@ -175,5 +184,5 @@ def check_index(layout: Layout) -> None:
         else:
             continue
         raise MedloopError(f"{path}: batch {batch_id} {problem}. data/raw changes only through `medloop "
-                           "collect`; restore the batch (`dvc checkout data/raw`) or run `medloop collect`, "
-                           "which indexes the batches as they are")
+                           "collect`; restore the batch (`dvc pull -R data/raw` fetches and checks out "
+                           "every batch) or run `medloop collect`, which indexes the batches as they are")

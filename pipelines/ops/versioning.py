@@ -98,7 +98,9 @@ def _run(command: list[str], cwd: Path, *, check: bool, tool: str) -> subprocess
     except FileNotFoundError:
         raise WorkspaceError(f"{tool} is not installed (needed in {cwd})") from None
     if check and done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip()
+        # DVC may put its error on either stream, and its support line on stderr.
+        lines = f"{done.stderr}\n{done.stdout}".splitlines()
+        detail = "\n".join(line for line in lines if line.strip() and not line.startswith("Having any troubles?"))
         raise WorkspaceError(f"`{tool} {' '.join(command[3 if tool == 'dvc' else 1:])}` failed in {cwd}:\n{detail}")
     return done
 

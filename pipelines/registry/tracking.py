@@ -118,10 +118,13 @@ def lineage_tags(params: Params, layout: Layout) -> dict[str, str]:
 
 
 def data_hashes(layout: Layout) -> dict[str, str]:
-    """The DVC hashes of the workspace's data now: raw and feedback (their ``.dvc`` files), the
-    processed data and the frozen test set (``dvc.lock``); ``none`` for what is not there."""
+    """The DVC hashes of the workspace's data now: raw (its index's ``.dvc`` file, which pins
+    every batch; ``data/raw.dvc`` in a workspace not yet recorded batch by batch) and feedback
+    (its ``.dvc`` file), the processed data and the frozen test set (``dvc.lock``); ``none`` for
+    what is not there."""
+    raw = layout.raw_record
     return {
-        DATA_RAW: _dvc_file_hash(layout.root / "data" / "raw.dvc"),
+        DATA_RAW: _dvc_file_hash(raw if raw.is_file() else layout.raw_folder_record),
         DATA_FEEDBACK: _dvc_file_hash(layout.root / "data" / "feedback.dvc"),
         DATA_PROCESSED: _lock_out_hash(layout, "preprocess", "data/processed"),
         DATA_FROZEN_TEST_SET: _lock_out_hash(layout, "preprocess", "data/splits"),
