@@ -13,7 +13,7 @@ preprocess through ``dvc repro``; all of this is setup and not timed), a night o
 new images is collected and taken through the data stages (timed), and the archive, now
 holding that night too, is filled up to the next size, and so on. The night is timed stage by
 stage exactly as the nightly flow runs it (`tasks.data`): collect in this process
-(``collect.run``, which ends with ``dvc add data/raw``), then ``dvc repro --single-item <stage>``
+(``collect.run``, which ends with ``dvc add`` of its batch), then ``dvc repro --single-item <stage>``
 for clean, validate and preprocess (`tasks.data.stage_task`'s command: each stage alone, the ones
 before it having just run). Each stage's time is split
 into the stage's own command and DVC's bookkeeping around it (checking deps, hashing and caching
@@ -131,21 +131,21 @@ class GrowingArchive:
         set_source(self.layout, source_spec(images, self.nights, self.image_size, self.patients, jpeg_fraction))
         track_seconds = []
 
-        def timed_track(*args, **kwargs):  # collect's own `dvc add data/raw`, timed as it runs
+        def timed_record(*args, **kwargs):  # collect's own `dvc add` of the batch, timed as it runs
             started = time.perf_counter()
             try:
-                return track(*args, **kwargs)
+                return record(*args, **kwargs)
             finally:
                 track_seconds.append(time.perf_counter() - started)
 
-        track = collect.track
-        collect.track = timed_track
+        record = collect.record_batches
+        collect.record_batches = timed_record
         try:
             started = time.perf_counter()
             result = collect.run(load_params(self.layout.params_file), self.layout, night=self.nights)
             seconds = time.perf_counter() - started
         finally:
-            collect.track = track
+            collect.record_batches = record
         if result.stored != images:
             raise SystemExit(f"night {self.nights}: {result.stored} of {images} generated images were stored "
                              f"({result.rejected} rejected, {result.duplicates} duplicates)")
@@ -244,7 +244,7 @@ def print_nights(rows: list[dict], night_images: int, image_size: int) -> dict:
     height, width = yaml.safe_load((ROOT / "params.yaml").read_text())["preprocess"]["image_size"]
     print(f"\nA night of {night_images} new images (synthetic {image_size}x{image_size} radiographs, {height}x{width} "
           "shards) on a growing archive, seconds,\nas the nightly flow runs each stage "
-          "(collect in process with `dvc add data/raw`; then `dvc repro --single-item <stage>`):")
+          "(collect in process with `dvc add` of its batch; then `dvc repro --single-item <stage>`):")
     header = f"{'archive':>8} | " + " | ".join(f"{s:>10}" for s in STAGES) + f" | {'data stages':>11}"
     print(header)
     for row in rows:
@@ -286,11 +286,12 @@ def print_nights(rows: list[dict], night_images: int, image_size: int) -> dict:
 
 def engine_throughput(items: int, workers: list[int], out: Path) -> dict:
     """items/s of collect's, clean's and preprocess's per-item work on each engine."""
+    import pandas as pd
     from distributed import Client, LocalCluster
 
     from pipelines import clean, collect, preprocess
     from pipelines.config import load_params
-    from pipelines.data import manifest
+    from pipelines.data import manifest, packs
     from pipelines.data.sources import open_source
     from pipelines.deid.keys import load_salt
     from pipelines.ops.compute import ItemMap, item_map
@@ -310,7 +311,9 @@ def engine_throughput(items: int, workers: list[int], out: Path) -> dict:
     clean_jobs = [(str(layout.raw / record), str(scratch), digest, spec.channels, spec.min_side, spec.max_pixels,
                    spec.dicom) for record, digest in zip(raw["record_id"], raw["content_hash"])]
     height, width = params.preprocess.image_size
-    prepare_jobs = [(str(path), height, width) for path in sorted((layout.clean / "images").glob("*.png"))]
+    with packs.PackReader(layout.clean) as reader:
+        prepare_jobs = [(reader.read(path), height, width)
+                        for path in pd.read_parquet(layout.clean_records)["image_path"].tolist()]
     work = (("collect", collect.deidentify_job, collect_jobs, 8), ("clean", clean.clean_one_image, clean_jobs, 32),
             ("preprocess", preprocess.prepare_image, prepare_jobs, 16))  # the stages' own chunk sizes
 

@@ -9,9 +9,13 @@ same bytes as a full recompute. The outputs are published only when complete:
 
 - ``data/clean/records.parquet``: one row per usable item, labels normalised to
   ``model.classes``; for images the decoded metadata (size, channels, intensity statistics) and
-  a lossless PNG in the configured channels under ``data/clean/images/`` with its SHA-256
-  (``image_sha256``: what preprocess keys its reuse on, without reading every PNG again); for
-  tables the typed features.
+  a lossless PNG in the configured channels with its SHA-256 (``image_sha256``: what preprocess
+  keys its reuse on, without reading every PNG again) and its place (``image_path``); for tables
+  the typed features.
+- ``data/clean/images/<batch_id>.zip``: each batch's usable images, one pack per batch
+  (`pipelines.data.packs`), and ``data/clean/packs.json`` (each pack's members and size): a
+  night writes its own batch's pack and links the others from last night's output, so DVC
+  hashes a few new files, not one per image of the archive.
 - ``data/clean/intake.parquet``: every collected item, accepted or not, with the reason.
 - ``reports/quarantine.csv``: every item that was not accepted, with its source and the reason
   (unreadable, unknown label, duplicate, wrong type, a DICOM whose header breaks
@@ -30,19 +34,21 @@ frozen test set's labels are never changed by this: preprocess keeps the labels 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipelines.data import manifest
+from pipelines.data import manifest, packs
 from pipelines.config import Params
 from pipelines.errors import MedloopError
-from pipelines.ops.compute import item_map, staged_directory
+from pipelines.ops.compute import item_map, keep_from_last_run, staged_directory
 from pipelines.ops.item_cache import ItemCache
 from pipelines.stage import stage_main
 from pipelines.workspace import Layout
@@ -55,6 +61,7 @@ RECORD_BASE_COLUMNS = [
     "patient_id", "study_year", "label", "label_provenance", "label_batch_id",
 ]
 CLINICIAN = "clinician"
+PACKS_FILE = "packs.json"
 IMAGE_COLUMNS = [
     "image_path", "width", "height", "channels", "mean_intensity", "std_intensity",
     "min_intensity", "max_intensity", "conversion", "image_sha256",
@@ -194,43 +201,47 @@ class Verdicts:
 
 
 def _clean_images(params: Params, layout: Layout, out: Path, verdicts: Verdicts) -> pd.DataFrame:
+    from pipelines.data import images
+    from pipelines.deid import image_metadata
+
     spec = params.clean.image
-    images_dir = out / "images"
-    images_dir.mkdir()
+    (out / "images").mkdir()
     todo = verdicts.raw.index[verdicts.accepted]
     chosen = verdicts.raw.loc[todo]
-    raw, target = str(layout.raw), str(images_dir)  # plain strings: this runs once per item of the archive
-    jobs = [
-        (os.path.join(raw, record_id), target, digest, spec.channels, spec.min_side, spec.max_pixels, spec.dicom)
-        for record_id, digest in zip(chosen["record_id"].tolist(), chosen["content_hash"].tolist())
-    ]
-    outcomes = _reuse_or_clean(params, layout, images_dir, jobs)
-    metadata: dict[int, dict] = {}
-    first_with_pixels: dict[str, int] = {}  # pixel hash -> index of the item kept
-    kept_paths: set[str] = set()
-    for index, outcome in zip(todo, outcomes):
-        if "problem" in outcome:
-            verdicts.reject(index, outcome["problem"])
-            continue
-        pixel_hash = outcome.pop("pixel_hash")
-        header_warnings = outcome.pop("header_warnings")
-        if header_warnings:
-            verdicts.note(index, "accepted with a DICOM header warning: " + "; ".join(header_warnings))
-            # The record id is a content hash, never the source path (which may carry a name).
-            log.warning("clean: %s kept despite its DICOM header: %s",
-                        verdicts.raw.at[index, "record_id"], "; ".join(header_warnings))
-        if pixel_hash in first_with_pixels:
-            keeper = first_with_pixels[pixel_hash]
-            if verdicts.is_clinician(index):
-                verdicts.merge_label(index, keeper)
-            else:
-                verdicts.reject(index, f"duplicate image: same pixels as {verdicts.raw.at[keeper, 'source_ref']}")
-            if outcome["image_path"] not in kept_paths:
-                Path(out / outcome["image_path"]).unlink(missing_ok=True)
-            continue
-        first_with_pixels[pixel_hash] = index
-        kept_paths.add(outcome["image_path"])
-        metadata[index] = outcome
+    cache = ItemCache.open(layout.state, "clean", [sys.modules[__name__], images, image_metadata, packs],
+                           params.clean.image.model_dump(mode="json"))
+    layout.tmp.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="clean-", dir=layout.tmp) as loose:  # this night's new PNGs
+        raw = str(layout.raw)  # plain strings: this runs once per item of the archive
+        digests = chosen["content_hash"].tolist()
+        jobs = [(os.path.join(raw, record_id), loose, digest, spec.channels, spec.min_side, spec.max_pixels, spec.dicom)
+                for record_id, digest in zip(chosen["record_id"].tolist(), digests)]
+        outcomes = _reuse_or_clean(params, cache, jobs)
+        metadata: dict[int, dict] = {}
+        first_with_pixels: dict[str, int] = {}  # pixel hash -> index of the item kept
+        for index, digest, batch_id, outcome in zip(todo, digests, chosen["batch_id"].tolist(), outcomes):
+            if "problem" in outcome:
+                verdicts.reject(index, outcome["problem"])
+                continue
+            pixel_hash = outcome.pop("pixel_hash")
+            header_warnings = outcome.pop("header_warnings")
+            if header_warnings:
+                verdicts.note(index, "accepted with a DICOM header warning: " + "; ".join(header_warnings))
+                # The record id is a content hash, never the source path (which may carry a name).
+                log.warning("clean: %s kept despite its DICOM header: %s",
+                            verdicts.raw.at[index, "record_id"], "; ".join(header_warnings))
+            if pixel_hash in first_with_pixels:
+                keeper = first_with_pixels[pixel_hash]
+                if verdicts.is_clinician(index):
+                    verdicts.merge_label(index, keeper)
+                else:
+                    verdicts.reject(index, f"duplicate image: same pixels as {verdicts.raw.at[keeper, 'source_ref']}")
+                continue
+            first_with_pixels[pixel_hash] = index
+            outcome["image_path"] = packs.image_path(batch_id, f"{digest}.png")
+            outcome["content_hash"] = digest
+            metadata[index] = outcome
+        _write_packs(layout, out, cache, Path(loose), list(metadata.values()))
     extra = pd.DataFrame.from_dict(metadata, orient="index", columns=IMAGE_COLUMNS)
     records = verdicts.records(extra)
     for column in ("width", "height", "channels"):
@@ -238,53 +249,79 @@ def _clean_images(params: Params, layout: Layout, out: Path, verdicts: Verdicts)
     return records
 
 
-def _reuse_or_clean(params: Params, layout: Layout, images_dir: Path, jobs: list[tuple]) -> list[dict]:
+def _reuse_or_clean(params: Params, cache: ItemCache, jobs: list[tuple]) -> list[dict]:
     """`clean_one_image` for every job, reusing earlier nights' results of the same stored
     content, settings and code (`pipelines.ops.item_cache`); new results go on ``compute``'s
-    engine and into the cache. A problem is never cached (an unreadable file may be readable
-    tomorrow); it is cheap to find again."""
-    from pipelines.data import images
-    from pipelines.deid import image_metadata
-
-    cache = ItemCache.open(layout.state, "clean", [sys.modules[__name__], images, image_metadata],
-                           params.clean.image.model_dump(mode="json"))
-    outcomes: list[dict | None] = []
-    previous = str(layout.clean / "images")  # last night's output (a persistent DVC output)
-    for job in jobs:
-        digest = job[2]  # the stored file's content hash
-        header = cache.header(digest)
-        if header is not None:
-            name = f"{digest}.png"
-            _keep_or_write(os.path.join(previous, name), os.path.join(job[1], name), header, cache, digest)
-        outcomes.append(header)
+    engine and into the cache (their PNGs also stay in the job's folder for this night's packs).
+    A problem is never cached (an unreadable file may be readable tomorrow); it is cheap to find
+    again."""
+    outcomes: list[dict | None] = [cache.header(job[2]) for job in jobs]  # job[2]: the content hash
     missing = [position for position, outcome in enumerate(outcomes) if outcome is None]
     with item_map(params.compute, "clean") as items:
         computed = items.map(clean_one_image, [jobs[position] for position in missing], chunksize=32)
     for position, outcome in zip(missing, computed):
         outcomes[position] = outcome
         if "problem" not in outcome:
-            cache.put(jobs[position][2], outcome, Path(images_dir, f"{jobs[position][2]}.png").read_bytes())
+            folder, key = jobs[position][1], jobs[position][2]
+            cache.put(key, outcome, Path(folder, f"{key}.png").read_bytes())
     log.info("clean: images %s", cache.describe())
     return outcomes  # type: ignore[return-value]
 
 
-def _keep_or_write(previous: str, target: str, header: dict, cache: ItemCache, key: str) -> None:
-    """Put the cached PNG of ``key`` at ``target``. Where last night's output holds the same bytes
-    (its SHA-256 is the cached one's: read and compared, not assumed), link that file instead, so
-    that it keeps its inode and times and DVC need not hash it again; only otherwise is the
-    cached copy read."""
+def _write_packs(layout: Layout, out: Path, cache: ItemCache, loose: Path, kept: list[dict]) -> None:
+    """Write each batch's usable images into its pack (`pipelines.data.packs`), in record order,
+    and ``packs.json`` beside them: each pack's members digest and size, and the code version.
+
+    A pack whose members are those of last night's pack of the same batch, written with the same
+    code, is hard-linked from last night's output (a persistent DVC output) if that file is still
+    the size recorded then: it keeps its inode and times, so DVC need not hash it again, and its
+    images are not read. Only the packs that changed are written: a night's new batch, or every
+    pack after a change of code or settings.
+    """
+    previous = _previous_packs(layout.clean, cache.version)
+    by_batch: dict[str, list[dict]] = {}
+    for outcome in kept:
+        by_batch.setdefault(packs.split(outcome["image_path"])[0], []).append(outcome)
+    summary, linked = {}, 0
+    for name, outcomes in by_batch.items():
+        members = [(f"{outcome['content_hash']}.png", outcome["image_sha256"]) for outcome in outcomes]
+        digest = packs.members_digest(members)
+        target = out / name
+        last = previous.get(name, {})
+        if last.get("members") == digest and keep_from_last_run(layout.clean / name, target, last.get("bytes")):
+            linked += 1
+        else:
+            packs.write(target, ((member, _png(cache, loose, member, sha256)) for member, sha256 in members))
+        summary[name] = {"members": digest, "bytes": target.stat().st_size}
+    (out / PACKS_FILE).write_text(json.dumps({"version": cache.version, "packs": summary}, indent=1, sort_keys=True) + "\n")
+    log.info("clean: %d of %d packs kept from the last run (same images, same code)", linked, len(summary))
+    for outcome in kept:
+        del outcome["content_hash"]
+
+
+def _previous_packs(clean: Path, version: str) -> dict[str, dict]:
+    """Last run's packs (pack name -> members digest and size) written with the same code and
+    settings; nothing when there is no such run."""
     try:
-        with open(previous, "rb") as existing:
-            same = hashlib.sha256(existing.read()).hexdigest() == header["image_sha256"]
-        if same:
-            os.link(previous, target)
-            return
-    except OSError:
-        pass  # not there, or no hard links on this file system: write it
-    png = cache.payload(key)
-    if png is None:  # the entry went away since its header was read (a concurrent prune)
-        raise MedloopError(f"clean: the cached result of {key[:12]} disappeared while in use; run clean again")
-    Path(target).write_bytes(png)
+        recorded = json.loads((clean / PACKS_FILE).read_text())
+        if recorded.get("version") != version:
+            return {}
+        return {name: {"members": entry["members"], "bytes": entry["bytes"]} for name, entry in recorded["packs"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _png(cache: ItemCache, loose: Path, member: str, sha256: str) -> bytes:
+    """A cleaned PNG for a pack: this night's from its folder, an earlier night's from the cache;
+    checked against the SHA-256 its record carries."""
+    fresh = loose / member
+    png = fresh.read_bytes() if fresh.exists() else cache.payload(member.removesuffix(".png"))
+    if png is None or hashlib.sha256(png).hexdigest() != sha256:
+        # The entry went away (a concurrent prune) or was damaged on disk since it was written.
+        cache.discard(member.removesuffix(".png"))
+        raise MedloopError(f"clean: the cached cleaned image {member[:12]} is missing or damaged "
+                           f"({cache.folder}); it was dropped: run clean again, which computes it anew")
+    return png
 
 
 def clean_one_image(job: tuple) -> dict:
@@ -306,13 +343,12 @@ def clean_one_image(job: tuple) -> dict:
         log.exception("clean: unexpected error decoding %s", Path(path).name)
         return {"problem": f"could not decode the image ({type(exc).__name__}); the traceback is in the log"}
     pixels = image.pixels
-    name = f"images/{digest}.png"
     png = encode_png(pixels)
     Path(images_dir, f"{digest}.png").write_bytes(png)
     shape = "x".join(str(d) for d in pixels.shape).encode()
     return {
         "pixel_hash": hashlib.sha256(shape + pixels.tobytes()).hexdigest(),
-        "image_path": name,
+        "image_path": "",  # its pack's, set by the stage (`pipelines.data.packs`)
         "width": int(pixels.shape[1]),
         "height": int(pixels.shape[0]),
         "channels": int(pixels.shape[2]),

@@ -30,6 +30,7 @@ Outputs: ``data/processed/`` (``index.parquet``, ``preprocess.json``, ``images/*
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -43,8 +44,9 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import Params, PreprocessSpec
+from pipelines.data import packs
 from pipelines.errors import MedloopError
-from pipelines.ops.compute import item_map, staged_directory
+from pipelines.ops.compute import item_map, keep_from_last_run, staged_directory
 from pipelines.ops.item_cache import ItemCache
 from pipelines.stage import stage_main
 from pipelines.workspace import Layout
@@ -328,8 +330,7 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
     out_dir = out / "images"
     out_dir.mkdir()
     usable = items[items["split"].isin(SPLITS)].reset_index(drop=True)
-    clean = str(layout.clean)  # a string, not a Path: this runs once per item of the archive
-    jobs = [(os.path.join(clean, p), height, width) for p in usable["image_path"].tolist()]
+    paths = usable["image_path"].tolist()  # each cleaned PNG's place in its pack (`pipelines.data.packs`)
     keys = usable["image_sha256"].tolist()  # each cleaned PNG's SHA-256, from clean's records
     labels, record_ids = usable["label_index"].tolist(), usable["record_id"].tolist()
 
@@ -337,7 +338,7 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
     shards: dict[str, list[str]] = {}
     shard_of = np.empty(len(usable), dtype=object)
     cache = ItemCache.open(layout.state, "preprocess", [sys.modules[__name__]], {"image_size": [height, width]})
-    previous = previous_shards(layout.processed, cache.version)
+    previous, recorded_sizes = previous_shards(layout.processed, cache.version)
     members = shard_members(usable)
     kept, sizes = 0, {}
     with item_map(params.compute, "preprocess") as engine:
@@ -353,11 +354,12 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
                 chosen = positions[shard * shard_size : (shard + 1) * shard_size]
                 shard_of[chosen] = name
                 if (name in previous and previous[name] == members_digest(members[chosen])
-                        and _link(layout.processed / name, out / name)):
+                        and keep_from_last_run(layout.processed / name, out / name, recorded_sizes.get(name))):
                     kept += 1
                 else:
                     # One shard's pixels in memory at a time, however large the data set.
-                    pixels = _reuse_or_prepare([jobs[p] for p in chosen], [keys[p] for p in chosen], engine, cache)
+                    pixels = _reuse_or_prepare(layout, [paths[p] for p in chosen], [keys[p] for p in chosen],
+                                               (height, width), engine, cache)
                     with tf.io.TFRecordWriter(str(out / name)) as writer:
                         for position, image in zip(chosen, pixels):
                             writer.write(_example(image, labels[position], record_ids[position]).SerializeToString())
@@ -389,63 +391,48 @@ def members_digest(members: np.ndarray) -> str:
     return hashlib.sha256("\n".join(members).encode()).hexdigest()
 
 
-def previous_shards(processed: Path, version: str) -> dict[str, str]:
+def previous_shards(processed: Path, version: str) -> tuple[dict[str, str], dict[str, int]]:
     """The shards of the last run's ``data/processed`` (a persistent DVC output) and the digest of
-    their members, when written with the same code and image size; else nothing. A shard whose
-    file is not the size that run recorded (cut short, changed by hand) is left out: rewritten."""
+    their members, when written with the same code and image size, and the size that run
+    recorded for each; else nothing."""
     try:
         summary = json.loads((processed / "preprocess.json").read_text())
         if summary.get("shard_version") != version:
-            return {}
-        sizes = summary["shard_bytes"]
+            return {}, {}
+        sizes = dict(summary["shard_bytes"])
         index = pd.read_parquet(processed / "index.parquet", columns=["record_id", "label_index", "image_sha256", "shard"])
-    except (OSError, ValueError, KeyError):
-        return {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}, {}
     index = index[index["shard"].notna()]
     members = shard_members(index)
-    return {name: members_digest(members[positions])
-            for name, positions in index.groupby("shard", sort=False).indices.items()
-            if _size(processed / name) == sizes.get(name)}
+    return ({name: members_digest(members[positions]) for name, positions in index.groupby("shard", sort=False).indices.items()},
+            sizes)
 
 
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
-
-
-def _link(previous: Path, target: Path) -> bool:
-    """Hard-link last run's shard into the new output: it keeps its inode and times, so DVC need
-    not hash it again. False where that cannot be done (then it is written)."""
-    try:
-        os.link(previous, target)
-    except OSError:
-        return False
-    return True
-
-
-def _reuse_or_prepare(jobs: list[tuple], keys: list[str], engine: Any, cache: ItemCache) -> list[bytes]:
-    """`prepare_image` for every job, reusing earlier nights' pixels of the same cleaned file
-    (keyed by its bytes' SHA-256, which clean recorded), the same size and the same code; the
-    rest on the engine."""
+def _reuse_or_prepare(layout: Layout, paths: list[str], keys: list[str], size: tuple[int, int], engine: Any,
+                      cache: ItemCache) -> list[bytes]:
+    """`prepare_image` for every cleaned image (its ``image_path``), reusing earlier nights'
+    pixels of the same cleaned file (keyed by its bytes' SHA-256, which clean recorded), the same
+    size and the same code; the rest are read from their packs here and resized on the engine."""
     pixels: list[bytes | None] = []
     for key in keys:
         hit = cache.get(key)
         pixels.append(None if hit is None else hit[1])
     missing = [position for position, value in enumerate(pixels) if value is None]
-    for position, value in zip(missing, engine.map(prepare_image, [jobs[p] for p in missing], chunksize=16)):
+    with packs.PackReader(layout.clean) as reader:
+        jobs = [(reader.read(paths[position]), *size) for position in missing]
+    for position, value in zip(missing, engine.map(prepare_image, jobs, chunksize=16)):
         pixels[position] = value
         cache.put(keys[position], {}, value)
     return pixels  # type: ignore[return-value]
 
 
 def prepare_image(job: tuple) -> bytes:
-    """Resize and contrast-normalise one cleaned PNG; returns raw uint8 bytes (H x W x C)."""
+    """Resize and contrast-normalise one cleaned PNG (its bytes); returns raw uint8 bytes (H x W x C)."""
     from PIL import Image
 
-    path, height, width = job
-    with Image.open(path) as image:
+    png, height, width = job
+    with Image.open(io.BytesIO(png)) as image:
         resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
     if resized.ndim == 2:
         resized = resized[:, :, None]

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.model import calibration
-from pipelines.data import inputs
+from pipelines.data import inputs, packs
 from pipelines.registry import tracking
 from pipelines.registry.interrupted import (answering, clear_training_run, close_abandoned_training_run,
                                        mark_training_run)
@@ -433,7 +433,8 @@ def _input_example(params: Params, layout: Layout, summary: dict) -> Any:
     cleaned (PNG, original size), or unscaled features."""
     validation = inputs.split_index(layout, "validation").head(EXAMPLE_ROWS)
     if params.model.modality == "image":
-        return pd.DataFrame({"image": [(layout.clean / path).read_bytes() for path in validation["image_path"]]})
+        with packs.PackReader(layout.clean) as reader:
+            return pd.DataFrame({"image": [reader.read(path) for path in validation["image_path"]]})
     records = pd.read_parquet(layout.clean_records).set_index("record_id")
     return records.loc[validation["record_id"], summary["features"]].reset_index(drop=True).astype("float64")
 

@@ -209,11 +209,12 @@ def test_a_night_reuses_earlier_nights_work_and_writes_what_a_full_recompute_wri
     caplog.clear()
     with caplog.at_level("INFO", logger="medloop"):
         incremental = clean_and_preprocess(layout)
-    # Last night's cleaned images are the same files (linked, not rewritten): DVC need not hash them again.
+    # Earlier batches' packs of cleaned images are the same files (linked, not rewritten): DVC need
+    # not hash them again; the night adds its own pack.
     after = {path.name: path.stat().st_ino for path in (layout.clean / "images").iterdir()}
-    assert before and all(after[name] == inode for name, inode in before.items() if name in after)
-    assert len(set(before) & set(after)) >= 20
+    assert len(before) == 2 and len(after) == 3 and all(after[name] == inode for name, inode in before.items())
     messages = [record.getMessage() for record in caplog.records]
+    assert "clean: 2 of 3 packs kept from the last run (same images, same code)" in messages
     new_items = int((manifest_of(layout)["batch_id"] == manifest_of(layout)["batch_id"].max()).sum())
     clean_line = next(m for m in messages if m.startswith("clean: images "))
     computed, reused = (int(word) for word in re.findall(r"(\d+) (?:computed|reused)", clean_line))
@@ -230,6 +231,10 @@ def test_a_night_reuses_earlier_nights_work_and_writes_what_a_full_recompute_wri
     victim.write_bytes(victim.read_bytes()[:-10])
     preprocess.run(load(layout), layout)
     assert outputs(layout) == incremental
+    # So is a kept pack of cleaned images (from the cache's copies of its images).
+    pack = layout.clean / "images" / sorted(before)[0]
+    pack.write_bytes(pack.read_bytes()[:-10])
+    assert clean_and_preprocess(layout) == incremental
 
     # A full recompute, as a fresh clone does: no cache, no earlier outputs to link.
     for folder in (layout.state / "cache", layout.clean, layout.processed):

@@ -78,6 +78,20 @@ def staged_directory(final: Path) -> Iterator[Path]:
     staging.rename(final)
 
 
+def keep_from_last_run(previous: Path, target: Path, recorded_size: int | None) -> bool:
+    """Hard-link a file of a stage's last output (a persistent DVC output) into the new one, if it
+    is still the size that run recorded: it keeps its inode and times, so DVC need not hash it
+    again. False where it is not there, is another size (cut short, changed by hand) or cannot be
+    linked (no hard links on this file system): then the stage writes it."""
+    try:
+        if recorded_size is None or previous.stat().st_size != recorded_size:
+            return False
+        os.link(previous, target)
+    except OSError:
+        return False
+    return True
+
+
 @contextmanager
 def item_map(spec: Any, stage: str, *, local_pool: bool = True) -> Iterator[ItemMap]:
     """The engine that ``compute`` asks for, open for one stage.

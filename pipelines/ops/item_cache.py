@@ -90,6 +90,10 @@ class ItemCache:
         temporary.write_bytes(len(encoded).to_bytes(HEADER_LENGTH, "big") + encoded + payload)
         temporary.replace(path)
 
+    def discard(self, key: str) -> None:
+        """Drop the entry under ``key`` (found damaged): the next run computes it anew."""
+        self._path(key).unlink(missing_ok=True)
+
     def describe(self) -> str:
         return f"{self.misses} computed, {self.hits} reused from earlier nights"
 
