@@ -216,10 +216,11 @@ def _clean_images(params: Params, layout: Layout, out: Path, verdicts: Verdicts)
         digests = chosen["content_hash"].tolist()
         jobs = [(os.path.join(raw, record_id), loose, digest, spec.channels, spec.min_side, spec.max_pixels, spec.dicom)
                 for record_id, digest in zip(chosen["record_id"].tolist(), digests)]
-        outcomes = _reuse_or_clean(params, cache, jobs)
+        batch_ids = chosen["batch_id"].tolist()
+        outcomes = _reuse_or_clean(params, cache, jobs, batch_ids)
         metadata: dict[int, dict] = {}
         first_with_pixels: dict[str, int] = {}  # pixel hash -> index of the item kept
-        for index, digest, batch_id, outcome in zip(todo, digests, chosen["batch_id"].tolist(), outcomes):
+        for index, digest, batch_id, outcome in zip(todo, digests, batch_ids, outcomes):
             if "problem" in outcome:
                 verdicts.reject(index, outcome["problem"])
                 continue
@@ -249,13 +250,23 @@ def _clean_images(params: Params, layout: Layout, out: Path, verdicts: Verdicts)
     return records
 
 
-def _reuse_or_clean(params: Params, cache: ItemCache, jobs: list[tuple]) -> list[dict]:
+def _reuse_or_clean(params: Params, cache: ItemCache, jobs: list[tuple], batch_ids: list[str]) -> list[dict]:
     """`clean_one_image` for every job, reusing earlier nights' results of the same stored
-    content, settings and code (`pipelines.ops.item_cache`); new results go on ``compute``'s
-    engine and into the cache (their PNGs also stay in the job's folder for this night's packs).
-    A problem is never cached (an unreadable file may be readable tomorrow); it is cheap to find
-    again."""
-    outcomes: list[dict | None] = [cache.header(job[2]) for job in jobs]  # job[2]: the content hash
+    content, settings and code (`pipelines.ops.item_cache`; a batch's results are read at once);
+    new results go on ``compute``'s engine and into the cache (their PNGs also stay in the job's
+    folder for this night's packs). A problem is never cached (an unreadable file may be readable
+    tomorrow); it is cheap to find again."""
+    batches: dict[str, list[int]] = {}
+    for position, batch_id in enumerate(batch_ids):
+        batches.setdefault(batch_id, []).append(position)
+    outcomes: list[dict | None] = [None] * len(jobs)
+    apart = []  # the batches whose results were not read at once
+    for positions in batches.values():
+        headers, together = cache.headers([jobs[p][2] for p in positions])  # [2]: the content hash
+        for position, header in zip(positions, headers):
+            outcomes[position] = header
+        if not together:
+            apart.append(positions)
     missing = [position for position, outcome in enumerate(outcomes) if outcome is None]
     with item_map(params.compute, "clean") as items:
         computed = items.map(clean_one_image, [jobs[position] for position in missing], chunksize=32)
@@ -264,6 +275,10 @@ def _reuse_or_clean(params: Params, cache: ItemCache, jobs: list[tuple]) -> list
         if "problem" not in outcome:
             folder, key = jobs[position][1], jobs[position][2]
             cache.put(key, outcome, Path(folder, f"{key}.png").read_bytes())
+    for positions in apart:
+        found = [outcomes[p] for p in positions]
+        if not any("problem" in outcome for outcome in found):  # type: ignore[operator]
+            cache.keep_together([jobs[p][2] for p in positions], found)  # type: ignore[arg-type]
     log.info("clean: images %s", cache.describe())
     return outcomes  # type: ignore[return-value]
 

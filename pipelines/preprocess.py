@@ -240,7 +240,8 @@ def present_cases(frozen: pd.DataFrame | None, records: pd.DataFrame, classes: l
     """Cases of each class in the test set that are still in data/clean (what evaluate scores)."""
     if frozen is None:
         return {name: 0 for name in classes}
-    present = frozen[frozen["record_id"].isin(set(records["record_id"].astype(str)))]
+    # As plain objects: pandas' isin on Arrow strings converts each of the archive's ids one by one.
+    present = frozen[frozen["record_id"].astype(object).isin(records["record_id"].astype(str).astype(object))]
     return {name: int((present["label"] == name).sum()) for name in classes}
 
 

@@ -256,3 +256,19 @@ def manifest_of(layout):
     from pipelines.data import manifest
 
     return manifest.read(layout)
+
+
+def test_a_batch_of_cached_results_is_read_at_once_and_only_for_the_same_items(tmp_path):
+    from pipelines.ops.item_cache import ItemCache
+
+    cache = ItemCache.open(tmp_path, "clean", [clean], {"size": 1})
+    keys = [hashlib.sha256(str(n).encode()).hexdigest() for n in range(3)]
+    for n, key in enumerate(keys):
+        cache.put(key, {"n": n}, b"png")
+    assert cache.headers(keys) == ([{"n": 0}, {"n": 1}, {"n": 2}], False)  # one read each, the first time
+    cache.keep_together(keys, [{"n": 0}, {"n": 1}, {"n": 2}])
+    assert cache.headers(keys) == ([{"n": 0}, {"n": 1}, {"n": 2}], True)
+    # Another set or order of items is another group: read one by one, never another batch's results.
+    assert cache.headers(keys[::-1]) == ([{"n": 2}, {"n": 1}, {"n": 0}], False)
+    assert cache.headers(keys[:2] + [hashlib.sha256(b"new").hexdigest()]) == ([{"n": 0}, {"n": 1}, None], False)
+    assert cache.describe() == "1 computed, 11 reused from earlier nights"

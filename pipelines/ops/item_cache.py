@@ -75,6 +75,21 @@ class ItemCache:
         entry = self._counted(self._read(key, payload=False))
         return None if entry is None else entry[0]
 
+    def headers(self, keys: list[str]) -> tuple[list[dict | None], bool]:
+        """The headers of ``keys`` (a batch's items, in order), and whether they were read at once:
+        in one read when they were kept together (`keep_together`), else one read each. On a
+        large archive most of a night's items come from earlier batches, and one read per item
+        would grow with the archive."""
+        together = self._read(_group_key(keys), payload=False)
+        if together is not None and len(together[0]["headers"]) == len(keys):
+            self.hits += len(keys)
+            return together[0]["headers"], True
+        return [self.header(key) for key in keys], False
+
+    def keep_together(self, keys: list[str], headers: list[dict]) -> None:
+        """Keep the headers of ``keys`` as one entry too, for `headers` to read at once."""
+        self.put(_group_key(keys), {"headers": headers})
+
     def payload(self, key: str) -> bytes | None:
         """The bytes stored under ``key``, or None; for an entry whose `header` was already read
         (and counted as reused), so it is not counted again."""
@@ -121,3 +136,7 @@ class ItemCache:
         if len(key) < 8 or key.strip("0123456789abcdef"):
             raise ValueError(f"an item cache key is a hex digest, not {key[:20]!r}")
         return os.path.join(self._folder, key[:2], key)
+
+
+def _group_key(keys: list[str]) -> str:
+    return hashlib.sha256(("group\n" + "\n".join(keys)).encode()).hexdigest()
