@@ -48,7 +48,7 @@ import pandas as pd
 from pipelines.data import manifest, packs
 from pipelines.config import Params
 from pipelines.errors import MedloopError
-from pipelines.ops.compute import item_map, keep_from_last_run, staged_directory
+from pipelines.ops.compute import KeptFiles, item_map, staged_directory
 from pipelines.ops.item_cache import ItemCache
 from pipelines.stage import stage_main
 from pipelines.workspace import Layout
@@ -242,7 +242,7 @@ def _clean_images(params: Params, layout: Layout, out: Path, verdicts: Verdicts)
             outcome["image_path"] = packs.image_path(batch_id, f"{digest}.png")
             outcome["content_hash"] = digest
             metadata[index] = outcome
-        _write_packs(layout, out, cache, Path(loose), list(metadata.values()))
+        _write_packs(layout, out, cache, {job[2]: job for job in jobs}, list(metadata.values()))
     extra = pd.DataFrame.from_dict(metadata, orient="index", columns=IMAGE_COLUMNS)
     records = verdicts.records(extra)
     for column in ("width", "height", "channels"):
@@ -283,17 +283,18 @@ def _reuse_or_clean(params: Params, cache: ItemCache, jobs: list[tuple], batch_i
     return outcomes  # type: ignore[return-value]
 
 
-def _write_packs(layout: Layout, out: Path, cache: ItemCache, loose: Path, kept: list[dict]) -> None:
+def _write_packs(layout: Layout, out: Path, cache: ItemCache, job_of: dict[str, tuple], kept: list[dict]) -> None:
     """Write each batch's usable images into its pack (`pipelines.data.packs`), in record order,
     and ``packs.json`` beside them: each pack's members digest and size, and the code version.
 
     A pack whose members are those of last night's pack of the same batch, written with the same
-    code, is hard-linked from last night's output (a persistent DVC output) if that file is still
-    the size recorded then: it keeps its inode and times, so DVC need not hash it again, and its
-    images are not read. Only the packs that changed are written: a night's new batch, or every
-    pack after a change of code or settings.
+    code, is hard-linked from last night's output (a persistent DVC output) while it is still the
+    file last night wrote (`KeptFiles`): it keeps its inode and times, so DVC need not hash it
+    again, and its images are not read. Only the packs that changed are written: a night's new
+    batch, or every pack after a change of code or settings.
     """
     previous = _previous_packs(layout.clean, cache.version)
+    files = KeptFiles(cache.folder / "kept-packs.json")
     by_batch: dict[str, list[dict]] = {}
     for outcome in kept:
         by_batch.setdefault(packs.split(outcome["image_path"])[0], []).append(outcome)
@@ -302,40 +303,47 @@ def _write_packs(layout: Layout, out: Path, cache: ItemCache, loose: Path, kept:
         members = [(f"{outcome['content_hash']}.png", outcome["image_sha256"]) for outcome in outcomes]
         digest = packs.members_digest(members)
         target = out / name
-        last = previous.get(name, {})
-        if last.get("members") == digest and keep_from_last_run(layout.clean / name, target, last.get("bytes")):
+        if previous.get(name) == digest and files.keep(layout.clean / name, target, name):
             linked += 1
         else:
-            packs.write(target, ((member, _png(cache, loose, member, sha256)) for member, sha256 in members))
+            packs.write(target, ((member, _png(cache, job_of, member, sha256)) for member, sha256 in members))
+        files.note(name, target)
         summary[name] = {"members": digest, "bytes": target.stat().st_size}
     (out / PACKS_FILE).write_text(json.dumps({"version": cache.version, "packs": summary}, indent=1, sort_keys=True) + "\n")
+    files.save()
     log.info("clean: %d of %d packs kept from the last run (same images, same code)", linked, len(summary))
     for outcome in kept:
         del outcome["content_hash"]
 
 
-def _previous_packs(clean: Path, version: str) -> dict[str, dict]:
-    """Last run's packs (pack name -> members digest and size) written with the same code and
-    settings; nothing when there is no such run."""
+def _previous_packs(clean: Path, version: str) -> dict[str, str]:
+    """Last run's packs (pack name -> members digest) written with the same code and settings;
+    nothing when there is no such run."""
     try:
         recorded = json.loads((clean / PACKS_FILE).read_text())
         if recorded.get("version") != version:
             return {}
-        return {name: {"members": entry["members"], "bytes": entry["bytes"]} for name, entry in recorded["packs"].items()}
+        return {name: entry["members"] for name, entry in recorded["packs"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
-def _png(cache: ItemCache, loose: Path, member: str, sha256: str) -> bytes:
-    """A cleaned PNG for a pack: this night's from its folder, an earlier night's from the cache;
-    checked against the SHA-256 its record carries."""
-    fresh = loose / member
-    png = fresh.read_bytes() if fresh.exists() else cache.payload(member.removesuffix(".png"))
+def _png(cache: ItemCache, job_of: dict[str, tuple], member: str, sha256: str) -> bytes:
+    """A cleaned PNG for a pack: this night's from its job's folder, an earlier night's from the
+    cache, checked against the SHA-256 its record carries. One missing from the cache or damaged
+    there is made again from the stored file (and put back in the cache)."""
+    key = member.removesuffix(".png")
+    job = job_of[key]
+    fresh = Path(job[1], member)
+    png = fresh.read_bytes() if fresh.exists() else cache.payload(key)
+    if png is not None and hashlib.sha256(png).hexdigest() == sha256:
+        return png
+    outcome = clean_one_image(job)  # writes the PNG into the job's folder
+    png = fresh.read_bytes() if "problem" not in outcome else None
     if png is None or hashlib.sha256(png).hexdigest() != sha256:
-        # The entry went away (a concurrent prune) or was damaged on disk since it was written.
-        cache.discard(member.removesuffix(".png"))
-        raise MedloopError(f"clean: the cached cleaned image {member[:12]} is missing or damaged "
-                           f"({cache.folder}); it was dropped: run clean again, which computes it anew")
+        raise MedloopError(f"clean: the cleaned image {key[:12]} cannot be made again as it was recorded "
+                           f"({outcome.get('problem', 'other bytes')}); delete {cache.folder} and run clean again")
+    cache.put(key, outcome, png)
     return png
 
 

@@ -90,6 +90,7 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
         What was collected; ``batch_id`` is None when nothing was new.
     """
     layout.require()
+    _require_checked_out(layout)
     salt = load_salt(params.deid.salt_env)
     known = manifest.read(layout)
     source = open_source(params)
@@ -136,24 +137,9 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
         shutil.rmtree(staging, ignore_errors=True)
         if written is not None:
             written.unlink(missing_ok=True)
-    records = _raw_records(layout, [batch_id])
-    started = time.time()
-    try:
-        dvc_file = record_batches(layout, [batch_id])
-    except MedloopError as exc:
-        # Unpublish: data/raw and its records must be the version DVC last recorded. The batch goes
-        # first: on a full disk, that frees the space the records may need to be put back.
-        shutil.rmtree(layout.batches / batch_id, ignore_errors=True)
-        _put_back(index_file, indexed)
-        for path, content in records.items():
-            _put_back(path, content)
-        _drop_dvc_leftovers(layout, started)
-        if not says_disk_full(str(exc)):
-            raise
-        log.warning("batch %s: the disk is full while DVC records it: %s", batch_id, exc)
-        raise DiskFullError(_disk_full(layout, layout.root / ".dvc", batch_id,
-                                       f"while `dvc add data/raw/batches/{batch_id}` copied the batch into the DVC cache",
-                                       "The batch was withdrawn")) from None
+    # With this batch, any batch published but never recorded (a collect killed before its `dvc add`).
+    unrecorded = [batch for batch in manifest.batch_ids(layout) if not layout.batch_record(batch).exists()]
+    dvc_file = _record_or_put_back(layout, sorted(set(unrecorded) | {batch_id}), indexed, withdraw=batch_id)
     result = CollectResult(
         batch_id=batch_id,
         stored=counts[STORED],
@@ -496,29 +482,72 @@ def _disk_full(layout: Layout, folder: Path, batch_id: str, when: str, outcome: 
 
 def index_batches(layout: Layout) -> str | None:
     """When ``data/raw/index.json`` or DVC's records do not describe the batches (a workspace
-    collected before the index or per-batch records existed, or a batch restored by hand), write
-    the index and record the batches with DVC; the index's ``.dvc`` file then, else None. Collect
-    runs it on a night with nothing new, and a refresh of the workspace's code (`medloop init`)
-    too."""
+    collected before the index or per-batch records existed, a batch restored by hand, or one
+    published but never recorded), write the index and record the batches with DVC; the index's
+    ``.dvc`` file then, else None. Collect runs it on a night with nothing new, and a refresh of
+    the workspace's code (`medloop init`) too. A workspace whose recorded batches are not all
+    checked out (a clone before ``dvc pull``) is left as it is."""
     if not layout.batches.is_dir():
+        return None
+    if _not_checked_out(layout):
+        log.info("data/raw: some recorded batches are not checked out (`dvc pull -R data/raw`); not indexed")
         return None
     batches = manifest.batch_ids(layout)
     recorded = sorted(path.stem for path in layout.batches.glob("*.dvc"))
     if (manifest.index_is_current(layout) and recorded == batches and layout.raw_record.is_file()
             and not layout.raw_folder_record.exists()):
         return None
+    index_file = manifest.index_path(layout)
+    indexed = index_file.read_bytes() if index_file.exists() else None
     layout.tmp.mkdir(parents=True, exist_ok=True)
     written = manifest.write_index(manifest.batch_index(layout), layout.tmp)
     try:
         manifest.publish_index(layout, written)
     finally:
         written.unlink(missing_ok=True)
-    log.info("indexed the batches already collected (%s)", manifest.index_path(layout))
-    gone = [batch for batch in recorded if batch not in batches]
-    if gone:  # the folder went (as `dvc add data/raw` recorded a deletion before): drop its record
-        dvc(layout, "remove", "--quiet", *(layout.batch_record(batch).relative_to(layout.root).as_posix()
-                                          for batch in gone))
-    return record_batches(layout, batches).relative_to(layout.root).as_posix()
+    log.info("indexed the batches already collected (%s)", index_file)
+    return _record_or_put_back(layout, batches, indexed).relative_to(layout.root).as_posix()
+
+
+def _record_or_put_back(layout: Layout, batch_ids: list[str], indexed: bytes | None, *,
+                        withdraw: str | None = None) -> Path:
+    """`record_batches`; if it fails, data/raw and its records are put back as DVC last recorded
+    them (``indexed``: the index's earlier bytes; ``withdraw``: a batch just published, removed)
+    and a full disk is said in one paragraph."""
+    records = _raw_records(layout, batch_ids)
+    started = time.time()
+    try:
+        return record_batches(layout, batch_ids)
+    except MedloopError as exc:
+        # The batch goes first: on a full disk, that frees the space the records may need.
+        if withdraw:
+            shutil.rmtree(layout.batches / withdraw, ignore_errors=True)
+        _put_back(manifest.index_path(layout), indexed)
+        for path, content in records.items():
+            _put_back(path, content)
+        _drop_dvc_leftovers(layout, started)
+        if not says_disk_full(str(exc)):
+            raise
+        batch = withdraw or batch_ids[-1]
+        log.warning("batch %s: the disk is full while DVC records it: %s", batch, exc)
+        raise DiskFullError(_disk_full(layout, layout.root / ".dvc", batch,
+                                       f"while `dvc add data/raw/batches/{batch}` copied the batch into the DVC cache",
+                                       "The batch was withdrawn" if withdraw else "Nothing was recorded")) from None
+
+
+def _not_checked_out(layout: Layout) -> list[str]:
+    """Batches DVC records (``data/raw/batches/<id>.dvc``) whose folder is not in the workspace."""
+    return sorted(path.stem for path in layout.batches.glob("*.dvc") if not (layout.batches / path.stem).is_dir())
+
+
+def _require_checked_out(layout: Layout) -> None:
+    missing = _not_checked_out(layout) if layout.batches.is_dir() else []
+    if missing:
+        raise MedloopError(
+            f"{layout.batches}: {len(missing)} recorded batch(es) are not in the workspace ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}), as in a clone before `dvc pull`. Fetch them with `dvc pull -R "
+            "data/raw` before collecting; a batch deleted on purpose is dropped with `dvc remove "
+            "data/raw/batches/<batch>.dvc`")
 
 
 def record_batches(layout: Layout, batch_ids: list[str]) -> Path:

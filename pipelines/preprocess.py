@@ -46,7 +46,7 @@ import pandas as pd
 from pipelines.config import Params, PreprocessSpec
 from pipelines.data import packs
 from pipelines.errors import MedloopError
-from pipelines.ops.compute import item_map, keep_from_last_run, staged_directory
+from pipelines.ops.compute import KeptFiles, item_map, staged_directory
 from pipelines.ops.item_cache import ItemCache
 from pipelines.stage import stage_main
 from pipelines.workspace import Layout
@@ -339,7 +339,8 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
     shards: dict[str, list[str]] = {}
     shard_of = np.empty(len(usable), dtype=object)
     cache = ItemCache.open(layout.state, "preprocess", [sys.modules[__name__]], {"image_size": [height, width]})
-    previous, recorded_sizes = previous_shards(layout.processed, cache.version)
+    previous = previous_shards(layout.processed, cache.version)
+    files = KeptFiles(cache.folder / "kept-shards.json")
     members = shard_members(usable)
     kept, sizes = 0, {}
     with item_map(params.compute, "preprocess") as engine:
@@ -355,7 +356,7 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
                 chosen = positions[shard * shard_size : (shard + 1) * shard_size]
                 shard_of[chosen] = name
                 if (name in previous and previous[name] == members_digest(members[chosen])
-                        and keep_from_last_run(layout.processed / name, out / name, recorded_sizes.get(name))):
+                        and files.keep(layout.processed / name, out / name, name)):
                     kept += 1
                 else:
                     # One shard's pixels in memory at a time, however large the data set.
@@ -365,6 +366,8 @@ def _write_image_shards(items: pd.DataFrame, layout: Layout, out: Path, params: 
                         for position, image in zip(chosen, pixels):
                             writer.write(_example(image, labels[position], record_ids[position]).SerializeToString())
                 sizes[name] = os.path.getsize(out / name)
+                files.note(name, out / name)
+    files.save()
     log.info("preprocess: images %s; %d of %d shards kept from the last run (same items, labels and code)",
              cache.describe(), kept, sum(len(names) for names in shards.values()))
     usable["shard"] = shard_of
@@ -392,22 +395,19 @@ def members_digest(members: np.ndarray) -> str:
     return hashlib.sha256("\n".join(members).encode()).hexdigest()
 
 
-def previous_shards(processed: Path, version: str) -> tuple[dict[str, str], dict[str, int]]:
+def previous_shards(processed: Path, version: str) -> dict[str, str]:
     """The shards of the last run's ``data/processed`` (a persistent DVC output) and the digest of
-    their members, when written with the same code and image size, and the size that run
-    recorded for each; else nothing."""
+    their members, when written with the same code and image size; else nothing."""
     try:
         summary = json.loads((processed / "preprocess.json").read_text())
         if summary.get("shard_version") != version:
-            return {}, {}
-        sizes = dict(summary["shard_bytes"])
+            return {}
         index = pd.read_parquet(processed / "index.parquet", columns=["record_id", "label_index", "image_sha256", "shard"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}, {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
     index = index[index["shard"].notna()]
     members = shard_members(index)
-    return ({name: members_digest(members[positions]) for name, positions in index.groupby("shard", sort=False).indices.items()},
-            sizes)
+    return {name: members_digest(members[positions]) for name, positions in index.groupby("shard", sort=False).indices.items()}
 
 
 def _reuse_or_prepare(layout: Layout, paths: list[str], keys: list[str], size: tuple[int, int], engine: Any,
@@ -422,6 +422,10 @@ def _reuse_or_prepare(layout: Layout, paths: list[str], keys: list[str], size: t
     missing = [position for position, value in enumerate(pixels) if value is None]
     with packs.PackReader(layout.clean) as reader:
         jobs = [(reader.read(paths[position]), *size) for position in missing]
+    for position, (png, *_) in zip(missing, jobs):
+        if hashlib.sha256(png).hexdigest() != keys[position]:  # pixels cached under a wrong key stay wrong
+            raise MedloopError(f"{layout.clean / paths[position]}: not the cleaned image clean recorded (its SHA-256 "
+                               "differs from records.parquet's image_sha256); run clean again (`dvc repro clean`)")
     for position, value in zip(missing, engine.map(prepare_image, jobs, chunksize=16)):
         pixels[position] = value
         cache.put(keys[position], {}, value)

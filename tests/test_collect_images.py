@@ -226,6 +226,19 @@ def test_the_index_pins_data_raw_for_clean(tmp_path):
     assert not again.changed and again.dvc_file == "data/raw/index.json.dvc"
     index = json.loads(manifest.index_path(layout).read_text())["batches"]
     assert list(index) == [first.batch_id, second.batch_id]
+    # A batch published but never recorded (collect killed before its `dvc add`) is recorded by
+    # the next collect, with that night's batch.
+    dvc(layout, "remove", "--quiet", layout.batch_record(second.batch_id).relative_to(layout.root).as_posix())
+    third = collect.run(params, layout)
+    assert {path.stem for path in layout.batches.glob("*.dvc")} == {first.batch_id, second.batch_id, third.batch_id}
+    # A recorded batch that is not checked out (a clone before `dvc pull`): collect refuses, and
+    # a refresh leaves the records alone.
+    away = tmp_path / "away"
+    (layout.batches / third.batch_id).rename(away)
+    with pytest.raises(MedloopError, match=r"1 recorded batch\(es\) are not in the workspace .*dvc pull -R data/raw"):
+        collect.run(params, layout)
+    assert collect.index_batches(layout) is None and layout.batch_record(third.batch_id).is_file()
+    away.rename(layout.batches / third.batch_id)
     # A batch changed by hand: a clear error that names it, before anything is written.
     batch_manifest = layout.batches / first.batch_id / "manifest.parquet"
     kept = batch_manifest.read_bytes()

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 
+import pandas as pd
 import pytest
 import yaml
 from distributed import WorkerPlugin
@@ -231,9 +232,16 @@ def test_a_night_reuses_earlier_nights_work_and_writes_what_a_full_recompute_wri
     victim.write_bytes(victim.read_bytes()[:-10])
     preprocess.run(load(layout), layout)
     assert outputs(layout) == incremental
-    # So is a kept pack of cleaned images (from the cache's copies of its images).
+    # So is a kept pack of cleaned images, from the cache's copies of its images; one missing from
+    # the cache, and one damaged there, are made again from the stored files.
     pack = layout.clean / "images" / sorted(before)[0]
     pack.write_bytes(pack.read_bytes()[:-10])
+    records = pd.read_parquet(layout.clean_records)
+    in_pack = records[records["image_path"].str.startswith(f"images/{sorted(before)[0]}/")]["content_hash"].tolist()
+    [entries] = [path for path in (layout.state / "cache" / "clean").iterdir()]
+    (entries / in_pack[0][:2] / in_pack[0]).unlink()
+    damaged = entries / in_pack[1][:2] / in_pack[1]
+    damaged.write_bytes(damaged.read_bytes()[:-5] + b"12345")
     assert clean_and_preprocess(layout) == incremental
 
     # A full recompute, as a fresh clone does: no cache, no earlier outputs to link.

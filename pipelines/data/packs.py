@@ -86,7 +86,7 @@ class PackReader:
                 self._pack = zipfile.ZipFile(os.path.join(self.root, pack))
                 self._name = pack
             return self._pack.read(member)  # type: ignore[union-attr]
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        except (OSError, KeyError, ValueError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile) as exc:
             raise MedloopError(f"{self.root / path}: the cleaned image cannot be read ({exc}); data/clean is not "
                                "what clean wrote: run clean again (`dvc repro clean`)") from None
 

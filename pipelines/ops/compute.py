@@ -22,6 +22,7 @@ it lands on fails the stage with `ComputeError` before anything is published.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -78,18 +79,50 @@ def staged_directory(final: Path) -> Iterator[Path]:
     staging.rename(final)
 
 
-def keep_from_last_run(previous: Path, target: Path, recorded_size: int | None) -> bool:
-    """Hard-link a file of a stage's last output (a persistent DVC output) into the new one, if it
-    is still the size that run recorded: it keeps its inode and times, so DVC need not hash it
-    again. False where it is not there, is another size (cut short, changed by hand) or cannot be
-    linked (no hard links on this file system): then the stage writes it."""
-    try:
-        if recorded_size is None or previous.stat().st_size != recorded_size:
+class KeptFiles:
+    """The files a stage's last run wrote into its output (a persistent DVC output), by name, each
+    with its inode, modification time and size, kept in ``path`` outside the output (beside the
+    stage's item cache). A file of last night's output is linked into the new one only while it
+    is still the very file that run wrote: one changed in place, cut short, or put back by
+    ``dvc checkout`` is written again. A linked file keeps its inode and times, so DVC need not
+    hash it again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.last = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.last = {}
+        self.now: dict[str, list[int] | None] = {}
+
+    def keep(self, previous: Path, target: Path, name: str) -> bool:
+        """Hard-link ``previous`` (last run's file ``name``) to ``target`` if it is unchanged;
+        False where it is not (or cannot be linked: no hard links here), and the stage writes it."""
+        if not isinstance(self.last, dict) or self.last.get(name) is None or file_signature(previous) != self.last[name]:
             return False
-        os.link(previous, target)
+        try:
+            os.link(previous, target)
+        except OSError:
+            return False
+        return True
+
+    def note(self, name: str, written: Path) -> None:
+        """Remember the file this run put in its output under ``name``."""
+        self.now[name] = file_signature(written)
+
+    def save(self) -> None:
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(self.now, sort_keys=True))
+        temporary.replace(self.path)
+
+
+def file_signature(path: Path) -> list[int] | None:
+    """A file's inode, modification time (ns) and size, or None when it is not there."""
+    try:
+        status = path.stat()
     except OSError:
-        return False
-    return True
+        return None
+    return [status.st_ino, status.st_mtime_ns, status.st_size]
 
 
 @contextmanager

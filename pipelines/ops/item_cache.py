@@ -10,6 +10,10 @@ read). What is global (duplicates across batches, clinician relabels, the patien
 the frozen test set, the shards' order) is still decided every night, on the small per-item
 tables, so the outputs are byte-identical to a full recompute.
 
+Besides one entry per item, a stage may keep a batch's headers as one entry (`keep_together`),
+read back in one go (`headers`), and the stages note there which output files they may link
+into the next night's output (`pipelines.ops.compute.KeptFiles`).
+
 The cache lives in the workspace's state folder (``.medloop/cache/<stage>/<version>/``), is no
 DVC output and no record: deleting it only makes the next night recompute everything. A fresh
 clone (``medloop reproduce``) starts without it.
@@ -104,10 +108,6 @@ class ItemCache:
         temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         temporary.write_bytes(len(encoded).to_bytes(HEADER_LENGTH, "big") + encoded + payload)
         temporary.replace(path)
-
-    def discard(self, key: str) -> None:
-        """Drop the entry under ``key`` (found damaged): the next run computes it anew."""
-        self._path(key).unlink(missing_ok=True)
 
     def describe(self) -> str:
         return f"{self.misses} computed, {self.hits} reused from earlier nights"

@@ -17,7 +17,7 @@ PREVIOUS_CHAMPION = "previous-champion"  # the one a rollback restores
 # Lineage (train, `pipelines.registry.tracking.lineage_tags`): what a run was made from.
 GIT_COMMIT = PREFIX + "git_commit"              # HEAD when training started ("-dirty" when changed)
 PARAMS_HASH = PREFIX + "params_hash"
-DATA_RAW = PREFIX + "data.raw"                  # DVC hash of data/raw
+DATA_RAW = PREFIX + "data.raw"                  # DVC hash of data/raw/index.json (pins every batch; of data/raw in older workspaces)
 DATA_FEEDBACK = PREFIX + "data.feedback"        # DVC hash of data/feedback
 DATA_PROCESSED = PREFIX + "data.processed"
 DATA_FROZEN_TEST_SET = PREFIX + "data.frozen_test_set"
