@@ -18,7 +18,9 @@ for clean, validate and preprocess (`tasks.data.stage_task`'s command: each stag
 before it having just run). Each stage's time is split
 into the stage's own command and DVC's bookkeeping around it (checking deps, hashing and caching
 outputs, the lock file; collect's ``dvc add``), read from the time stamps of the lines DVC and
-the stage print. At the sizes named by ``--full-recompute-at`` (default: the smallest) the same
+the stage print. A fixed pure-Python loop is timed around each night and printed with the
+figures: on a shared machine whose speed drifts, growth that is the machine's shows there. At
+the sizes named by ``--full-recompute-at`` (default: the smallest) the same
 night is then recomputed in full: earlier nights' per-item results removed
 (`pipelines.ops.item_cache`, what every night cost before it existed) and each DVC stage forced.
 
@@ -211,6 +213,17 @@ def night(archive: GrowingArchive, images: int) -> dict:
     return figures
 
 
+def reference_seconds() -> float:
+    """A fixed pure-Python loop (5 million additions), timed just before and after each night:
+    the same 2-core machine has run it anywhere from 0.3 to 1.2 s, and a drift in its speed
+    during a run shows as growth that is not the archive's."""
+    started = time.perf_counter()
+    total = 0
+    for number in range(5_000_000):
+        total += number
+    return time.perf_counter() - started
+
+
 def full_recompute(archive: GrowingArchive) -> dict:
     """The same night's DVC stages with nothing of earlier nights reused."""
     shutil.rmtree(archive.layout.state / "cache")
@@ -225,8 +238,10 @@ def archive_nights(archives: list[int], night_images: int, image_size: int, batc
         setup = archive.fill_to(size, batch)
         print(f"archive of {archive.images} images ready (setup: collect {setup['collect_s']:.0f} s, stages "
               f"{setup['stages_s']:.0f} s); the night ...", flush=True)
+        before = reference_seconds()
         row = {"archive": archive.images, "night": night_images, "setup_s": setup,
                "reused": night(archive, night_images)}
+        row["reference_s"] = (before + reference_seconds()) / 2
         if size in full_at:
             row["full_recompute"] = full_recompute(archive)
         print(f"  data stages {sum(f['total'] for f in row['reused'].values()):.1f} s"
@@ -265,6 +280,12 @@ def print_nights(rows: list[dict], night_images: int, image_size: int) -> dict:
         verdict = "met" if growth["data stages"] < 1.2 else "NOT met"
         print(f"Goal: the night's data-stage time grows by less than 20% from archive {first['archive']} to "
               f"{last['archive']}: x{growth['data stages']:.2f}, {verdict}.")
+        speed = last["reference_s"] / first["reference_s"]
+        growth["machine"] = speed
+        print("The machine's own speed (a fixed Python loop around each night, seconds): "
+              + ", ".join(f"{row['reference_s']:.2f} at {row['archive']}" for row in rows)
+              + f"; the data stages' growth divided by the loop's: x{growth['data stages'] / speed:.2f}"
+              " (a rough correction: the stages are not all Python)")
     for row in rows:
         if "full_recompute" in row:
             full = row["full_recompute"]
