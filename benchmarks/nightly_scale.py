@@ -215,7 +215,7 @@ def night(archive: GrowingArchive, images: int) -> dict:
 
 def reference_seconds() -> float:
     """A fixed pure-Python loop (5 million additions), timed just before and after each night:
-    the same 2-core machine has run it anywhere from 0.3 to 1.2 s, and a drift in its speed
+    the same 2-core machine has run it anywhere from about 0.2 to 1.2 s, and a drift in its speed
     during a run shows as growth that is not the archive's."""
     started = time.perf_counter()
     total = 0

@@ -240,7 +240,6 @@ def _clean_images(params: Params, layout: Layout, out: Path, verdicts: Verdicts)
                 continue
             first_with_pixels[pixel_hash] = index
             outcome["image_path"] = packs.image_path(batch_id, f"{digest}.png")
-            outcome["content_hash"] = digest
             metadata[index] = outcome
         _write_packs(layout, out, cache, {job[2]: job for job in jobs}, list(metadata.values()))
     extra = pd.DataFrame.from_dict(metadata, orient="index", columns=IMAGE_COLUMNS)
@@ -295,12 +294,12 @@ def _write_packs(layout: Layout, out: Path, cache: ItemCache, job_of: dict[str, 
     """
     previous = _previous_packs(layout.clean, cache.version)
     files = KeptFiles(cache.folder / "kept-packs.json")
-    by_batch: dict[str, list[dict]] = {}
+    by_batch: dict[str, list[tuple[str, str]]] = {}  # pack -> (member, its PNG's SHA-256), in record order
     for outcome in kept:
-        by_batch.setdefault(packs.split(outcome["image_path"])[0], []).append(outcome)
+        name, member = packs.split(outcome["image_path"])
+        by_batch.setdefault(name, []).append((member, outcome["image_sha256"]))
     summary, linked = {}, 0
-    for name, outcomes in by_batch.items():
-        members = [(f"{outcome['content_hash']}.png", outcome["image_sha256"]) for outcome in outcomes]
+    for name, members in by_batch.items():
         digest = packs.members_digest(members)
         target = out / name
         if previous.get(name) == digest and files.keep(layout.clean / name, target, name):
@@ -312,8 +311,6 @@ def _write_packs(layout: Layout, out: Path, cache: ItemCache, job_of: dict[str, 
     (out / PACKS_FILE).write_text(json.dumps({"version": cache.version, "packs": summary}, indent=1, sort_keys=True) + "\n")
     files.save()
     log.info("clean: %d of %d packs kept from the last run (same images, same code)", linked, len(summary))
-    for outcome in kept:
-        del outcome["content_hash"]
 
 
 def _previous_packs(clean: Path, version: str) -> dict[str, str]:

@@ -138,8 +138,8 @@ def run(params: Params, layout: Layout, *, night: int | None = None) -> CollectR
         if written is not None:
             written.unlink(missing_ok=True)
     # With this batch, any batch published but never recorded (a collect killed before its `dvc add`).
-    unrecorded = [batch for batch in manifest.batch_ids(layout) if not layout.batch_record(batch).exists()]
-    dvc_file = _record_or_put_back(layout, sorted(set(unrecorded) | {batch_id}), indexed, withdraw=batch_id)
+    unrecorded = set(manifest.batch_ids(layout)) - set(_recorded_batches(layout))
+    dvc_file = _record_or_put_back(layout, sorted(unrecorded | {batch_id}), indexed, withdraw=batch_id)
     result = CollectResult(
         batch_id=batch_id,
         stored=counts[STORED],
@@ -493,7 +493,7 @@ def index_batches(layout: Layout) -> str | None:
         log.info("data/raw: some recorded batches are not checked out (`dvc pull -R data/raw`); not indexed")
         return None
     batches = manifest.batch_ids(layout)
-    recorded = sorted(path.stem for path in layout.batches.glob("*.dvc"))
+    recorded = _recorded_batches(layout)
     if (manifest.index_is_current(layout) and recorded == batches and layout.raw_record.is_file()
             and not layout.raw_folder_record.exists()):
         return None
@@ -535,9 +535,14 @@ def _record_or_put_back(layout: Layout, batch_ids: list[str], indexed: bytes | N
                                        "The batch was withdrawn" if withdraw else "Nothing was recorded")) from None
 
 
+def _recorded_batches(layout: Layout) -> list[str]:
+    """The batches DVC records (``data/raw/batches/<id>.dvc``), oldest first."""
+    return sorted(path.stem for path in layout.batches.glob("*.dvc"))
+
+
 def _not_checked_out(layout: Layout) -> list[str]:
-    """Batches DVC records (``data/raw/batches/<id>.dvc``) whose folder is not in the workspace."""
-    return sorted(path.stem for path in layout.batches.glob("*.dvc") if not (layout.batches / path.stem).is_dir())
+    """Batches DVC records whose folder is not in the workspace."""
+    return [batch for batch in _recorded_batches(layout) if not (layout.batches / batch).is_dir()]
 
 
 def _require_checked_out(layout: Layout) -> None:

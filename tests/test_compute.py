@@ -280,3 +280,26 @@ def test_a_batch_of_cached_results_is_read_at_once_and_only_for_the_same_items(t
     assert cache.headers(keys[::-1]) == ([{"n": 2}, {"n": 1}, {"n": 0}], False)
     assert cache.headers(keys[:2] + [hashlib.sha256(b"new").hexdigest()]) == ([{"n": 0}, {"n": 1}, None], False)
     assert cache.describe() == "1 computed, 11 reused from earlier nights"
+
+
+def test_a_pack_that_is_not_what_clean_wrote_is_a_clear_error(tmp_path):
+    import zipfile
+
+    from pipelines.data import packs
+    from pipelines.errors import MedloopError
+
+    (tmp_path / "images").mkdir()
+    packs.write(tmp_path / packs.pack_name("b1"), [("a.png", b"png-a"), ("b.png", b"png-b")])
+    with packs.PackReader(tmp_path) as reader:
+        assert reader.read(packs.image_path("b1", "b.png")) == b"png-b"
+    with zipfile.ZipFile(tmp_path / packs.pack_name("b2"), "w") as other:  # compressed: no pack of ours
+        other.writestr("a.png", b"png-a" * 100, compress_type=zipfile.ZIP_DEFLATED)
+    cut = tmp_path / packs.pack_name("b3")
+    cut.write_bytes((tmp_path / packs.pack_name("b1")).read_bytes()[:-30])
+    for path, reason in ((packs.image_path("b2", "a.png"), "compressed or encrypted"),
+                         (packs.image_path("b3", "a.png"), "File is not a zip file"),
+                         (packs.image_path("b1", "c.png"), "There is no item named 'c.png'"),
+                         ("images/b1.png", "not a packed image path")):
+        with pytest.raises(MedloopError, match=f"the cleaned image cannot be read .*{reason}.*run clean again"):
+            with packs.PackReader(tmp_path) as reader:
+                reader.read(path)

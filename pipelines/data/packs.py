@@ -10,7 +10,7 @@ A pack is a plain zip archive (any unzip tool opens it) written so that the same
 give the same bytes: members stored uncompressed (PNG is already compressed) in the order given,
 named ``<content_hash>.png``, with fixed times and permissions. A cleaned image's ``image_path``
 in ``records.parquet`` names its pack and member: ``images/<batch_id>.zip/<content_hash>.png``
-(the way `zipfile.Path` spells a member), read with `read` or a `PackReader`.
+(the way `zipfile.Path` spells a member), read with a `PackReader`.
 """
 
 from __future__ import annotations
@@ -62,12 +62,6 @@ def members_digest(members: Iterable[tuple[str, str]]) -> str:
     return hashlib.sha256("\n".join(f"{name}\t{digest}" for name, digest in members).encode()).hexdigest()
 
 
-def read(root: Path, path: str) -> bytes:
-    """The bytes of one packed image (``path`` as in ``records.parquet``, under ``root``)."""
-    with PackReader(root) as reader:
-        return reader.read(path)
-
-
 class PackReader:
     """Reads packed images, keeping the last pack open (images of one batch come together)."""
 
@@ -85,8 +79,11 @@ class PackReader:
                 self.close()
                 self._pack = zipfile.ZipFile(os.path.join(self.root, pack))
                 self._name = pack
-            return self._pack.read(member)  # type: ignore[union-attr]
-        except (OSError, KeyError, ValueError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile) as exc:
+            info = self._pack.getinfo(member)  # type: ignore[union-attr]
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # bit 0: encrypted
+                raise ValueError(f"member {member} is compressed or encrypted: not a pack `write` made")
+            return self._pack.read(info)  # type: ignore[union-attr]
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise MedloopError(f"{self.root / path}: the cleaned image cannot be read ({exc}); data/clean is not "
                                "what clean wrote: run clean again (`dvc repro clean`)") from None
 
